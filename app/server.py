@@ -1,0 +1,72 @@
+"""One server, one port: the Gradio UI at / and the OpenAI API at /v1."""
+from __future__ import annotations
+
+import threading
+import time
+
+from engine.config import Config
+from engine.session import Engine
+
+
+
+def build_app(engine: Engine):
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from app.api import make_router
+    from app.ui import ASSETS, build_ui
+
+    api = FastAPI(title="Omni assistant", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
+    api.include_router(make_router(engine))
+    demo = build_ui(engine)
+    return gr.mount_gradio_app(api, demo, path="/", allowed_paths=[str(engine.media_dir)],
+                               server_name=engine.config.host, server_port=engine.config.port,
+                               max_file_size=engine.config.max_upload_mb * 1_000_000,
+                               footer_links=["api"], css_paths=[ASSETS / "ui.css"])
+
+
+class Server:
+    """uvicorn in a thread: `start()` returns once it accepts connections; `close()` stops it."""
+
+    def __init__(self, engine: Engine, port: int | None = None) -> None:
+        import uvicorn
+
+        self.engine = engine
+        self.port = engine.config.port if port is None else port
+        config = uvicorn.Config(build_app(engine), host=engine.config.host, port=self.port,
+                                log_level="warning", timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.engine.config.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "Server":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url} (port in use?)")
+            time.sleep(0.05)
+        return self
+
+    def close(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def serve(config: Config) -> int:
+    engine = Engine(config)
+    engine.start_loading()
+    server = Server(engine).start()
+    print(f"Omni assistant ({config.profile} profile) at {server.url}  (OpenAI API at {server.url}/v1)", flush=True)
+    try:
+        while server._thread.is_alive():
+            server._thread.join(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+        engine.close()
+    return 0

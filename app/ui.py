@@ -1,0 +1,185 @@
+"""The browser UI: Gradio Blocks over the engine.
+
+Thin by design: it turns clicks into `Session.submit` calls and events into
+chat updates. Model work goes through one queue (concurrency_id "model");
+Stop sets the turn's CancelToken, so decoding stops within one token and
+the partial answer is stored as interrupted.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from engine.events import CancelToken, Done, Error, Notice, TextDelta
+from engine.session import Engine, Turn
+from engine.status import status, status_markdown
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+INTERRUPTED = "\n\n*⏹ interrupted*"
+
+
+class ActiveTurns:
+    """CancelTokens of running turns, keyed by browser session."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: dict[str, CancelToken] = {}
+
+    def start(self, key: str) -> CancelToken:
+        token = CancelToken()
+        with self._lock:
+            self._tokens[key] = token
+        return token
+
+    def stop(self, key: str) -> bool:
+        with self._lock:
+            token = self._tokens.get(key)
+        if token is None:
+            return False
+        token.cancel("stopped by the user")
+        return True
+
+    def finish(self, key: str, token: CancelToken) -> None:
+        with self._lock:
+            if self._tokens.get(key) is token:
+                del self._tokens[key]
+
+
+def render(engine: Engine, cid: str | None) -> list[dict]:
+    """Stored turns -> Chatbot messages (media first, then the text)."""
+    if not cid:
+        return []
+    out: list[dict] = []
+    for turn in engine.store.turns(cid):
+        for rec in turn.media:
+            out.append({"role": turn.role, "content": {"path": rec.path, "mime_type": rec.mime,
+                                                       "orig_name": rec.name}})
+        text = turn.content
+        if turn.status == "interrupted":
+            text += INTERRUPTED
+        if turn.meta.get("error"):
+            text += f"\n\n⚠️ {turn.meta['error']}"
+        if text or not turn.media:
+            out.append({"role": turn.role, "content": text})
+    return out
+
+
+def conversation_choices(engine: Engine) -> list[tuple[str, str]]:
+    return [(c["title"] or "New chat", c["id"]) for c in engine.store.list_conversations()]
+
+
+def _stats(done: Done) -> str:
+    n, t = done.usage.get("completion_tokens", 0), done.timings
+    bits = [f"{n} tokens"]
+    if t.get("decode_tok_s"):
+        bits.append(f"{t['decode_tok_s']:.1f} tok/s")
+    if t.get("ttft_ms") is not None:
+        bits.append(f"first token {t['ttft_ms']:.0f} ms")
+    if done.interrupted:
+        bits.append("stopped")
+    return "<small>" + " · ".join(bits) + "</small>"
+
+
+def build_ui(engine: Engine) -> gr.Blocks:
+    active = ActiveTurns()
+
+    def respond(message: dict, cid: str | None, request: gr.Request):
+        message = message or {"text": "", "files": []}
+        text, files = message.get("text") or "", list(message.get("files") or [])
+        paths = [f if isinstance(f, str) else f.get("path") for f in files]
+        shown = render(engine, cid)
+        shown += [{"role": "user", "content": {"path": p}} for p in paths]
+        if text.strip():
+            shown.append({"role": "user", "content": text})
+        answer = {"role": "assistant", "content": ""}
+        shown.append(answer)
+        yield shown, gr.MultimodalTextbox(value=None), cid, gr.update(), ""
+
+        key = request.session_hash or "cli"
+        cancel = active.start(key)
+        session = engine.session(cid)
+        notices, errors, done = [], [], None
+        try:
+            for ev in session.submit(Turn(text, tuple(paths)), cancel):
+                if isinstance(ev, TextDelta):
+                    answer["content"] += ev.text
+                elif isinstance(ev, Notice):
+                    notices.append(ev.message)
+                    gr.Info(ev.message)
+                elif isinstance(ev, Error):
+                    errors.append(ev.message)
+                    answer["content"] += f"\n\n⚠️ {ev.message}"
+                elif isinstance(ev, Done):
+                    done = ev
+                    continue
+                yield shown, gr.update(), session.id, gr.update(), " ".join(notices)
+        finally:
+            active.finish(key, cancel)
+        if done is None or not done.turn_id:  # rejected before anything was stored: give the input back
+            yield shown, gr.MultimodalTextbox(value=message), session.id, gr.update(), " ".join(errors)
+            return
+        footer = " ".join(notices + [_stats(done)])
+        yield (render(engine, session.id), gr.update(), session.id,
+               gr.Radio(choices=conversation_choices(engine), value=session.id), footer)
+
+    def stop(request: gr.Request) -> None:
+        active.stop(request.session_hash or "cli")
+
+    def open_conversation(cid: str | None):
+        title = (engine.store.get_conversation(cid) or {}).get("title", "") if cid else ""
+        return render(engine, cid), cid, title, ""
+
+    def new_chat():
+        return [], None, gr.Radio(choices=conversation_choices(engine), value=None), "", ""
+
+    def rename(cid: str | None, title: str):
+        if not cid:
+            raise gr.Error("Open a conversation first, then rename it.")
+        try:
+            engine.store.rename_conversation(cid, title)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return gr.Radio(choices=conversation_choices(engine), value=cid)
+
+    def delete(cid: str | None):
+        if cid:
+            engine.store.delete_conversation(cid)
+        return [], None, gr.Radio(choices=conversation_choices(engine), value=None), "", ""
+
+    def refresh_status() -> str:
+        return status_markdown(status(engine.config, engine.llm_state()))
+
+    with gr.Blocks(title="Omni assistant") as demo:
+        cid = gr.State(None)
+        with gr.Sidebar(label="Conversations", open=True):
+            new_btn = gr.Button("+ New chat", variant="primary", elem_id="new-chat")
+            conversations = gr.Radio(choices=conversation_choices(engine), value=None, show_label=False,
+                                     elem_id="conversations", container=False)
+            title_box = gr.Textbox(label="Title", placeholder="Rename this conversation", elem_id="title")
+            with gr.Row():
+                rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
+                delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
+        gr.Markdown("## Omni assistant\nRuns on this machine. Type a message, or attach an image, audio or video file.")
+        chatbot = gr.Chatbot(elem_id="chat", height=520, buttons=["copy"], feedback_options=None,
+                             placeholder="Ask me anything.")
+        footer = gr.Markdown(elem_id="turn-info")
+        with gr.Row(equal_height=True):
+            box = gr.MultimodalTextbox(placeholder="Message the assistant...", file_count="multiple",
+                                       file_types=["image", "audio", "video"], show_label=False,
+                                       elem_id="input", scale=8, autofocus=True)
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, min_width=80)
+        with gr.Accordion("Status", open=False, elem_id="status-panel"):
+            status_md = gr.Markdown(refresh_status(), elem_id="status")
+            gr.Timer(5.0).tick(refresh_status, None, status_md, show_progress="hidden", queue=False)
+
+        box.submit(respond, [box, cid], [chatbot, box, cid, conversations, footer],
+                   concurrency_id="model", concurrency_limit=1, show_progress="hidden")
+        stop_btn.click(stop, None, None, concurrency_limit=None, show_progress="hidden", queue=False)
+        conversations.input(open_conversation, conversations, [chatbot, cid, title_box, footer], queue=False)
+        new_btn.click(new_chat, None, [chatbot, cid, conversations, title_box, footer], queue=False)
+        rename_btn.click(rename, [cid, title_box], conversations, queue=False)
+        delete_btn.click(delete, cid, [chatbot, cid, conversations, title_box, footer], queue=False)
+        demo.load(lambda: gr.Radio(choices=conversation_choices(engine)), None, conversations, queue=False)
+    return demo

@@ -1,0 +1,233 @@
+"""Typed configuration: frozen dataclasses, named profiles, CLI/env overrides.
+
+Only the standard library is imported here so that `run_app.py --help`
+stays fast. A profile names the backend and model source of every role;
+single fields are overridden by CLI flags (`--llm`, `--port`, ...) or by
+environment variables (`OMNI_LLM`, `OMNI_PORT`, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+PROFILES = ("tiny", "cpu", "gpu", "remote")
+DEFAULT_PROFILE = "cpu"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful, concise assistant running locally on the user's machine."
+)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The language model role.
+
+    `model` is a name from assets/models.json (e.g. `smollm2-135m`), a local
+    directory, a local `.gguf` file, `tiny` (seeded random, tests only) or a
+    hub id (only loaded when the user configures one and has the hub).
+    """
+
+    backend: str = "transformers"  # transformers | openai | llamacpp
+    model: str = "smollm2-135m"
+    sha256: str = ""  # expected sha256 of a local .gguf file, checked when set
+    context_tokens: int = 2048
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    quantization: str = "none"  # none | 4bit | 8bit (bitsandbytes, CUDA only)
+    device: str = "auto"  # auto | cpu | cuda
+    base_url: str = "http://127.0.0.1:8000/v1"  # openai backend
+    api_key: str = ""  # openai backend; falls back to OPENAI_API_KEY
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """A non-LLM role (asr, tts, vad, vision): which backend and model."""
+
+    backend: str = "none"
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    profile: str = DEFAULT_PROFILE
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    asr: RoleConfig = field(default_factory=RoleConfig)
+    tts: RoleConfig = field(default_factory=RoleConfig)
+    vad: RoleConfig = field(default_factory=RoleConfig)
+    vision: RoleConfig = field(default_factory=RoleConfig)
+    generators: tuple[str, ...] = ("image", "edit_image", "video", "3d", "audio")
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    data_dir: str = ""  # empty: $OMNI_DATA_DIR or ~/.local/share/omni-assistant
+    host: str = "127.0.0.1"
+    port: int = 7860
+    max_upload_mb: int = 200
+    max_prompt_chars: int = 100_000
+    auth_token: str = ""  # required when host is not loopback
+
+    @property
+    def data_path(self) -> Path:
+        if self.data_dir:
+            return Path(self.data_dir).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        return Path(base) / "omni-assistant"
+
+
+def _profile(name: str) -> Config:
+    if name == "tiny":
+        return Config(
+            profile="tiny",
+            llm=LLMConfig(model="tiny", context_tokens=256, max_new_tokens=48, temperature=0.0),
+        )
+    if name == "cpu":
+        return Config(profile="cpu")
+    if name == "gpu":
+        return Config(
+            profile="gpu",
+            llm=LLMConfig(
+                model="Qwen/Qwen2.5-7B-Instruct",
+                quantization="4bit",
+                device="cuda",
+                context_tokens=8192,
+                max_new_tokens=1024,
+            ),
+        )
+    if name == "remote":
+        return Config(
+            profile="remote",
+            llm=LLMConfig(backend="openai", model="default", context_tokens=8192, max_new_tokens=1024),
+        )
+    raise ConfigError(f"unknown profile {name!r}; choose one of: {', '.join(PROFILES)}")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says what is allowed."""
+
+
+# Shortcut name -> dotted field path. Each is a CLI flag (--llm-backend) and an
+# env var (OMNI_LLM_BACKEND). Anything else: --set llm.top_p=0.8.
+OVERRIDES: dict[str, str] = {
+    "llm": "llm.model",
+    "llm_backend": "llm.backend",
+    "llm_sha256": "llm.sha256",
+    "context_tokens": "llm.context_tokens",
+    "max_new_tokens": "llm.max_new_tokens",
+    "temperature": "llm.temperature",
+    "quantization": "llm.quantization",
+    "device": "llm.device",
+    "api_base": "llm.base_url",
+    "api_key": "llm.api_key",
+    "system_prompt": "system_prompt",
+    "data_dir": "data_dir",
+    "host": "host",
+    "port": "port",
+    "max_upload_mb": "max_upload_mb",
+    "auth_token": "auth_token",
+}
+
+_HELP = {
+    "llm": "language model: a name from assets/models.json, a local dir or .gguf file, or a hub id",
+    "llm_backend": "transformers | openai | llamacpp",
+    "llm_sha256": "expected sha256 of a local .gguf file",
+    "quantization": "none | 4bit | 8bit (bitsandbytes, needs CUDA)",
+    "api_base": "base URL of an OpenAI-compatible server (remote profile)",
+    "data_dir": "where conversations, media and converted weights live",
+    "host": "bind address (default 127.0.0.1; anything else needs --auth-token)",
+}
+
+
+def _coerce(value: str, current: object, path: str) -> object:
+    try:
+        if isinstance(current, bool):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{path}: expected {type(current).__name__}, got {value!r}") from None
+    return value
+
+
+def _set(cfg, path: str, value: str):
+    head, _, rest = path.partition(".")
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if head not in names:
+        raise ConfigError(f"unknown config field {path!r}; fields here: {', '.join(sorted(names))}")
+    current = getattr(cfg, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{head} has no sub-fields (got {path!r})")
+        return replace(cfg, **{head: _set(current, rest, value)})
+    if dataclasses.is_dataclass(current):
+        raise ConfigError(f"{path} is a group; set one of its fields, e.g. {path}.model")
+    return replace(cfg, **{head: _coerce(value, current, path)})
+
+
+def load_config(
+    profile: str | None = None,
+    overrides: dict[str, str] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Config:
+    """Profile preset, then env vars, then explicit overrides (CLI wins)."""
+    env = os.environ if env is None else env
+    cfg = _profile(profile or env.get("OMNI_PROFILE") or DEFAULT_PROFILE)
+    for short, path in OVERRIDES.items():
+        if (val := env.get("OMNI_" + short.upper())) is not None:
+            cfg = _set(cfg, path, val)
+    for short, val in (overrides or {}).items():
+        if val is not None:
+            cfg = _set(cfg, OVERRIDES.get(short, short), str(val))
+    for item in sets:
+        path, eq, val = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        cfg = _set(cfg, path.strip(), val)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if cfg.llm.backend not in ("transformers", "openai", "llamacpp"):
+        raise ConfigError(f"llm.backend {cfg.llm.backend!r}: choose transformers, openai or llamacpp")
+    if cfg.llm.quantization not in ("none", "4bit", "8bit"):
+        raise ConfigError(f"llm.quantization {cfg.llm.quantization!r}: choose none, 4bit or 8bit")
+    if cfg.llm.context_tokens < 64:
+        raise ConfigError("llm.context_tokens must be at least 64")
+    if not 1 <= cfg.llm.max_new_tokens < cfg.llm.context_tokens:
+        raise ConfigError("llm.max_new_tokens must be between 1 and llm.context_tokens - 1")
+    if not 0 < cfg.port < 65536:
+        raise ConfigError(f"port {cfg.port} out of range")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.auth_token:
+        raise ConfigError(f"binding {cfg.host} exposes the assistant; set --auth-token (OMNI_AUTH_TOKEN) too")
+
+
+def add_arguments(parser) -> None:
+    """Add --profile, --set and one flag per OVERRIDES entry to an argparse parser.
+
+    Defaults are SUPPRESS so the same flags work before and after a subcommand.
+    """
+    import argparse
+
+    parser.add_argument("--profile", choices=PROFILES, default=argparse.SUPPRESS,
+                        help=f"model preset (default {DEFAULT_PROFILE}; env OMNI_PROFILE)")
+    for short in OVERRIDES:
+        parser.add_argument("--" + short.replace("_", "-"), dest=short, default=argparse.SUPPRESS,
+                            help=_HELP.get(short, f"sets {OVERRIDES[short]}") + f" (env OMNI_{short.upper()})")
+    parser.add_argument("--set", dest="sets", action="append", default=argparse.SUPPRESS,
+                        metavar="FIELD=VALUE", help="set any config field, e.g. --set llm.top_p=0.8")
+
+
+def config_from_args(args) -> Config:
+    ns = vars(args)
+    return load_config(
+        profile=ns.get("profile"),
+        overrides={k: ns[k] for k in OVERRIDES if k in ns},
+        sets=ns.get("sets", ()),
+    )

@@ -1,0 +1,115 @@
+"""The event stream of a turn: one small frozen dataclass per thing that happens.
+
+`Session.submit(turn)` yields these. `to_dict()` gives the JSON form used by
+the CLI (`--json`) and anything else that serialises the stream:
+`{"type": "text_delta", "text": "..."}`.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+class CancelToken:
+    """Set once to ask every producer of a turn to stop at its next step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+
+class Cancelled(Exception):
+    """Raised inside a producer that noticed its CancelToken."""
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class Event:
+    """Base of all events; subclasses are frozen dataclasses."""
+
+    @property
+    def type(self) -> str:
+        return _snake(type(self).__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name == "pcm":
+                continue  # raw audio is not JSON; sample counts go in meta
+            out[f.name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+        return out
+
+
+@dataclass(frozen=True)
+class TextDelta(Event):
+    text: str
+
+
+@dataclass(frozen=True)
+class AudioChunk(Event):
+    pcm: bytes
+    sample_rate: int
+
+
+@dataclass(frozen=True)
+class MediaResult(Event):
+    kind: str  # image | audio | video | model3d
+    path: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ToolCall(Event):
+    name: str
+    arguments: dict
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    stage: str
+    fraction: float
+
+
+@dataclass(frozen=True)
+class RouterStats(Event):
+    experts: dict
+
+
+@dataclass(frozen=True)
+class Notice(Event):
+    """Something the user should know that is not part of the answer
+    (history trimmed to fit the context, a modality not readable yet)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Error(Event):
+    message: str
+    recoverable: bool = True
+
+
+@dataclass(frozen=True)
+class Done(Event):
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    interrupted: bool = False
+    conversation_id: str = ""
+    turn_id: int = 0

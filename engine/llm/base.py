@@ -1,0 +1,49 @@
+"""The one contract every LLM backend implements.
+
+`generate(messages, media, params, cancel)` is a generator of TextDelta (and,
+later, ToolCall) events. It checks `cancel` before every decoding step and
+returns (StopIteration.value) a usage dict:
+`{"prompt_tokens", "completion_tokens", "finish_reason"}` where
+finish_reason is "stop", "length" or "cancelled".
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Generator, Sequence
+
+from engine.events import CancelToken, TextDelta, ToolCall
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+
+
+class LLMBackend(ABC):
+    #: shown in the status panel and /v1/models
+    name: str = ""
+    #: the model's context window in tokens (prompt + answer)
+    context_tokens: int = 2048
+
+    @abstractmethod
+    def generate(
+        self,
+        messages: Sequence[Message],
+        media: Sequence = (),
+        params: GenParams = GenParams(),
+        cancel: CancelToken | None = None,
+    ) -> Generator[TextDelta | ToolCall, None, dict]:
+        """Stream the assistant's answer to `messages`."""
+
+    @abstractmethod
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """Tokens the prompt for `messages` takes (chat template included)."""
+
+    def close(self) -> None:
+        """Free what the backend holds (GPU memory, connections)."""

@@ -1,0 +1,152 @@
+"""Conversations, turns and media records in SQLite (WAL).
+
+Each completed turn is committed on its own transaction, so killing the
+process (even SIGKILL) loses nothing already answered, and a crash mid-write
+leaves the database consistent. Media files live beside it by content hash.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.media import MediaRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS turns (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'complete',
+    meta TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns(conversation_id, id);
+CREATE TABLE IF NOT EXISTS media (
+    sha256 TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    mime TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS turn_media (
+    turn_id INTEGER NOT NULL REFERENCES turns(id) ON DELETE CASCADE,
+    sha256 TEXT NOT NULL REFERENCES media(sha256),
+    name TEXT NOT NULL,
+    position INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredTurn:
+    id: int
+    role: str  # user | assistant
+    content: str
+    status: str  # complete | interrupted | error
+    created_at: float
+    media: tuple[MediaRecord, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+
+class Store:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.media_dir = self.data_dir / "media"
+        self.media_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.data_dir / "conversations.sqlite3", check_same_thread=False,
+                                   isolation_level=None, timeout=10)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _tx(self, sql: str, params: tuple) -> None:
+        with self._transaction() as db:
+            db.execute(sql, params)
+
+    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # conversations
+    def create_conversation(self, title: str = "") -> str:
+        cid, now = uuid.uuid4().hex[:12], time.time()
+        self._tx("INSERT INTO conversations VALUES (?, ?, ?, ?)", (cid, title, now, now))
+        return cid
+
+    def get_conversation(self, cid: str) -> dict | None:
+        rows = self._query("SELECT * FROM conversations WHERE id = ?", (cid,))
+        return dict(rows[0]) if rows else None
+
+    def list_conversations(self) -> list[dict]:
+        rows = self._query(
+            "SELECT c.*, (SELECT COUNT(*) FROM turns t WHERE t.conversation_id = c.id) AS turns "
+            "FROM conversations c ORDER BY updated_at DESC")
+        return [dict(r) for r in rows]
+
+    def rename_conversation(self, cid: str, title: str) -> None:
+        title = " ".join(title.split())[:120]
+        if not title:
+            raise ValueError("a conversation title cannot be empty")
+        self._tx("UPDATE conversations SET title = ? WHERE id = ?", (title, cid))
+
+    def delete_conversation(self, cid: str) -> None:
+        self._tx("DELETE FROM conversations WHERE id = ?", (cid,))
+
+    # turns and media
+    def add_turn(self, cid: str, role: str, content: str, status: str = "complete",
+                 media: tuple[MediaRecord, ...] = (), meta: dict | None = None) -> int:
+        now = time.time()
+        with self._transaction() as db:
+            turn_id = db.execute(
+                "INSERT INTO turns (conversation_id, role, content, status, meta, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (cid, role, content, status, json.dumps(meta or {}), now)).lastrowid
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
+            for pos, rec in enumerate(media):
+                db.execute("INSERT OR IGNORE INTO media VALUES (?, ?, ?, ?, ?, ?)",
+                           (rec.sha256, rec.kind, rec.mime, rec.path, rec.size, json.dumps(rec.meta)))
+                db.execute("INSERT INTO turn_media VALUES (?, ?, ?, ?)", (turn_id, rec.sha256, rec.name, pos))
+        return int(turn_id)
+
+    def turns(self, cid: str) -> list[StoredTurn]:
+        rows = self._query("SELECT * FROM turns WHERE conversation_id = ? ORDER BY id", (cid,))
+        media = self._query(
+            "SELECT tm.turn_id, tm.name, m.* FROM turn_media tm JOIN media m ON m.sha256 = tm.sha256 "
+            "JOIN turns t ON t.id = tm.turn_id WHERE t.conversation_id = ? ORDER BY tm.turn_id, tm.position", (cid,))
+        by_turn: dict[int, list[MediaRecord]] = {}
+        for m in media:
+            by_turn.setdefault(m["turn_id"], []).append(
+                MediaRecord(m["sha256"], m["kind"], m["mime"], m["path"], m["size"], m["name"], json.loads(m["meta"])))
+        return [StoredTurn(r["id"], r["role"], r["content"], r["status"], r["created_at"],
+                           tuple(by_turn.get(r["id"], ())), json.loads(r["meta"])) for r in rows]

@@ -1,0 +1,1 @@
+"""The hands: one file per generator backend, registered by (task, name)."""

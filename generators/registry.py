@@ -1,0 +1,61 @@
+"""A decorator registry of generator backends keyed by (task, name).
+
+It refuses duplicate names and lists every task with the backends that can
+serve it, or why none can. Backends register themselves when their module is
+imported; nothing heavy is imported to list them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+TASKS = {
+    "image": "text-to-image",
+    "edit_image": "image editing",
+    "video": "text/image-to-video",
+    "3d": "text/image-to-3D",
+    "audio": "text/video-to-audio",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    task: str
+    name: str
+    factory: Callable
+    available: Callable[[], tuple[bool, str]]  # (ok, why not / what to set)
+
+
+_REGISTRY: dict[tuple[str, str], Entry] = {}
+
+
+def register(task: str, name: str, available: Callable[[], tuple[bool, str]] = lambda: (True, "")):
+    """Class decorator: `@register("image", "opencv")`."""
+    if task not in TASKS:
+        raise ValueError(f"unknown generator task {task!r}; tasks are {', '.join(TASKS)}")
+
+    def wrap(factory):
+        key = (task, name)
+        if key in _REGISTRY:
+            raise ValueError(f"a generator named {name!r} is already registered for {task!r}")
+        _REGISTRY[key] = Entry(task, name, factory, available)
+        return factory
+
+    return wrap
+
+
+def entries(task: str | None = None) -> list[Entry]:
+    return [e for (t, _), e in sorted(_REGISTRY.items()) if task in (None, t)]
+
+
+def task_status(task: str) -> tuple[bool, str]:
+    """(available, detail) for a task: the first available backend, or why none is."""
+    reasons = []
+    for entry in entries(task):
+        ok, why = entry.available()
+        if ok:
+            return True, entry.name
+        reasons.append(f"{entry.name}: {why}")
+    if reasons:
+        return False, "; ".join(reasons)
+    return False, f"no {TASKS.get(task, task)} backend is built into this version yet; nothing to set"

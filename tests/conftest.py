@@ -1,0 +1,80 @@
+"""Shared fixtures: the tiny profile (seeded random model, no files), a data
+dir per test, sample media made in code, and the app served on 127.0.0.1."""
+from __future__ import annotations
+
+import socket
+import wave
+
+import numpy as np
+import pytest
+
+from engine.config import load_config
+from engine.session import Engine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def config(tmp_path):
+    return load_config("tiny", overrides={"data_dir": str(tmp_path / "data")}, env={})
+
+
+@pytest.fixture
+def engine(config):
+    eng = Engine(config)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The whole app (UI + API) on a free loopback port, tiny profile."""
+    from app.server import Server
+
+    data = tmp_path_factory.mktemp("server-data")
+    cfg = load_config("tiny", overrides={"data_dir": str(data), "port": str(free_port()),
+                                         "max_new_tokens": "32"}, env={})
+    eng = Engine(cfg)
+    eng.start_loading().join()
+    srv = Server(eng).start()
+    yield srv
+    srv.close()
+    eng.close()
+
+
+@pytest.fixture
+def png(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(path)
+    return path
+
+
+@pytest.fixture
+def wav(tmp_path):
+    path = tmp_path / "voice.wav"
+    t = np.arange(16000) / 16000
+    pcm = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+@pytest.fixture
+def mp4(tmp_path):
+    import cv2
+
+    path = tmp_path / "clip.mp4"
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for i in range(20):
+        out.write(np.full((48, 64, 3), i * 10, np.uint8))
+    out.release()
+    return path

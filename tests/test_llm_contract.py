@@ -1,0 +1,127 @@
+"""One contract every LLM backend passes. A new backend adds a subclass
+with a `backend` fixture and gets the whole suite."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from engine.config import LLMConfig, load_config
+from engine.errors import Unavailable
+from engine.events import CancelToken, TextDelta
+from engine.llm import load_backend
+from engine.llm.base import GenParams
+
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a long story."}]
+
+
+def run(backend, params=GenParams(max_new_tokens=24, temperature=0.0), cancel=None, messages=MSGS):
+    gen = backend.generate(messages, (), params, cancel)
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            return events, stop.value
+
+
+class LLMContract:
+    def test_streams_text_deltas_and_reports_usage(self, backend):
+        events, usage = run(backend)
+        assert events and all(isinstance(e, TextDelta) for e in events)
+        assert "".join(e.text for e in events).strip()
+        assert 0 < usage["completion_tokens"] <= 24
+        assert usage["finish_reason"] in ("stop", "length")
+
+    def test_respects_max_new_tokens(self, backend):
+        _, usage = run(backend, GenParams(max_new_tokens=5, temperature=0.0))
+        assert usage["completion_tokens"] <= 5
+
+    def test_cancel_stops_within_one_step(self, backend):
+        cancel = CancelToken()
+        gen = backend.generate(MSGS, (), GenParams(max_new_tokens=200, temperature=0.0), cancel)
+        seen = 0
+        try:
+            while True:
+                next(gen)
+                seen += 1
+                if seen == 3:
+                    cancel.cancel()
+        except StopIteration as stop:
+            usage = stop.value
+        assert usage["finish_reason"] == "cancelled"
+        assert seen <= 4 and usage["completion_tokens"] <= 4
+
+    def test_cancel_before_start_generates_nothing(self, backend):
+        cancel = CancelToken()
+        cancel.cancel()
+        events, usage = run(backend, cancel=cancel)
+        assert len(events) <= 1 and usage["finish_reason"] == "cancelled"
+
+    def test_count_tokens_grows_with_the_prompt(self, backend):
+        short = backend.count_tokens([{"role": "user", "content": "hi"}])
+        long = backend.count_tokens([{"role": "user", "content": "hi " * 50}])
+        assert 0 < short < long
+        assert backend.context_tokens > 0 and backend.name
+
+
+class TestTransformersBackend(LLMContract):
+    @pytest.fixture(scope="class")
+    def backend(self, tmp_path_factory):
+        cfg = load_config("tiny", env={}).llm
+        b = load_backend(cfg, tmp_path_factory.mktemp("models"))
+        yield b
+        b.close()
+
+    def test_same_seed_same_text(self, backend):
+        p = GenParams(max_new_tokens=16, temperature=0.8, seed=7)
+        a, _ = run(backend, p)
+        b, _ = run(backend, p)
+        assert [e.text for e in a] == [e.text for e in b]
+
+    def test_prompt_longer_than_context_is_a_clear_error(self, backend):
+        with pytest.raises(ValueError, match="context holds"):
+            run(backend, messages=[{"role": "user", "content": "x" * 5000}])
+
+
+class TestOpenAIBackend(LLMContract):
+    """Against this app's own OpenAI-compatible server (tiny model) on 127.0.0.1."""
+
+    @pytest.fixture(scope="class")
+    def backend(self, server):
+        cfg = LLMConfig(backend="openai", model="default", base_url=server.url + "/v1", context_tokens=256)
+        b = load_backend(cfg, None)
+        yield b
+        b.close()
+
+    def test_unreachable_server_is_unavailable(self):
+        from tests.conftest import free_port
+
+        cfg = LLMConfig(backend="openai", model="default", base_url=f"http://127.0.0.1:{free_port()}/v1")
+        with pytest.raises(Unavailable, match="no OpenAI-compatible server"):
+            load_backend(cfg, None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed (make llamacpp)")
+class TestLlamaCppBackend(LLMContract):
+    @pytest.fixture(scope="class")
+    def backend(self, tmp_path_factory):
+        cfg = LLMConfig(backend="llamacpp", model="smollm2-135m", context_tokens=1024)
+        return load_backend(cfg, tmp_path_factory.mktemp("models"))
+
+
+def test_unknown_model_says_what_to_set(tmp_path):
+    with pytest.raises(Unavailable, match="smollm2-135m"):
+        load_backend(LLMConfig(model="no-such-model"), tmp_path)
+
+
+def test_quantization_without_cuda_is_unavailable(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    with pytest.raises(Unavailable, match="needs a CUDA GPU"):
+        load_backend(LLMConfig(model=str(d), quantization="4bit"), tmp_path)
