@@ -17,7 +17,7 @@ from engine.session import Engine, Turn
 from engine.status import status, status_markdown
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-INTERRUPTED = "\n\n*⏹ interrupted*"
+INTERRUPTED = "\n\n*(interrupted)*"
 
 
 class ActiveTurns:

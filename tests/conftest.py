@@ -30,20 +30,31 @@ def engine(config):
     eng.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def start_server(data_dir, **overrides):
     """The whole app (UI + API) on a free loopback port, tiny profile."""
     from app.server import Server
 
-    data = tmp_path_factory.mktemp("server-data")
-    cfg = load_config("tiny", overrides={"data_dir": str(data), "port": str(free_port()),
-                                         "max_new_tokens": "32"}, env={})
-    eng = Engine(cfg)
+    fields = {"data_dir": str(data_dir), "port": str(free_port()), **overrides}
+    eng = Engine(load_config("tiny", overrides=fields, env={}))
     eng.start_loading().join()
-    srv = Server(eng).start()
+    return Server(eng).start()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("server-data"), max_new_tokens="32", context_tokens="4096")
     yield srv
     srv.close()
-    eng.close()
+    srv.engine.close()
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    """Answers run long (thousands of tokens) so Stop can land mid-answer."""
+    srv = start_server(tmp_path_factory.mktemp("long-data"), max_new_tokens="3000", context_tokens="4096")
+    yield srv
+    srv.close()
+    srv.engine.close()
 
 
 @pytest.fixture

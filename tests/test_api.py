@@ -1,0 +1,70 @@
+"""The OpenAI-compatible API, driven by the official openai client."""
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+
+@pytest.fixture
+def client(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    yield c
+    c.close()
+
+
+def test_models(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+
+
+def test_non_streaming(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_sse(client):
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=8, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert len(chunks) >= 3  # role chunk, deltas, final
+
+
+def test_image_parts_get_a_plain_notice(client):
+    r = client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    assert r.choices[0].message.content.startswith("(I can't read images yet")
+
+
+def test_bad_requests_are_400_with_a_message(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 400 and "non-empty" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400
+
+
+def test_client_disconnect_cancels_generation(server, client):
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go"}],
+                                            max_tokens=4000, stream=True)
+    got = 0
+    for chunk in stream:
+        got += 1
+        if got == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while server.engine.model_lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    usage = server.engine.last_usage
+    assert usage["finish_reason"] == "cancelled"
+    assert usage["completion_tokens"] < 4000
+    # and the server is free for the next request
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert r.choices[0].message.content

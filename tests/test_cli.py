@@ -1,0 +1,50 @@
+"""`python run_app.py chat`: the engine from a terminal, as scripts use it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chat(*args, data):
+    cmd = [sys.executable, "run_app.py", "chat", "--profile", "tiny", "--data-dir", str(data), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_json_events_one_per_line(tmp_path):
+    out = chat("--json", "hello there", data=tmp_path)
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    assert events[0]["type"] == "text_delta" and events[-1]["type"] == "done"
+    assert {e["type"] for e in events[:-1]} == {"text_delta"}
+    done = events[-1]
+    assert done["usage"]["completion_tokens"] > 0 and done["conversation_id"]
+
+    again = chat("--json", "--conversation", done["conversation_id"], "and more", data=tmp_path)
+    assert json.loads(again.stdout.splitlines()[-1])["conversation_id"] == done["conversation_id"]
+
+
+def test_plain_mode_streams_text_and_attachments_work(tmp_path, png):
+    out = chat("--attach", str(png), "what is this?", data=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "can't read images yet" in out.stdout and "conversation:" in out.stderr
+
+
+def test_bad_attachment_is_an_error_event_and_exit_1(tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    out = chat("--json", "--attach", str(bad), "look", data=tmp_path)
+    assert out.returncode == 1
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    assert events[0]["type"] == "error" and "x.png" in events[0]["message"]
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_conversation_and_bad_flag(tmp_path):
+    out = chat("--json", "--conversation", "nope", "hi", data=tmp_path)
+    assert out.returncode == 1 and "no conversation" in out.stdout
+    out = chat("--port", "abc", "hi", data=tmp_path)
+    assert out.returncode == 2 and "expected int" in out.stderr

@@ -1,0 +1,117 @@
+"""The turn loop on the tiny model: event order, cancel, storage, media, errors."""
+from __future__ import annotations
+
+import threading
+
+from engine.events import CancelToken, Done, Error, Notice, TextDelta
+from engine.session import Turn
+
+
+def collect(events):
+    return list(events)
+
+
+def test_stream_is_text_deltas_then_done(engine):
+    events = collect(engine.session().submit(Turn("Hello there")))
+    assert isinstance(events[-1], Done) and not events[-1].interrupted
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert deltas and all(isinstance(e, TextDelta) for e in events[:-1])
+    done = events[-1]
+    assert done.usage["completion_tokens"] > 0 and done.timings["ttft_ms"] is not None
+    turns = engine.store.turns(done.conversation_id)
+    assert [t.role for t in turns] == ["user", "assistant"]
+    assert turns[1].content == "".join(e.text for e in deltas) and turns[1].status == "complete"
+
+
+def test_cancel_mid_stream_keeps_partial_answer_marked_interrupted(engine):
+    session, cancel = engine.session(), CancelToken()
+    seen = []
+    for ev in session.submit(Turn("Tell me a story", max_new_tokens=40), cancel):
+        seen.append(ev)
+        if isinstance(ev, TextDelta) and len(seen) == 4:
+            cancel.cancel()
+    done = seen[-1]
+    assert isinstance(done, Done) and done.interrupted
+    assert done.usage["completion_tokens"] <= 5  # within one step of the cancel
+    partial = "".join(e.text for e in seen if isinstance(e, TextDelta))
+    answer = engine.store.turns(session.id)[-1]
+    assert answer.status == "interrupted" and answer.content == partial and partial
+    # the next message works and sees the partial answer in its history
+    events = collect(session.submit(Turn("go on")))
+    assert isinstance(events[-1], Done) and not events[-1].interrupted
+    assert {"role": "assistant", "content": partial} in session.history()
+
+
+def test_stop_from_another_thread(engine):
+    cancel = CancelToken()
+    stream = engine.session().submit(Turn("Hi", max_new_tokens=40), cancel)
+    first = next(stream)
+    assert isinstance(first, TextDelta)
+    t = threading.Thread(target=cancel.cancel)
+    t.start()
+    t.join()
+    rest = list(stream)
+    assert rest[-1].interrupted and rest[-1].usage["completion_tokens"] <= 2
+
+
+def test_history_is_trimmed_to_the_context_with_a_notice(engine):
+    session = engine.session()
+    for i in range(6):
+        collect(session.submit(Turn(f"message number {i} " + "words " * 10)))
+    events = collect(session.submit(Turn("and the last one")))
+    notices = [e for e in events if isinstance(e, Notice)]
+    assert notices and "oldest message" in notices[0].message
+    assert isinstance(events[-1], Done) and not events[-1].interrupted
+    assert events[-1].usage["prompt_tokens"] <= engine.llm().context_tokens
+
+
+def test_huge_prompt_is_cut_not_crashed(engine):
+    events = collect(engine.session().submit(Turn("question? " + "lorem ipsum " * 2000)))
+    assert any(isinstance(e, Notice) and "cut the first" in e.message for e in events)
+    assert isinstance(events[-1], Done) and events[-1].usage["completion_tokens"] > 0
+
+
+def test_prompt_over_the_limit_is_rejected_and_nothing_stored(engine):
+    text = "x" * (engine.config.max_prompt_chars + 1)
+    events = collect(engine.session().submit(Turn(text)))
+    assert isinstance(events[0], Error) and "limit is" in events[0].message
+    assert isinstance(events[-1], Done) and events[-1].turn_id == 0
+    assert engine.store.list_conversations() == []
+
+
+def test_empty_message_is_rejected(engine):
+    events = collect(engine.session().submit(Turn("   ")))
+    assert isinstance(events[0], Error) and "empty" in events[0].message
+
+
+def test_media_is_stored_and_the_assistant_says_it_cannot_read_it_yet(engine, png, wav, mp4):
+    session = engine.session()
+    events = collect(session.submit(Turn("What is in these?", (str(png), str(wav), str(mp4)))))
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert "can't read images or audio or video yet" in text
+    user = engine.store.turns(session.id)[0]
+    assert [m.kind for m in user.media] == ["image", "audio", "video"]
+    assert user.media[0].meta == {"width": 64, "height": 48}
+
+
+def test_corrupt_attachment_rejects_the_turn_with_a_clear_error(engine, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    events = collect(engine.session().submit(Turn("look", (str(bad),))))
+    assert isinstance(events[0], Error) and "broken.png" in events[0].message
+    assert "Traceback" not in events[0].message
+    assert engine.store.list_conversations() == []
+
+
+def test_unavailable_model_is_an_error_event_not_a_crash(tmp_path):
+    from engine.config import load_config
+    from engine.session import Engine
+
+    eng = Engine(load_config("cpu", overrides={"llm": "no-such-model", "data_dir": str(tmp_path)}, env={}))
+    events = collect(eng.session().submit(Turn("hi")))
+    errors = [e for e in events if isinstance(e, Error)]
+    assert errors and "unavailable" in errors[0].message and "--llm" in errors[0].message
+    assert eng.llm_state()[0] == "unavailable"
+    stored = eng.store.turns(events[-1].conversation_id)
+    assert stored[-1].status == "error" and "unavailable" in stored[-1].meta["error"]
+    eng.close()

@@ -1,0 +1,50 @@
+"""Model sources: packaged files, split packages joined with a hash check, local paths."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from engine.errors import Unavailable
+from engine.llm.sources import join_parts, package_file, resolve
+
+
+def test_joined_parts_are_hash_checked_and_cached(tmp_path):
+    parts = []
+    for i in range(3):
+        p = tmp_path / f"part{i}.bin"
+        p.write_bytes(bytes([i]) * 1000)
+        parts.append(p)
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
+    dest = join_parts(parts, tmp_path / "cache" / "model.gguf", digest)
+    assert dest.read_bytes() == b"".join(p.read_bytes() for p in parts)
+    parts[0].write_bytes(b"tampered")  # the verified join is reused, not redone
+    assert join_parts(parts, dest, digest) == dest
+    with pytest.raises(Unavailable, match="expected"):
+        join_parts(parts, tmp_path / "cache" / "other.gguf", digest)
+    assert not (tmp_path / "cache" / "other.gguf").exists()
+
+
+def test_missing_package_says_how_to_install():
+    with pytest.raises(Unavailable, match="not installed.*pip install"):
+        package_file("no-such-package-xyz", "x.gguf", "pip install no-such-package-xyz")
+
+
+def test_packaged_default_model_is_found():
+    src = resolve("smollm2-135m", cache_dir=None)
+    assert src.is_gguf and src.path.exists() and len(src.cache_key) > 20
+
+
+def test_local_gguf_hash_check(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"\x00" * 10)
+    with pytest.raises(Unavailable, match="expected"):
+        resolve(str(f), tmp_path, sha256="0" * 64)
+    good = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert resolve(str(f), tmp_path, sha256=good).cache_key == good
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(Unavailable, match="not a model directory"):
+        resolve(str(tmp_path), tmp_path)
+    assert resolve("org/model-name", tmp_path).hub

@@ -1,0 +1,62 @@
+"""The Gradio app in-process, driven through gradio_client like a browser would."""
+from __future__ import annotations
+
+import threading
+import time
+
+from gradio_client import Client, handle_file
+
+
+def _assistant_text(chat):
+    last = chat[-1]
+    assert last["role"] == "assistant"
+    return "".join(p.get("text", "") for p in last["content"] if p.get("type") == "text")
+
+
+def test_send_message_streams_text_and_stores_the_turn(server):
+    client = Client(server.url + "/", verbose=False)
+    job = client.submit({"text": "hello there", "files": []}, api_name="/respond")
+    outputs = list(job)
+    job.result()
+    texts = [_assistant_text(o[0]) for o in outputs if o[0] and o[0][-1]["role"] == "assistant"]
+    assert len(texts) >= 3 and texts[-1]  # several partial updates, then the answer
+    assert any(0 < len(t) < len(texts[-1]) for t in texts)  # streamed, not all at once
+    final_chat, _, conv_choices, footer = outputs[-1]
+    assert final_chat[0]["role"] == "user" and "tokens" in footer
+    convs = server.engine.store.list_conversations()
+    assert convs and convs[0]["title"] == "hello there"
+    client.close()
+
+
+def test_attachment_shown_and_bad_file_gives_input_back(server, png, tmp_path):
+    client = Client(server.url + "/", verbose=False)
+    out = client.predict({"text": "what is this", "files": [handle_file(str(png))]}, api_name="/respond")
+    chat = out[0]
+    assert any(p.get("type") == "file" for m in chat if m["role"] == "user" for p in m["content"])
+    assert "can't read images yet" in _assistant_text(chat)
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x01" * 50)
+    chat, box, _, footer = client.predict({"text": "and this", "files": [handle_file(str(bad))]}, api_name="/respond")
+    assert "broken.png" in _assistant_text(chat) and "⚠️" in _assistant_text(chat)
+    box = box.get("value", box)
+    assert box["text"] == "and this" and box["files"][0].endswith("broken.png")  # nothing lost: the message is back in the input
+    client.close()
+
+
+def test_stop_mid_answer_keeps_partial_marked_interrupted(long_server):
+    client = Client(long_server.url + "/", verbose=False)
+    job = client.submit({"text": "tell me everything", "files": []}, api_name="/respond")
+    deadline = time.monotonic() + 60
+    while len(job.outputs()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.predict(api_name="/stop")
+    chat = job.result()[0]
+    text = _assistant_text(chat)
+    assert text.rstrip().endswith("*(interrupted)*")
+    usage = long_server.engine.last_usage
+    assert usage["finish_reason"] == "cancelled" and usage["completion_tokens"] < 3000
+    # the next message works
+    out = client.predict({"text": "short one", "files": []}, api_name="/respond")
+    assert out[0][-1]["role"] == "assistant"
+    client.close()
