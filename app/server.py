@@ -19,7 +19,10 @@ def build_app(engine: Engine):
     api = FastAPI(title="Omni assistant", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     api.include_router(make_router(engine))
     demo = build_ui(engine)
-    return gr.mount_gradio_app(api, demo, path="/", allowed_paths=[str(engine.media_dir)],
+    token = engine.config.auth_token
+    auth = (lambda user, password: password == token) if token else None
+    return gr.mount_gradio_app(api, demo, path="/", allowed_paths=[str(engine.media_dir)], auth=auth,
+                               auth_message="Enter any user name and the auth token." if token else None,
                                server_name=engine.config.host, server_port=engine.config.port,
                                max_file_size=engine.config.max_upload_mb * 1_000_000,
                                footer_links=["api"], css_paths=[ASSETS / "ui.css"])

@@ -95,7 +95,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
             shown.append({"role": "user", "content": text})
         answer = {"role": "assistant", "content": ""}
         shown.append(answer)
-        yield shown, gr.MultimodalTextbox(value=None), cid, gr.update(), ""
+        yield shown, gr.MultimodalTextbox(value=None), cid, gr.update(), "", gr.update()
 
         key = request.session_hash or "cli"
         cancel = active.start(key)
@@ -114,22 +114,24 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 elif isinstance(ev, Done):
                     done = ev
                     continue
-                yield shown, gr.update(), session.id, gr.update(), " ".join(notices)
+                yield shown, gr.update(), session.id, gr.update(), " ".join(notices), gr.update()
         finally:
             active.finish(key, cancel)
         if done is None or not done.turn_id:  # rejected before anything was stored: give the input back
-            yield shown, gr.MultimodalTextbox(value=message), session.id, gr.update(), " ".join(errors)
+            yield shown, gr.MultimodalTextbox(value=message), session.id, gr.update(), " ".join(errors), gr.update()
             return
         footer = " ".join(notices + [_stats(done)])
         yield (render(engine, session.id), gr.update(), session.id,
-               gr.Radio(choices=conversation_choices(engine), value=session.id), footer)
+               gr.Radio(choices=conversation_choices(engine), value=session.id), footer, title_of(session.id))
 
     def stop(request: gr.Request) -> None:
         active.stop(request.session_hash or "cli")
 
+    def title_of(cid: str | None) -> str:
+        return (engine.store.get_conversation(cid) or {}).get("title", "") if cid else ""
+
     def open_conversation(cid: str | None):
-        title = (engine.store.get_conversation(cid) or {}).get("title", "") if cid else ""
-        return render(engine, cid), cid, title, ""
+        return render(engine, cid), cid, title_of(cid), ""
 
     def new_chat():
         return [], None, gr.Radio(choices=conversation_choices(engine), value=None), "", ""
@@ -174,11 +176,12 @@ def build_ui(engine: Engine) -> gr.Blocks:
             status_md = gr.Markdown(refresh_status(), elem_id="status")
             gr.Timer(5.0).tick(refresh_status, None, status_md, show_progress="hidden", queue=False)
 
-        box.submit(respond, [box, cid], [chatbot, box, cid, conversations, footer],
+        box.submit(respond, [box, cid], [chatbot, box, cid, conversations, footer, title_box],
                    concurrency_id="model", concurrency_limit=1, show_progress="hidden")
         stop_btn.click(stop, None, None, concurrency_limit=None, show_progress="hidden", queue=False)
         conversations.input(open_conversation, conversations, [chatbot, cid, title_box, footer], queue=False)
         new_btn.click(new_chat, None, [chatbot, cid, conversations, title_box, footer], queue=False)
+        chatbot.clear(new_chat, None, [chatbot, cid, conversations, title_box, footer], queue=False)
         rename_btn.click(rename, [cid, title_box], conversations, queue=False)
         delete_btn.click(delete, cid, [chatbot, cid, conversations, title_box, footer], queue=False)
         demo.load(lambda: gr.Radio(choices=conversation_choices(engine)), None, conversations, queue=False)

@@ -21,8 +21,8 @@ def test_send_message_streams_text_and_stores_the_turn(server):
     texts = [_assistant_text(o[0]) for o in outputs if o[0] and o[0][-1]["role"] == "assistant"]
     assert len(texts) >= 3 and texts[-1]  # several partial updates, then the answer
     assert any(0 < len(t) < len(texts[-1]) for t in texts)  # streamed, not all at once
-    final_chat, _, conv_choices, footer = outputs[-1]
-    assert final_chat[0]["role"] == "user" and "tokens" in footer
+    final_chat, _, conv_choices, footer, title = outputs[-1]
+    assert final_chat[0]["role"] == "user" and "tokens" in footer and title == "hello there"
     convs = server.engine.store.list_conversations()
     assert convs and convs[0]["title"] == "hello there"
     client.close()
@@ -37,7 +37,7 @@ def test_attachment_shown_and_bad_file_gives_input_back(server, png, tmp_path):
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x01" * 50)
-    chat, box, _, footer = client.predict({"text": "and this", "files": [handle_file(str(bad))]}, api_name="/respond")
+    chat, box, _, footer, _ = client.predict({"text": "and this", "files": [handle_file(str(bad))]}, api_name="/respond")
     assert "broken.png" in _assistant_text(chat) and "⚠️" in _assistant_text(chat)
     box = box.get("value", box)
     assert box["text"] == "and this" and box["files"][0].endswith("broken.png")  # nothing lost: the message is back in the input
@@ -59,4 +59,25 @@ def test_stop_mid_answer_keeps_partial_marked_interrupted(long_server):
     # the next message works
     out = client.predict({"text": "short one", "files": []}, api_name="/respond")
     assert out[0][-1]["role"] == "assistant"
+    client.close()
+
+
+def test_conversations_new_reopen_rename_delete(server):
+    client = Client(server.url + "/", verbose=False)
+    store = server.engine.store
+    before = {c["id"] for c in store.list_conversations()}
+    client.predict({"text": "first topic", "files": []}, api_name="/respond")
+    client.predict(api_name="/new_chat")
+    client.predict({"text": "second topic", "files": []}, api_name="/respond")
+    created = [c for c in store.list_conversations() if c["id"] not in before]
+    assert [c["title"] for c in created] == ["second topic", "first topic"]
+    first = created[1]["id"]
+
+    chat, title, _ = client.predict(first, api_name="/open_conversation")
+    assert title == "first topic" and chat[0]["content"][0]["text"] == "first topic"
+    client.predict("Renamed topic", api_name="/rename")
+    assert store.get_conversation(first)["title"] == "Renamed topic"
+    chat, *_ = client.predict(api_name="/delete")
+    assert chat == [] and store.get_conversation(first) is None
+    assert store.get_conversation(created[0]["id"]) is not None
     client.close()

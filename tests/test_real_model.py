@@ -1,0 +1,40 @@
+"""The real cpu-profile model, loaded from its PyPI package (slow: ~20 s the
+first time while the GGUF is converted, then cached)."""
+from __future__ import annotations
+
+import pytest
+
+from engine.config import load_config
+from engine.events import Done, TextDelta
+from engine.session import Engine, Turn
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_engine(tmp_path_factory):
+    cfg = load_config("cpu", overrides={"data_dir": str(tmp_path_factory.mktemp("real")),
+                                        "temperature": "0", "max_new_tokens": "40"}, env={})
+    eng = Engine(cfg)
+    yield eng
+    eng.close()
+
+
+def test_capital_of_france(real_engine):
+    events = list(real_engine.session().submit(Turn("What is the capital of France?")))
+    answer = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert "Paris" in answer
+    assert isinstance(events[-1], Done) and events[-1].usage["finish_reason"] == "stop"
+    assert real_engine.llm_state() == ("ready", "SmolLM2-135M-Instruct (Q4_1 GGUF)")
+
+
+def test_converted_weights_are_cached_and_match(real_engine):
+    cache = real_engine.config.data_path / "models"
+    ready = list(cache.glob("*/READY"))
+    assert len(ready) == 1 and (ready[0].parent / "model.safetensors").exists()
+    # a second engine on the same data dir loads the cache and answers the same (greedy)
+    again = Engine(real_engine.config)
+    a = "".join(e.text for e in again.session().submit(Turn("Name a primary colour.")) if isinstance(e, TextDelta))
+    b = "".join(e.text for e in real_engine.session().submit(Turn("Name a primary colour.")) if isinstance(e, TextDelta))
+    assert a == b and a.strip()
+    again.close()
