@@ -121,6 +121,9 @@ class Engine:
         """Fit, wait for the model, stream. Returns (text, usage, timings)."""
         started = time.monotonic()
         usage: dict = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "error"}
+        if self.llm_state()[0] == "loading":
+            yield Notice("The language model is still loading (the first start converts its weights once); "
+                         "the answer starts as soon as it is ready.")
         try:
             llm = self.llm()
         except Unavailable as exc:

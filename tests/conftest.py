@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import wave
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -40,21 +41,27 @@ def start_server(data_dir, **overrides):
     return Server(eng).start()
 
 
+@contextmanager
+def running_server(data_dir, **overrides):
+    srv = start_server(data_dir, **overrides)
+    try:
+        yield srv
+    finally:
+        srv.close()
+        srv.engine.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("server-data"), max_new_tokens="32", context_tokens="4096")
-    yield srv
-    srv.close()
-    srv.engine.close()
+    with running_server(tmp_path_factory.mktemp("server"), max_new_tokens="32", context_tokens="4096") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def long_server(tmp_path_factory):
     """Answers run long (thousands of tokens) so Stop can land mid-answer."""
-    srv = start_server(tmp_path_factory.mktemp("long-data"), max_new_tokens="3000", context_tokens="4096")
-    yield srv
-    srv.close()
-    srv.engine.close()
+    with running_server(tmp_path_factory.mktemp("long"), max_new_tokens="3000", context_tokens="4096") as srv:
+        yield srv
 
 
 @pytest.fixture

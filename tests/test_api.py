@@ -68,3 +68,13 @@ def test_client_disconnect_cancels_generation(server, client):
     # and the server is free for the next request
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert r.choices[0].message.content
+
+
+def test_auth_token_is_required_when_set(tmp_path):
+    from tests.conftest import running_server
+
+    with running_server(tmp_path, auth_token="s3cret") as srv:
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.models.list().data[0].id == "tiny"
+        ok.close()

@@ -4,9 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.config import LLMConfig
-from engine.llm.base import GenParams, LLMBackend
-
-__all__ = ["GenParams", "LLMBackend", "load_backend"]
+from engine.llm.base import LLMBackend
 
 
 def load_backend(cfg: LLMConfig, cache_dir: Path) -> LLMBackend:
