@@ -171,6 +171,7 @@ def main() -> None:
         result.update({
             "cold_start_page_s": round(cold["page_s"], 2), "cold_start_first_token_s": round(cold["first_token_s"], 2),
             "warm_start_s": round(warm["page_s"], 2), "warm_start_first_token_s": round(warm["first_token_s"], 2),
+            "cold_peak_rss_mb": round(cold["peak_rss_mb"], 1), "warm_peak_rss_mb": round(warm["peak_rss_mb"], 1),
             "peak_rss_mb": round(max(cold["peak_rss_mb"], warm["peak_rss_mb"]), 1),
         })
     else:

