@@ -68,3 +68,36 @@ def test_rename_to_blank_is_refused(tmp_path):
     cid = store.create_conversation("x")
     with pytest.raises(ValueError, match="cannot be empty"):
         store.rename_conversation(cid, "   ")
+
+
+def test_server_killed_with_sigkill_keeps_answered_turns(tmp_path):
+    """The real app process: answer a turn through the UI API, kill -9, reopen the data."""
+    import time
+
+    import httpx
+    from gradio_client import Client
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "run_app.py", "--profile", "tiny", "--data-dir", str(tmp_path),
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = Client(url, verbose=False)
+        chat = client.predict({"text": "remember me", "files": []}, api_name="/respond")[0]
+        client.close()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    store = Store(tmp_path)
+    (conv,) = store.list_conversations()
+    turns = store.turns(conv["id"])
+    assert [t.role for t in turns] == ["user", "assistant"] and turns[0].content == "remember me"
+    assert turns[1].content and turns[1].content in chat[-1]["content"][0]["text"]
