@@ -44,8 +44,39 @@ class LLMConfig:
 
 
 @dataclass(frozen=True)
+class ASRConfig:
+    """Speech recognition: `model` is a name from assets/models.json or a local path."""
+
+    backend: str = "faster-whisper"  # faster-whisper | openai-whisper | none
+    model: str = "whisper-tiny.en"
+    language: str = ""  # empty: detect, where the model is multilingual
+
+
+@dataclass(frozen=True)
+class TTSConfig:
+    """Speech synthesis: `voice` is a name from assets/models.json or a Piper .onnx path."""
+
+    backend: str = "piper"  # piper | none
+    voice: str = "joe-us"
+    rate: float = 1.0  # speaking rate: 1.0 normal, 1.25 a quarter faster
+
+
+@dataclass(frozen=True)
+class VADConfig:
+    """Voice activity detection and turn-taking (engine/speech/duplex.py)."""
+
+    backend: str = "silero"  # silero | none
+    model: str = "silero-v5"
+    threshold: float = 0.5  # speech probability that counts as speech
+    min_speech_ms: int = 250  # shorter sounds never start a turn
+    end_silence_ms: int = 500  # silence that ends an utterance (hangover)
+    min_barge_in_ms: int = 400  # speech while the assistant talks shorter than this never interrupts
+    echo_guard: bool = True  # suppress the assistant's own voice coming back through the mic
+
+
+@dataclass(frozen=True)
 class RoleConfig:
-    """A non-LLM role (asr, tts, vad, vision): which backend and model."""
+    """A role with only a backend and a model (vision, until its adapters land)."""
 
     backend: str = "none"
     model: str = ""
@@ -55,9 +86,9 @@ class RoleConfig:
 class Config:
     profile: str = DEFAULT_PROFILE
     llm: LLMConfig = field(default_factory=LLMConfig)
-    asr: RoleConfig = field(default_factory=RoleConfig)
-    tts: RoleConfig = field(default_factory=RoleConfig)
-    vad: RoleConfig = field(default_factory=RoleConfig)
+    asr: ASRConfig = field(default_factory=ASRConfig)
+    tts: TTSConfig = field(default_factory=TTSConfig)
+    vad: VADConfig = field(default_factory=VADConfig)
     vision: RoleConfig = field(default_factory=RoleConfig)
     generators: tuple[str, ...] = ("image", "edit_image", "video", "3d", "audio")
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -81,6 +112,8 @@ def _profile(name: str) -> Config:
         return Config(
             profile="tiny",
             llm=LLMConfig(model="tiny", context_tokens=256, max_new_tokens=48, temperature=0.0),
+            # speech roles load real packaged models; tests that need them turn them on
+            asr=ASRConfig(backend="none"), tts=TTSConfig(backend="none"), vad=VADConfig(backend="none"),
         )
     if name == "cpu":
         return Config(profile="cpu")
@@ -125,6 +158,13 @@ OVERRIDES: dict[str, str] = {
     "host": "host",
     "port": "port",
     "max_upload_mb": "max_upload_mb",
+    "asr": "asr.model",
+    "asr_backend": "asr.backend",
+    "language": "asr.language",
+    "voice": "tts.voice",
+    "tts_backend": "tts.backend",
+    "speaking_rate": "tts.rate",
+    "min_barge_in_ms": "vad.min_barge_in_ms",
     "auth_token": "auth_token",
 }
 
@@ -135,6 +175,10 @@ _HELP = {
     "quantization": "none | 4bit | 8bit (bitsandbytes, needs CUDA)",
     "api_base": "base URL of an OpenAI-compatible server (remote profile)",
     "data_dir": "where conversations, media and converted weights live",
+    "asr": "speech recognition model: a name from assets/models.json or a local model dir / .pt file",
+    "asr_backend": "faster-whisper | openai-whisper | none",
+    "voice": "Piper voice: a name from assets/models.json or a path to a voice .onnx",
+    "speaking_rate": "speaking rate, 1.0 normal (0.5 to 2.0)",
     "host": "bind address (default 127.0.0.1; anything else needs --auth-token)",
 }
 
@@ -202,6 +246,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("llm.context_tokens must be at least 64")
     if not 1 <= cfg.llm.max_new_tokens < cfg.llm.context_tokens:
         raise ConfigError("llm.max_new_tokens must be between 1 and llm.context_tokens - 1")
+    if cfg.asr.backend not in ("faster-whisper", "openai-whisper", "none"):
+        raise ConfigError(f"asr.backend {cfg.asr.backend!r}: choose faster-whisper, openai-whisper or none")
+    if cfg.tts.backend not in ("piper", "none"):
+        raise ConfigError(f"tts.backend {cfg.tts.backend!r}: choose piper or none")
+    if not 0.5 <= cfg.tts.rate <= 2.0:
+        raise ConfigError(f"tts.rate {cfg.tts.rate}: choose a speaking rate between 0.5 and 2.0")
+    if not 0.0 < cfg.vad.threshold < 1.0:
+        raise ConfigError(f"vad.threshold {cfg.vad.threshold}: must be between 0 and 1")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port {cfg.port} out of range")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.auth_token:

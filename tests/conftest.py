@@ -96,3 +96,23 @@ def mp4(tmp_path):
         out.write(np.full((48, 64, 3), i * 10, np.uint8))
     out.release()
     return path
+
+
+@pytest.fixture(scope="session")
+def say():
+    """Real speech from the packaged Piper voice: say(text, rate=16000) -> mono float32."""
+    from piper import PiperVoice
+
+    from engine.packaged import resolve_named
+    from engine.speech.audio import prepare
+
+    voice = PiperVoice.load(resolve_named("tts", "joe-us"))
+    cache: dict = {}
+
+    def _say(text: str, rate: int = 16000) -> np.ndarray:
+        if (text, rate) not in cache:
+            audio = np.concatenate([c.audio_float_array for c in voice.synthesize(text)] or [np.zeros(0, np.float32)])
+            cache[(text, rate)] = prepare(audio, voice.config.sample_rate, rate)
+        return cache[(text, rate)].copy()
+
+    return _say

@@ -6,7 +6,8 @@ import hashlib
 import pytest
 
 from engine.errors import Unavailable
-from engine.llm.sources import join_parts, package_file, resolve
+from engine.llm.sources import join_parts, resolve
+from engine.packaged import package_file
 
 
 def test_joined_parts_are_hash_checked_and_cached(tmp_path):

@@ -8,17 +8,14 @@ A missing model raises Unavailable with what to install or set.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
-import json
 import os
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from engine.errors import Unavailable
+from engine.packaged import manifest, package_file, sha256_file, stat_key
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -35,42 +32,8 @@ class ModelSource:
         return self.path.suffix == ".gguf"
 
 
-@lru_cache(maxsize=1)
-def manifest() -> dict:
-    return json.loads((ASSETS / "models.json").read_text())
-
-
 def llm_names() -> list[str]:
     return sorted(manifest()["llm"])
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _stat_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-
-
-def package_file(package: str, file: str, install: str) -> tuple[Path, str]:
-    """Locate `file` inside installed `package`; return (path, content key)."""
-    try:
-        dist = md.distribution(package)
-    except md.PackageNotFoundError:
-        raise Unavailable(f"package {package} is not installed", f"install it: {install}") from None
-    for entry in dist.files or ():
-        if entry.as_posix() == file:
-            path = Path(dist.locate_file(entry))
-            if not path.exists():
-                break
-            key = entry.hash.value if entry.hash else _stat_key(path)
-            return path, key
-    raise Unavailable(f"package {package} does not contain {file}", f"reinstall it: {install}")
 
 
 def join_parts(parts: list[Path], dest: Path, sha256: str) -> Path:
@@ -133,7 +96,7 @@ def _from_path(path: Path, sha256: str) -> ModelSource:
                 return _from_path(ggufs[0], sha256)
             raise Unavailable(f"{path} is not a model directory (no config.json, no single .gguf)",
                               "point --llm at a transformers model directory or a .gguf file")
-        return ModelSource(label=path.name, path=path, cache_key=_stat_key(path / "config.json"))
+        return ModelSource(label=path.name, path=path, cache_key=stat_key(path / "config.json"))
     if path.suffix != ".gguf":
         raise Unavailable(f"{path} is neither a model directory nor a .gguf file",
                           "point --llm at a transformers model directory or a .gguf file")
@@ -143,4 +106,4 @@ def _from_path(path: Path, sha256: str) -> ModelSource:
             raise Unavailable(f"{path.name} has sha256 {actual[:12]}..., expected {sha256[:12]}...",
                               "check the file or --llm-sha256")
         return ModelSource(label=path.name, path=path, cache_key=actual)
-    return ModelSource(label=path.name, path=path, cache_key=_stat_key(path))
+    return ModelSource(label=path.name, path=path, cache_key=stat_key(path))
