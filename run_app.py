@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
                       help="attach an image, audio or video file (repeatable)")
     chat.add_argument("--json", action="store_true", help="print one JSON event per line")
     chat.add_argument("--conversation", metavar="ID", help="continue a stored conversation")
+    chat.add_argument("--speak-to", metavar="WAV", help="also speak the answer and write it to this WAV file")
     return main
 
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         from app.cli import chat
 
         message = sys.stdin.read() if args.message == "-" else args.message
-        return chat(config, message, args.attach, args.json, args.conversation)
+        return chat(config, message, args.attach, args.json, args.conversation, args.speak_to)
     from app.server import serve
 
     return serve(config)

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.events import CancelToken, Done, Error, Event, Notice, TextDelta
-from engine.session import Engine
+from engine.engine import Engine
 from engine.status import status
 
 UNREADABLE_PART = {"image_url": "images", "input_audio": "audio", "video_url": "video"}
@@ -105,7 +105,7 @@ def make_router(engine: Engine) -> APIRouter:
 
     @router.get("/status")
     def get_status() -> dict:
-        return status(engine.config, engine.llm_state())
+        return status(engine)
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from engine.config import Config
 from engine.errors import InputError
-from engine.events import CancelToken, Done, Error, MediaResult, Notice, TextDelta
-from engine.session import Engine, Turn
+from engine.events import AudioChunk, CancelToken, Done, Error, MediaResult, Notice, TextDelta, Transcript
+from engine.engine import Engine
+from engine.session import Turn
 
 
 def chat(config: Config, message: str, attach: list[str], as_json: bool,
-         conversation: str | None = None, max_new_tokens: int | None = None) -> int:
+         conversation: str | None = None, speak_to: str | None = None) -> int:
     engine = Engine(config)
     cancel = CancelToken()
     failed = False
+    spoken: list[AudioChunk] = []
 
     def emit(event) -> None:
         if as_json:
@@ -27,6 +30,8 @@ def chat(config: Config, message: str, attach: list[str], as_json: bool,
         elif isinstance(event, TextDelta):
             sys.stdout.write(event.text)
             sys.stdout.flush()
+        elif isinstance(event, Transcript):
+            print(f"[heard{' in ' + event.source if event.source else ''}] {event.text}", file=sys.stderr, flush=True)
         elif isinstance(event, MediaResult):
             print(f"\n[{event.kind}] {event.path}", flush=True)
         elif isinstance(event, (Notice, Error)):
@@ -39,10 +44,14 @@ def chat(config: Config, message: str, attach: list[str], as_json: bool,
 
     try:
         session = engine.session(conversation)
-        events = session.submit(Turn(message, tuple(attach), max_new_tokens=max_new_tokens), cancel)
+        events = session.submit(Turn(message, tuple(attach), speak=bool(speak_to)), cancel)
         try:
             for event in events:
                 failed = failed or isinstance(event, Error)
+                if isinstance(event, AudioChunk):
+                    spoken.append(event)
+                if isinstance(event, Done) and speak_to:
+                    _write_answer(speak_to, spoken, emit)
                 emit(event)
         except KeyboardInterrupt:
             cancel.cancel("interrupted from the terminal")
@@ -54,3 +63,20 @@ def chat(config: Config, message: str, attach: list[str], as_json: bool,
     finally:
         engine.close()
     return 1 if failed else 0
+
+
+def _write_answer(path: str, chunks: list[AudioChunk], emit) -> None:
+    """Write the spoken answer to `path` (a WAV) and report it as a media result."""
+    if not chunks:
+        emit(Notice(f"No spoken answer to write to {path}."))
+        return
+    import wave
+
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(chunks[0].sample_rate)
+        for chunk in chunks:
+            w.writeframes(chunk.pcm)
+    seconds = sum(len(c.pcm) for c in chunks) / 2 / chunks[0].sample_rate
+    emit(MediaResult("audio", str(Path(path).resolve()), {"duration_s": round(seconds, 3)}))

@@ -5,7 +5,7 @@ import threading
 import time
 
 from engine.config import Config
-from engine.session import Engine
+from engine.engine import Engine
 
 
 
@@ -15,9 +15,11 @@ def build_app(engine: Engine):
 
     from app.api import make_router
     from app.ui import ASSETS, build_ui
+    from app.voice import make_voice_router
 
     api = FastAPI(title="Omni assistant", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     api.include_router(make_router(engine))
+    api.include_router(make_voice_router(engine))
     demo = build_ui(engine)
     token = engine.config.auth_token
     auth = (lambda user, password: password == token) if token else None
@@ -25,7 +27,8 @@ def build_app(engine: Engine):
                                auth_message="Enter any user name and the auth token." if token else None,
                                server_name=engine.config.host, server_port=engine.config.port,
                                max_file_size=engine.config.max_upload_mb * 1_000_000,
-                               footer_links=["api"], css_paths=[ASSETS / "ui.css"])
+                               footer_links=["api"], css_paths=[ASSETS / "ui.css"],
+                               head=f"<script>{(ASSETS / 'voice.js').read_text()}</script>")
 
 
 class Server:

@@ -13,7 +13,8 @@ from pathlib import Path
 import gradio as gr
 
 from engine.events import CancelToken, Done, Error, Notice, TextDelta
-from engine.session import Engine, Turn
+from engine.engine import Engine
+from engine.session import Turn
 from engine.status import status, status_markdown
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -64,6 +65,12 @@ def render(engine: Engine, cid: str | None) -> list[dict]:
         if text or not turn.media:
             out.append({"role": turn.role, "content": text})
     return out
+
+
+def voice_names() -> list[str]:
+    from engine.packaged import names
+
+    return names("tts")
 
 
 def conversation_choices(engine: Engine) -> list[tuple[str, str]]:
@@ -150,8 +157,22 @@ def build_ui(engine: Engine) -> gr.Blocks:
             engine.store.delete_conversation(cid)
         return [], None, gr.Radio(choices=conversation_choices(engine), value=None), "", ""
 
+    def voice_turn_done(conversation: str):
+        """A voice turn was stored: show it, and follow the conversation it went to."""
+        conversation = conversation or None
+        return (render(engine, conversation), conversation,
+                gr.Radio(choices=conversation_choices(engine), value=conversation), title_of(conversation))
+
+    def set_voice(voice: str, speaking_rate: float) -> str:
+        try:
+            engine.set_speech(voice=voice, rate=speaking_rate)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        gr.Info(f"Voice set to {voice} at {speaking_rate:.2f}x.")
+        return refresh_status()
+
     def refresh_status() -> str:
-        return status_markdown(status(engine.config, engine.llm_state()))
+        return status_markdown(status(engine))
 
     with gr.Blocks(title="Omni assistant") as demo:
         cid = gr.State(None)
@@ -172,13 +193,31 @@ def build_ui(engine: Engine) -> gr.Blocks:
                                        file_types=["image", "audio", "video"], show_label=False,
                                        elem_id="input", scale=8, autofocus=True)
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, min_width=80)
+        with gr.Row(equal_height=True, elem_id="voice-row"):
+            voice_btn = gr.Button("🎤 Voice mode", elem_id="voice-btn", scale=1, min_width=160)
+            gr.HTML('<div id="voice-status">Voice mode is off. Click it and just talk; '
+                    'talk over the answer to interrupt.</div><div id="voice-captions"></div>', scale=6)
+        voice_cid = gr.Textbox(elem_id="voice-cid", visible="hidden")
+        voice_refresh = gr.Button("refresh", elem_id="voice-refresh", visible="hidden")
+        with gr.Accordion("Voice settings", open=False, elem_id="voice-settings"):
+            with gr.Row():
+                voice_pick = gr.Dropdown(choices=voice_names(), value=engine.config.tts.voice, allow_custom_value=True,
+                                         label="Voice (a name, or the path of a Piper .onnx voice)", elem_id="voice-pick")
+                rate = gr.Slider(0.5, 2.0, value=engine.config.tts.rate, step=0.05, label="Speaking rate",
+                                 elem_id="voice-rate")
+            apply_voice = gr.Button("Apply", size="sm", elem_id="voice-apply")
         with gr.Accordion("Status", open=False, elem_id="status-panel"):
             status_md = gr.Markdown(refresh_status(), elem_id="status")
             gr.Timer(5.0).tick(refresh_status, None, status_md, show_progress="hidden", queue=False)
 
         box.submit(respond, [box, cid], [chatbot, box, cid, conversations, footer, title_box],
                    concurrency_id="model", concurrency_limit=1, show_progress="hidden")
-        stop_btn.click(stop, None, None, concurrency_limit=None, show_progress="hidden", queue=False)
+        stop_btn.click(stop, None, None, concurrency_limit=None, show_progress="hidden", queue=False,
+                       js="() => { window.omniVoice && window.omniVoice.interrupt(); }")
+        voice_btn.click(None, None, None, js="() => { window.omniVoice.toggle(); }")
+        cid.change(lambda c: c or "", cid, voice_cid, queue=False)
+        voice_refresh.click(voice_turn_done, voice_cid, [chatbot, cid, conversations, title_box], queue=False)
+        apply_voice.click(set_voice, [voice_pick, rate], status_md, queue=False)
         conversations.input(open_conversation, conversations, [chatbot, cid, title_box, footer], queue=False)
         new_btn.click(new_chat, None, [chatbot, cid, conversations, title_box, footer], queue=False)
         chatbot.clear(new_chat, None, [chatbot, cid, conversations, title_box, footer], queue=False)

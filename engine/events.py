@@ -52,7 +52,8 @@ class Event:
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if f.name == "pcm":
-                continue  # raw audio is not JSON; sample counts go in meta
+                out["bytes"] = len(value)  # raw audio is not JSON
+                continue
             out[f.name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
         return out
 
@@ -73,6 +74,16 @@ class MediaResult(Event):
     kind: str  # image | audio | video | model3d
     path: str
     meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Transcript(Event):
+    """What the user said (a voice message or an attached audio file)."""
+
+    text: str
+    language: str = ""
+    source: str = ""  # the file name, or "microphone"
+    duration_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,14 @@ class Notice(Event):
     (history trimmed to fit the context, a modality not readable yet)."""
 
     message: str
+
+
+@dataclass(frozen=True)
+class VoiceState(Event):
+    """Voice mode's turn-taking state: listening, hearing, thinking, speaking, interrupted."""
+
+    state: str
+    reason: str = ""
 
 
 @dataclass(frozen=True)

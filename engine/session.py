@@ -1,33 +1,28 @@
 """The turn loop: `Session.submit(turn) -> Iterator[Event]`.
 
-Engine owns what is shared across conversations (config, store, the LLM
-backend and the lock that serialises model work); Session is one
-conversation. A turn: validate input and media -> store the user turn ->
-fit history into the context -> stream the answer (cancel checked every
-token) -> store the answer (complete / interrupted / error) -> Done.
+One conversation. A turn: validate input and media -> transcribe speech
+(audio attachments, or the user's live utterance) -> store the user turn ->
+stream the answer (cancel checked every token) -> speak it sentence by
+sentence while it is written, when asked -> store the answer (complete /
+interrupted / error, with its audio) -> Done.
 """
 from __future__ import annotations
 
-import threading
-import time
+import tempfile
 from dataclasses import dataclass
-from typing import Generator, Iterator, Sequence
+from pathlib import Path
+from typing import Generator, Iterator
+
+import numpy as np
 
 from engine import media as media_mod
-from engine.config import Config
-from engine.context import fit
+from engine.engine import Engine
 from engine.errors import InputError, Unavailable
-from engine.events import CancelToken, Done, Error, Event, Notice, TextDelta
-from engine.llm import load_backend
-from engine.llm.base import GenParams, LLMBackend, Message
-from engine.store import Store
+from engine.events import AudioChunk, CancelToken, Done, Error, Event, Notice, TextDelta, Transcript
+from engine.llm.base import Message
 
-# Until the modality adapters land, the assistant says so in its answer.
-UNREADABLE = {
-    "image": "images",
-    "audio": "audio",
-    "video": "video",
-}
+# What the assistant cannot read yet says so in its answer (images, video: later adapters).
+KIND_WORDS = {"image": "images", "audio": "audio", "video": "video"}
 
 
 @dataclass(frozen=True)
@@ -35,141 +30,10 @@ class Turn:
     text: str = ""
     attachments: tuple[str, ...] = ()  # paths of files to attach
     names: tuple[str, ...] = ()  # the user's file names, when the paths are temporary
+    spoken: bool = False  # the (single) attachment is the user's live utterance: its transcript is the message
+    speak: bool = False  # answer aloud too (AudioChunk events; the audio is stored with the answer)
     max_new_tokens: int | None = None
     temperature: float | None = None
-
-
-class Engine:
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.store = Store(config.data_path)
-        self.model_lock = threading.Lock()  # one model, one turn at a time
-        self._load_lock = threading.Lock()
-        self._llm: LLMBackend | None = None
-        self._llm_error: Unavailable | None = None
-        self._loading = False
-        self.last_usage: dict = {}
-
-    @property
-    def media_dir(self):
-        return self.store.media_dir
-
-    # the language model, loaded once
-    def llm(self) -> LLMBackend:
-        with self._load_lock:
-            if self._llm is None and self._llm_error is None:
-                self._loading = True
-                try:
-                    self._llm = load_backend(self.config.llm, self.config.data_path / "models")
-                except Unavailable as exc:
-                    self._llm_error = exc
-                except Exception as exc:  # a broken file or library: report, never crash the app
-                    self._llm_error = Unavailable(f"loading {self.config.llm.model} failed: {exc}",
-                                                  "check --llm and the logs")
-                finally:
-                    self._loading = False
-            if self._llm_error is not None:
-                raise self._llm_error
-            assert self._llm is not None
-            return self._llm
-
-    def start_loading(self) -> threading.Thread:
-        """Load the LLM in the background so the page is usable at once."""
-        self._loading = True
-
-        def load():
-            try:
-                self.llm()
-            except Unavailable:
-                pass
-
-        thread = threading.Thread(target=load, name="llm-load", daemon=True)
-        thread.start()
-        return thread
-
-    def llm_state(self) -> tuple[str, str]:
-        """(state, detail): ready | loading | unavailable | not loaded."""
-        if self._llm is not None:
-            return "ready", self._llm.name
-        if self._llm_error is not None:
-            return "unavailable", str(self._llm_error).removeprefix("unavailable: ")
-        return ("loading" if self._loading else "not loaded"), self.config.llm.model
-
-    def session(self, conversation_id: str | None = None) -> "Session":
-        return Session(self, conversation_id)
-
-    def params(self, max_new_tokens: int | None = None, temperature: float | None = None,
-               top_p: float | None = None, seed: int | None = None) -> GenParams:
-        c = self.config.llm
-        return GenParams(
-            max_new_tokens=max(1, min(max_new_tokens or c.max_new_tokens, c.context_tokens - 1)),
-            temperature=c.temperature if temperature is None else max(0.0, temperature),
-            top_p=c.top_p if top_p is None else min(max(top_p, 0.01), 1.0),
-            seed=c.seed if seed is None else seed,
-        )
-
-    def complete(self, messages: Sequence[Message], params: GenParams,
-                 cancel: CancelToken) -> Iterator[Event]:
-        """A stateless completion (the OpenAI API): nothing is stored."""
-        if not messages or messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.config.system_prompt}, *messages]
-        _, usage, timings = yield from self.answer(messages, params, cancel)
-        yield Done(usage, timings, interrupted=usage.get("finish_reason") == "cancelled")
-
-    def answer(self, messages: Sequence[Message], params: GenParams,
-               cancel: CancelToken) -> Generator[Event, None, tuple[str, dict, dict]]:
-        """Fit, wait for the model, stream. Returns (text, usage, timings)."""
-        started = time.monotonic()
-        usage: dict = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "error"}
-        if self.llm_state()[0] == "loading":
-            yield Notice("The language model is still loading (the first start converts its weights once); "
-                         "the answer starts as soon as it is ready.")
-        try:
-            llm = self.llm()
-        except Unavailable as exc:
-            yield Error(f"The language model is {exc}", recoverable=True)
-            return "", usage, {}
-        budget = llm.context_tokens - min(params.max_new_tokens, llm.context_tokens // 2)
-        fitted = fit(messages, llm.count_tokens, budget)
-        if fitted.dropped or fitted.truncated_chars:
-            yield Notice(fitted.notice(llm.context_tokens))
-        while not self.model_lock.acquire(timeout=0.05):
-            if cancel.cancelled:
-                usage["finish_reason"] = "cancelled"
-                return "", usage, {}
-        parts: list[str] = []
-        first = end = None
-        queued = time.monotonic()
-        try:
-            stream = llm.generate(fitted.messages, (), params, cancel)
-            while True:
-                try:
-                    event = next(stream)
-                except StopIteration as stop:
-                    usage = stop.value or usage
-                    break
-                if isinstance(event, TextDelta):
-                    first = first or time.monotonic()
-                    parts.append(event.text)
-                yield event
-        except Exception as exc:  # the backend failed mid-answer: keep what we have
-            yield Error(f"The language model failed: {exc}", recoverable=True)
-            usage = {**usage, "finish_reason": "error"}
-        finally:
-            end = time.monotonic()
-            self.model_lock.release()
-        n = usage.get("completion_tokens", 0)
-        timings = {"queue_ms": round((queued - started) * 1000, 1),
-                   "ttft_ms": round((first - queued) * 1000, 1) if first else None,
-                   "total_ms": round((end - started) * 1000, 1),
-                   "decode_tok_s": round((n - 1) / (end - first), 2) if first and n > 1 and end > first else None}
-        self.last_usage = {**usage, **timings}
-        return "".join(parts), usage, timings
-
-    def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-        self.store.close()
 
 
 class Session:
@@ -190,7 +54,7 @@ class Session:
 
     def submit(self, turn: Turn, cancel: CancelToken | None = None) -> Iterator[Event]:
         cancel = cancel or CancelToken()
-        cfg, store = self.engine.config, self.engine.store
+        engine, store = self.engine, self.engine.store
         text = turn.text.strip()
         try:
             records = self._validate(turn, text)
@@ -198,22 +62,37 @@ class Session:
             yield Error(str(exc), recoverable=True)
             yield Done(conversation_id=self.id or "")
             return
+        heard = yield from self._transcribe(records)
+        text = _user_message(text, records, heard, turn.spoken)
+        if turn.spoken and not text:
+            yield Notice("I didn't catch any words in that.")
+            yield Done(conversation_id=self.id or "")
+            return
         if self.id is None:
             self.id = store.create_conversation()
         history = self.history()
-        store.add_turn(self.id, "user", text, media=records)
+        store.add_turn(self.id, "user", text, media=records,
+                       meta={"transcripts": {r.name: heard[r.sha256] for r in records if r.sha256 in heard}})
         if not store.get_conversation(self.id)["title"]:
             store.rename_conversation(self.id, _title(text, records))
 
-        prefix = _unreadable_note(records)
+        speech = self._speech(turn, cancel)
+        if speech is not None and not isinstance(speech, _Speaker):
+            yield speech  # a Notice: not speaking, and why
+            speech = None
+        answer, usage, timings, errors = "", {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}, {}, []
+        prefix = _unreadable_note(records, heard, engine.roles["asr"])
         if prefix:
             yield TextDelta(prefix)
-        answer, usage, timings = "", {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}, {}
-        errors: list[str] = []
+            if speech:
+                speech.push(prefix)
+        if not text and not prefix:
+            prefix = f"(I couldn't make out any words in {', '.join(r.name for r in records)}.)"
+            yield TextDelta(prefix)
         if text:
-            messages = [{"role": "system", "content": cfg.system_prompt}, *history, {"role": "user", "content": text}]
-            params = self.engine.params(turn.max_new_tokens, turn.temperature)
-            stream = self.engine.answer(messages, params, cancel)
+            messages = [{"role": "system", "content": engine.config.system_prompt}, *history,
+                        {"role": "user", "content": text}]
+            stream = engine.answer(messages, engine.params(turn.max_new_tokens, turn.temperature), cancel)
             while True:
                 try:
                     event = next(stream)
@@ -223,10 +102,20 @@ class Session:
                 if isinstance(event, Error):
                     errors.append(event.message)
                 yield event
+                if speech and isinstance(event, TextDelta):
+                    speech.push(event.text)
+                    yield from speech.ready()
+        audio_rec = None
+        if speech:
+            yield from speech.finish()
+            audio_rec = speech.store(engine)
         interrupted = cancel.cancelled
         status = "interrupted" if interrupted else ("error" if errors else "complete")
         meta = {"usage": usage, "timings": timings, **({"error": " ".join(errors)} if errors else {})}
-        turn_id = store.add_turn(self.id, "assistant", prefix + answer, status=status, meta=meta)
+        if speech:
+            meta["speech"] = speech.timings()
+        turn_id = store.add_turn(self.id, "assistant", prefix + answer, status=status,
+                                 media=(audio_rec,) if audio_rec else (), meta=meta)
         yield Done(usage, timings, interrupted, self.id, turn_id)
 
     def _validate(self, turn: Turn, text: str) -> tuple[media_mod.MediaRecord, ...]:
@@ -240,6 +129,86 @@ class Session:
         return tuple(media_mod.ingest(p, self.engine.media_dir, cfg.max_upload_mb * 1_000_000, n)
                      for p, n in zip(turn.attachments, names))
 
+    def _transcribe(self, records) -> Generator[Event, None, dict]:
+        """Transcribe audio attachments; {sha256: {"text", "language"}} for those heard."""
+        heard: dict = {}
+        audio = [r for r in records if r.kind == "audio"]
+        if not audio:
+            return heard
+        try:
+            asr = self.engine.roles["asr"].get()
+        except Unavailable:
+            return heard  # the answer says plainly that audio cannot be read, and why
+        from engine.speech.audio import read_audio
+
+        for rec in audio:
+            result = asr.transcribe(read_audio(rec.path), self.engine.config.asr.language or None)
+            heard[rec.sha256] = {"text": result.text, "language": result.language}
+            yield Transcript(result.text, result.language, rec.name, round(result.duration_s, 3))
+        return heard
+
+    def _speech(self, turn: Turn, cancel: CancelToken):
+        if not turn.speak:
+            return None
+        try:
+            tts = self.engine.roles["tts"].get()
+        except Unavailable as exc:
+            return Notice(f"Not speaking this answer: speech synthesis is {exc}")
+        return _Speaker(tts, self.engine.config.tts.rate, cancel)
+
+
+class _Speaker:
+    """Speaks the answer while it is written (engine/speech/tts.SpeechStream) and keeps the audio."""
+
+    def __init__(self, tts, rate: float, cancel: CancelToken) -> None:
+        import time
+
+        from engine.speech.tts import SpeechStream
+
+        self.rate, self.started = tts.sample_rate, time.monotonic()
+        self.stream = SpeechStream(tts, rate=rate, cancel=cancel, first_clause_chars=24)
+        self.pcm: list[bytes] = []
+
+    def push(self, text: str) -> None:
+        self.stream.push(text)
+
+    def _keep(self, chunks) -> Iterator[AudioChunk]:
+        for chunk in chunks:
+            self.pcm.append(chunk.pcm)
+            yield chunk
+
+    def ready(self) -> Iterator[AudioChunk]:
+        return self._keep(self.stream.poll())
+
+    def finish(self) -> Iterator[AudioChunk]:
+        self.stream.close()
+        return self._keep(self.stream.events())
+
+    def timings(self) -> dict:
+        first = self.stream.first_audio_at
+        samples = sum(len(p) for p in self.pcm) // 2
+        return {"first_audio_ms": round((first - self.started) * 1000, 1) if first else None,
+                "audio_s": round(samples / self.rate, 3)}
+
+    def store(self, engine: Engine):
+        """The spoken answer as a WAV in the media store, so it can be replayed."""
+        if not self.pcm:
+            return None
+        from engine.speech.audio import write_wav
+
+        audio = np.frombuffer(b"".join(self.pcm), dtype="<i2").astype(np.float32) / 32767.0
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_wav(Path(tmp) / "answer.wav", audio, self.rate)
+            return media_mod.ingest(path, engine.media_dir, 1 << 31, "answer.wav")
+
+
+def _user_message(text: str, records, heard: dict, spoken: bool) -> str:
+    """What the LLM reads: typed text, plus what was heard in attached audio."""
+    said = [(r.name, heard[r.sha256]["text"]) for r in records if r.sha256 in heard and heard[r.sha256]["text"]]
+    if spoken or (not text and said):
+        return " ".join(t for _, t in said) if not text else f"{text} {' '.join(t for _, t in said)}"
+    return text + "".join(f"\n\n[{name}, transcribed: {t}]" for name, t in said)
+
 
 def _title(text: str, records) -> str:
     words = " ".join(text.split())
@@ -248,11 +217,14 @@ def _title(text: str, records) -> str:
     return words if len(words) <= 48 else words[:47].rsplit(" ", 1)[0] + "..."
 
 
-def _unreadable_note(records) -> str:
-    kinds = sorted({r.kind for r in records}, key=list(UNREADABLE).index)
+def _unreadable_note(records, heard: dict, asr_role) -> str:
+    unread = [r for r in records if r.kind != "audio" or r.sha256 not in heard]
+    kinds = sorted({r.kind for r in unread}, key=list(KIND_WORDS).index)
     if not kinds:
         return ""
-    what = " or ".join(UNREADABLE[k] for k in kinds)
-    names = ", ".join(r.name for r in records)
-    return (f"(I received {names}, but I can't read {what} yet: media understanding is not part of this "
-            "version, so I can only use your text.)\n\n")
+    what = " or ".join(KIND_WORDS[k] for k in kinds)
+    names = ", ".join(r.name for r in unread)
+    why = "media understanding is not part of this version"
+    if kinds == ["audio"]:
+        why = f"speech recognition is unavailable ({asr_role.state()[1]})"
+    return f"(I received {names}, but I can't read {what} yet: {why}, so I can only use your text.)\n\n"

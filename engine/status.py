@@ -8,10 +8,7 @@ from generators import registry
 
 # Roles whose engines arrive in later versions; say so plainly.
 PLANNED = {
-    "asr": "speech recognition is not built into this version yet (voice mode is coming); nothing to set",
-    "tts": "speech synthesis is not built into this version yet (voice mode is coming); nothing to set",
-    "vad": "voice activity detection is not built into this version yet (voice mode is coming); nothing to set",
-    "vision": "image/audio/video understanding is not built into this version yet; nothing to set",
+    "vision": "image and video understanding is not built into this version yet; nothing to set",
 }
 
 
@@ -25,9 +22,15 @@ def memory_mb() -> dict:
         return {"rss_mb": None}
 
 
-def status(config: Config, llm_state: tuple[str, str]) -> dict:
-    state, detail = llm_state
-    roles = {"llm": {"state": state, "detail": detail, "backend": config.llm.backend}}
+def status(engine) -> dict:
+    """The status of every role of `engine` (an engine.engine.Engine)."""
+    config: Config = engine.config
+    roles = {}
+    for name, role in engine.roles.items():
+        state, detail = role.state()
+        section = getattr(config, name)
+        roles[name] = {"state": state, "backend": section.backend,
+                       "detail": detail or getattr(section, "model", "") or getattr(section, "voice", "")}
     for role, why in PLANNED.items():
         roles[role] = {"state": "unavailable", "detail": why, "backend": getattr(config, role).backend}
     for task in config.generators:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine.config import load_config
-from engine.session import Engine
+from engine.engine import Engine
 
 
 def free_port() -> int:

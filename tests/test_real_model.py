@@ -6,7 +6,8 @@ import pytest
 
 from engine.config import load_config
 from engine.events import Done, TextDelta
-from engine.session import Engine, Turn
+from engine.engine import Engine
+from engine.session import Turn
 
 pytestmark = pytest.mark.slow
 

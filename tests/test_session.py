@@ -105,7 +105,7 @@ def test_corrupt_attachment_rejects_the_turn_with_a_clear_error(engine, tmp_path
 
 def test_unavailable_model_is_an_error_event_not_a_crash(tmp_path):
     from engine.config import load_config
-    from engine.session import Engine
+    from engine.engine import Engine
 
     eng = Engine(load_config("cpu", overrides={"llm": "no-such-model", "data_dir": str(tmp_path)}, env={}))
     events = collect(eng.session().submit(Turn("hi")))

@@ -1,0 +1,159 @@
+// Voice mode: microphone -> WebSocket (raw PCM) -> server; answer audio back,
+// played through Web Audio. The server decides turns (VAD) and barge-in; on
+// "interrupted" every scheduled buffer is stopped at once.
+(() => {
+  const WORKLET = `
+    class Capture extends AudioWorkletProcessor {
+      process(inputs) {
+        const ch = inputs[0] && inputs[0][0];
+        if (ch) this.port.postMessage(ch.slice(0));
+        return true;
+      }
+    }
+    registerProcessor("omni-capture", Capture);`;
+
+  const state = { ws: null, ctx: null, stream: null, node: null, playHead: 0, sources: [],
+                  stats: { audioChunks: 0, sentFrames: 0, states: [], transcripts: [], answer: "" } };
+
+  const $ = (id) => document.getElementById(id);
+  function setStatus(text) { const el = $("voice-status"); if (el) el.textContent = text; }
+  function caption(role, text, append) {
+    const box = $("voice-captions");
+    if (!box) return;
+    let last = box.lastElementChild;
+    if (!append || !last || last.dataset.role !== role) {
+      last = document.createElement("div");
+      last.dataset.role = role;
+      last.className = "voice-line voice-" + role;
+      box.appendChild(last);
+    }
+    last.textContent = append ? last.textContent + text : text;
+    box.scrollTop = box.scrollHeight;
+  }
+  function currentConversation() {
+    const el = document.querySelector("#voice-cid textarea, #voice-cid input");
+    return el ? el.value.trim() : "";
+  }
+  function syncConversation(cid) {
+    const el = document.querySelector("#voice-cid textarea, #voice-cid input");
+    if (el && cid && el.value !== cid) {
+      el.value = cid;
+      el.dispatchEvent(new Event("input", { bubbles: true }));
+    }
+    const btn = document.querySelector("#voice-refresh");
+    if (btn) btn.click();
+  }
+
+  function stopPlayback() {
+    for (const s of state.sources) { try { s.stop(); } catch (e) { /* already ended */ } }
+    state.sources = [];
+    if (state.ctx) state.playHead = state.ctx.currentTime;
+  }
+
+  function play(buf) {
+    const view = new DataView(buf);
+    const rate = view.getUint32(0, true);
+    const pcm = new Int16Array(buf, 4);
+    if (!pcm.length) return;
+    const audio = state.ctx.createBuffer(1, pcm.length, rate);
+    const data = audio.getChannelData(0);
+    for (let i = 0; i < pcm.length; i++) data[i] = pcm[i] / 32768;
+    const src = state.ctx.createBufferSource();
+    src.buffer = audio;
+    src.connect(state.ctx.destination);
+    const at = Math.max(state.ctx.currentTime + 0.02, state.playHead);
+    src.start(at);
+    state.playHead = at + audio.duration;
+    state.sources.push(src);
+    src.onended = () => { state.sources = state.sources.filter((s) => s !== src); };
+    state.stats.audioChunks += 1;
+  }
+
+  function onEvent(ev) {
+    if (ev.type === "voice_state") {
+      state.stats.states.push(ev.state);
+      setStatus({ listening: "Listening…", hearing: "Hearing you…", thinking: "Thinking…",
+                  speaking: "Speaking…", interrupted: "Interrupted — go ahead" }[ev.state] || ev.state);
+      if (ev.state === "interrupted") stopPlayback();
+    } else if (ev.type === "transcript") {
+      state.stats.transcripts.push(ev.text);
+      caption("user", ev.text, false);
+      state.stats.answer = "";
+    } else if (ev.type === "text_delta") {
+      state.stats.answer += ev.text;
+      caption("assistant", ev.text, true);
+      setStatus("Speaking…");
+    } else if (ev.type === "notice") {
+      caption("notice", ev.message, false);
+    } else if (ev.type === "error") {
+      caption("error", ev.message, false);
+      if (!ev.recoverable) stop();
+    } else if (ev.type === "done") {
+      syncConversation(ev.conversation_id);
+    }
+  }
+
+  async function start() {
+    if (state.ws) return;
+    setStatus("Opening the microphone…");
+    state.stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+    });
+    state.ctx = new AudioContext();
+    await state.ctx.resume();
+    const url = URL.createObjectURL(new Blob([WORKLET], { type: "application/javascript" }));
+    await state.ctx.audioWorklet.addModule(url);
+    const source = state.ctx.createMediaStreamSource(state.stream);
+    state.node = new AudioWorkletNode(state.ctx, "omni-capture");
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    const ws = new WebSocket(`${proto}//${location.host}/voice/ws`);
+    ws.binaryType = "arraybuffer";
+    state.ws = ws;
+    ws.onopen = () => {
+      ws.send(JSON.stringify({ type: "start", sample_rate: state.ctx.sampleRate,
+                               conversation_id: currentConversation() }));
+      let pending = [];
+      let count = 0;
+      state.node.port.onmessage = (e) => {
+        pending.push(e.data);
+        count += e.data.length;
+        if (count < state.ctx.sampleRate * 0.02 || ws.readyState !== 1) return; // ~20 ms frames
+        const out = new Int16Array(count);
+        let o = 0;
+        for (const f of pending) for (let i = 0; i < f.length; i++) {
+          out[o++] = Math.max(-32768, Math.min(32767, Math.round(f[i] * 32767)));
+        }
+        pending = []; count = 0;
+        ws.send(out.buffer);
+        state.stats.sentFrames += 1;
+      };
+      source.connect(state.node);
+    };
+    ws.onmessage = (e) => {
+      if (typeof e.data === "string") onEvent(JSON.parse(e.data));
+      else play(e.data);
+    };
+    ws.onclose = () => { if (state.ws === ws) stop(); };
+    const btn = $("voice-btn");
+    if (btn) btn.classList.add("voice-on");
+  }
+
+  function stop() {
+    const ws = state.ws;
+    state.ws = null;
+    stopPlayback();
+    if (ws && ws.readyState === 1) ws.close();
+    if (state.stream) state.stream.getTracks().forEach((t) => t.stop());
+    if (state.ctx) state.ctx.close();
+    state.stream = state.ctx = state.node = null;
+    setStatus("Voice mode is off.");
+    const btn = $("voice-btn");
+    if (btn) btn.classList.remove("voice-on");
+  }
+
+  window.omniVoice = {
+    start, stop, stats: state.stats,
+    toggle: () => (state.ws ? stop() : start().catch((err) => { setStatus("Microphone unavailable: " + err); stop(); })),
+    interrupt: () => { stopPlayback(); if (state.ws) state.ws.send(JSON.stringify({ type: "stop" })); },
+  };
+})();

@@ -1,0 +1,142 @@
+"""Engine: what is shared across conversations.
+
+The config, the store, the models behind each role (engine/roles.py), and
+the lock that serialises model work. `answer()` is the one place an LLM
+answer is produced: fit the history, wait for the model, stream, time it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Generator, Iterator, Sequence
+
+from engine.config import Config
+from engine.context import fit
+from engine.errors import Unavailable
+from engine.events import CancelToken, Done, Error, Event, Notice, TextDelta
+from engine.llm.base import GenParams, LLMBackend, Message
+from engine.roles import Role, build_roles
+from engine.store import Store
+
+
+class Engine:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(config.data_path)
+        self.roles: dict[str, Role] = build_roles(config)
+        self.model_lock = threading.Lock()  # one model, one turn at a time
+        self.last_usage: dict = {}
+
+    @property
+    def media_dir(self):
+        return self.store.media_dir
+
+    def set_speech(self, voice: str | None = None, rate: float | None = None) -> None:
+        """Change the voice or speaking rate; the TTS reloads on next use."""
+        from dataclasses import replace
+
+        from engine.config import ConfigError, validate
+
+        tts = replace(self.config.tts, voice=voice or self.config.tts.voice,
+                      rate=self.config.tts.rate if rate is None else float(rate))
+        config = replace(self.config, tts=tts)
+        try:
+            validate(config)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if tts != self.config.tts:
+            self.config = config
+            old, self.roles["tts"] = self.roles["tts"], build_roles(config)["tts"]
+            old.close()
+
+    def llm(self) -> LLMBackend:
+        return self.roles["llm"].get()
+
+    def llm_state(self) -> tuple[str, str]:
+        state, detail = self.roles["llm"].state()
+        return state, detail or self.config.llm.model
+
+    def start_loading(self) -> threading.Thread:
+        """Load every role in the background; the returned thread ends when all have."""
+        threads = [role.start() for role in self.roles.values()]
+        waiter = threading.Thread(target=lambda: [t.join() for t in threads], name="load-all", daemon=True)
+        waiter.start()
+        return waiter
+
+    def session(self, conversation_id: str | None = None):
+        from engine.session import Session
+
+        return Session(self, conversation_id)
+
+    def params(self, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None) -> GenParams:
+        c = self.config.llm
+        return GenParams(
+            max_new_tokens=max(1, min(max_new_tokens or c.max_new_tokens, c.context_tokens - 1)),
+            temperature=c.temperature if temperature is None else max(0.0, temperature),
+            top_p=c.top_p if top_p is None else min(max(top_p, 0.01), 1.0),
+            seed=c.seed if seed is None else seed,
+        )
+
+    def complete(self, messages: Sequence[Message], params: GenParams,
+                 cancel: CancelToken) -> Iterator[Event]:
+        """A stateless completion (the OpenAI API): nothing is stored."""
+        if not messages or messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.config.system_prompt}, *messages]
+        _, usage, timings = yield from self.answer(messages, params, cancel)
+        yield Done(usage, timings, interrupted=usage.get("finish_reason") == "cancelled")
+
+    def answer(self, messages: Sequence[Message], params: GenParams,
+               cancel: CancelToken) -> Generator[Event, None, tuple[str, dict, dict]]:
+        """Fit, wait for the model, stream. Returns (text, usage, timings)."""
+        started = time.monotonic()
+        usage: dict = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "error"}
+        if self.llm_state()[0] == "loading":
+            yield Notice("The language model is still loading (the first start converts its weights once); "
+                         "the answer starts as soon as it is ready.")
+        try:
+            llm = self.llm()
+        except Unavailable as exc:
+            yield Error(f"The language model is {exc}", recoverable=True)
+            return "", usage, {}
+        budget = llm.context_tokens - min(params.max_new_tokens, llm.context_tokens // 2)
+        fitted = fit(messages, llm.count_tokens, budget)
+        if fitted.dropped or fitted.truncated_chars:
+            yield Notice(fitted.notice(llm.context_tokens))
+        while not self.model_lock.acquire(timeout=0.05):
+            if cancel.cancelled:
+                usage["finish_reason"] = "cancelled"
+                return "", usage, {}
+        parts: list[str] = []
+        first = end = None
+        queued = time.monotonic()
+        try:
+            stream = llm.generate(fitted.messages, (), params, cancel)
+            while True:
+                try:
+                    event = next(stream)
+                except StopIteration as stop:
+                    usage = stop.value or usage
+                    break
+                if isinstance(event, TextDelta):
+                    first = first or time.monotonic()
+                    parts.append(event.text)
+                yield event
+        except Exception as exc:  # the backend failed mid-answer: keep what we have
+            yield Error(f"The language model failed: {exc}", recoverable=True)
+            usage = {**usage, "finish_reason": "error"}
+        finally:
+            end = time.monotonic()
+            self.model_lock.release()
+        n = usage.get("completion_tokens", 0)
+        timings = {"queue_ms": round((queued - started) * 1000, 1),
+                   "ttft_ms": round((first - queued) * 1000, 1) if first else None,
+                   "total_ms": round((end - started) * 1000, 1),
+                   "decode_tok_s": round((n - 1) / (end - first), 2) if first and n > 1 and end > first else None}
+        self.last_usage = {**usage, **timings}
+        return "".join(parts), usage, timings
+
+    def close(self) -> None:
+        for role in self.roles.values():
+            role.close()
+        self.store.close()

@@ -1,0 +1,164 @@
+"""A live voice conversation: microphone audio in, events and paced speech out.
+
+Transport-agnostic (the browser WebSocket in app/voice.py and bench/voice.py
+drive it the same way). The duplex state machine (duplex.py) decides when an
+utterance ends and when the user barges in; each utterance becomes a turn
+(ASR -> LLM -> streamed TTS) on one worker thread; the answer's audio is
+released at real-time pace with a short lead, so a barge-in stops it at once
+(nothing long is buffered on the client) and the echo guard sees, as its
+reference, what is really playing.
+"""
+from __future__ import annotations
+
+import queue
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from engine.events import AudioChunk, CancelToken, Done, Event, VoiceState
+from engine.speech.audio import WHISPER_RATE, StreamResampler, resample, to_mono_float32, write_wav
+
+LEAD_S = 0.25  # audio sent ahead of the playback clock: the most a barge-in can leave playing
+SLICE_S = 0.04  # paced slice size
+
+
+class Pacer:
+    """Releases audio at real-time pace, at most LEAD_S ahead of playback."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.pending: deque[AudioChunk] = deque()
+        self.play_until = 0.0  # when what was released so far ends playing
+
+    def add(self, chunk: AudioChunk) -> None:
+        step = int(chunk.sample_rate * SLICE_S) * 2
+        for i in range(0, len(chunk.pcm), step):
+            self.pending.append(AudioChunk(chunk.pcm[i:i + step], chunk.sample_rate))
+
+    def due(self) -> list[AudioChunk]:
+        now, out = self.clock(), []
+        self.play_until = max(self.play_until, now)
+        while self.pending and self.play_until - now < LEAD_S:
+            chunk = self.pending.popleft()
+            self.play_until += len(chunk.pcm) / 2 / chunk.sample_rate
+            out.append(chunk)
+        return out
+
+    def flush(self) -> None:
+        self.pending.clear()
+        self.play_until = self.clock()
+
+    @property
+    def playing(self) -> bool:
+        return bool(self.pending) or self.play_until > self.clock()
+
+
+class VoiceSession:
+    def __init__(self, engine, send: Callable[[Event], None], conversation_id: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        from engine.speech.duplex import BargeIn, Duplex, SpeechStarted, UtteranceEnded
+
+        self._actions = (SpeechStarted, UtteranceEnded, BargeIn)
+        self.engine, self.send, self.clock = engine, send, clock
+        self.session = engine.session(conversation_id)
+        for role in ("vad", "asr", "tts", "llm"):
+            engine.roles[role].get()  # raises Unavailable, with what to set, before the mic opens
+        self.duplex = Duplex(engine.roles["vad"].get(), engine.config.vad)
+        self.duplex.start_listening()
+        self.pacer = Pacer(clock)
+        self._resamplers: dict[int, StreamResampler] = {}
+        self._lock = threading.RLock()
+        self._turns: queue.Queue = queue.Queue()
+        self._cancel: CancelToken | None = None
+        self._turn_running = False
+        self.marks: dict[str, float] = {}  # timestamps for latency measurement
+        self._worker = threading.Thread(target=self._run_turns, name="voice-turns", daemon=True)
+        self._worker.start()
+        self._state("listening", "microphone open")
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.session.id
+
+    def feed(self, pcm, sample_rate: int, channels: int = 1) -> None:
+        """Microphone audio (any rate, int16 bytes or an array)."""
+        if sample_rate not in self._resamplers:
+            self._resamplers[sample_rate] = StreamResampler(sample_rate, WHISPER_RATE)
+        x = self._resamplers[sample_rate](to_mono_float32(pcm, channels))
+        SpeechStarted, UtteranceEnded, BargeIn = self._actions
+        with self._lock:
+            actions = self.duplex.feed(x)
+        for action in actions:
+            if isinstance(action, BargeIn):
+                self.marks["barge_in"] = self.clock()
+                self.interrupt("you started speaking")
+            elif isinstance(action, SpeechStarted):
+                self._state("hearing", "speech started")
+            elif isinstance(action, UtteranceEnded):
+                self.marks["utterance_end"] = self.clock()
+                with self._lock:
+                    self.duplex.thinking()
+                self._state("thinking", "utterance ended")
+                self._turns.put(action.audio)
+        self.pump()
+
+    def pump(self) -> None:
+        """Release due audio to the client and tell the duplex what is playing."""
+        with self._lock:
+            for chunk in self.pacer.due():
+                if "first_audio" not in self.marks:
+                    self.marks["first_audio"] = self.clock()
+                ref = np.frombuffer(chunk.pcm, dtype="<i2").astype(np.float32) / 32767.0
+                self.duplex.playing(resample(ref, chunk.sample_rate, WHISPER_RATE))
+                self.send(chunk)
+            if not self._turn_running and not self.pacer.playing and self.duplex.state.name == "SPEAKING":
+                self.duplex.playback_done()
+                self._state("listening", "answer spoken")
+
+    def interrupt(self, reason: str = "stopped") -> None:
+        """Stop speaking at once and cancel the running turn (LLM and TTS)."""
+        with self._lock:
+            self.pacer.flush()
+            if self._cancel is not None:
+                self._cancel.cancel(reason)
+        self.marks["audio_stopped"] = self.clock()
+        self._state("interrupted", reason)
+
+    def close(self) -> None:
+        self.interrupt("voice mode closed")
+        self._turns.put(None)
+        self._worker.join(timeout=10)
+
+    def _state(self, state: str, reason: str) -> None:
+        self.send(VoiceState(state, reason))
+
+    def _run_turns(self) -> None:
+        from engine.session import Turn
+
+        while (audio := self._turns.get()) is not None:
+            cancel = CancelToken()
+            with self._lock:
+                self._cancel, self._turn_running = cancel, True
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    wav = write_wav(Path(tmp) / "voice.wav", audio, WHISPER_RATE)
+                    turn = Turn(attachments=(str(wav),), names=("voice message.wav",), spoken=True, speak=True)
+                    for event in self.session.submit(turn, cancel):
+                        if isinstance(event, AudioChunk):
+                            if not cancel.cancelled:
+                                with self._lock:
+                                    self.pacer.add(event)
+                        else:
+                            self.send(event)
+                        if isinstance(event, Done) and not event.turn_id:
+                            with self._lock:  # nothing heard: back to listening
+                                self.duplex.playback_done() if self.duplex.state.name == "SPEAKING" else None
+            finally:
+                with self._lock:
+                    self._turn_running, self._cancel = False, None
+            self.pump()
