@@ -27,18 +27,18 @@ def to_mono_float32(pcm: np.ndarray | bytes, channels: int = 1) -> np.ndarray:
     x = np.asarray(pcm)
     if x.size == 0:
         return np.zeros(0, np.float32)
-    if x.ndim == 2:
-        if x.shape[0] <= 8 and x.shape[1] > x.shape[0]:
-            x = x.T  # (channels, samples)
-        x = x.astype(np.float64).mean(axis=1) if np.issubdtype(x.dtype, np.floating) else x.mean(axis=1)
-    elif x.ndim != 1:
+    if x.ndim not in (1, 2):
         raise ValueError(f"audio must be 1-D or 2-D, got shape {x.shape}")
-    if np.issubdtype(x.dtype, np.integer):
+    if np.issubdtype(x.dtype, np.integer):  # scale before mixing channels
         info = np.iinfo(x.dtype)
         if info.min == 0:  # unsigned (8-bit WAV): centre it
             x = (x.astype(np.float64) - (info.max + 1) / 2) / ((info.max + 1) / 2)
         else:
             x = x.astype(np.float64) / -info.min
+    if x.ndim == 2:
+        if x.shape[0] <= 8 and x.shape[1] > x.shape[0]:
+            x = x.T  # (channels, samples)
+        x = x.astype(np.float64).mean(axis=1)
     x = np.nan_to_num(x.astype(np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
     return np.clip(x, -1.0, 1.0)
 

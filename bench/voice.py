@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Voice latency on the cpu profile, driven at real-time pace like a person.
+
+Synthesized questions (Piper) are fed as microphone audio in 20 ms frames at
+real-time pace into engine.speech.voice.VoiceSession, the same object the
+browser's WebSocket drives. Each answer is interrupted by the next question,
+so one run measures both:
+ (a) end of user speech -> first answer audio sample released, p50/p90, with
+     the breakdown (VAD hangover, ASR, LLM to first speakable piece, TTS);
+ (b) user speech onset during an answer -> answer audio stopped, p50/p90;
+ (c) ASR real-time factor and WER on those questions;
+ (d) TTS real-time factor and first-chunk time.
+Prints one JSON object as its last line and writes bench/results/voice.json.
+
+    python bench/voice.py [--utterances 21]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUESTIONS = [
+    "What is the capital of France?", "Tell me a fun fact about the moon.", "How do plants make food?",
+    "What is two plus two?", "Name a famous painter.", "Why is the sky blue?", "What should I cook tonight?",
+    "How far away is the sun?", "Give me a word that rhymes with cat.", "What is the largest ocean?",
+    "How many legs does a spider have?", "Tell me about the Eiffel Tower.", "What is your favourite colour?",
+    "How do I make a cup of tea?", "What is the speed of light?", "Who wrote Romeo and Juliet?",
+    "What language is spoken in Brazil?", "Recommend a good book.", "How tall is Mount Everest?",
+    "What is a black hole?", "Say something nice.", "What day comes after Monday?",
+]
+FRAME_S = 0.02
+RATE = 16_000
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(float(values[min(len(values) - 1, int(round(q * (len(values) - 1))))]), 1)
+
+
+class Recorder:
+    """Collects the session's events with the time they were sent."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, object]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, event) -> None:
+        with self.lock:
+            self.events.append((time.monotonic(), event))
+
+    def first(self, kind: str, after: float):
+        with self.lock:
+            for t, ev in self.events:
+                if t >= after and ev.type == kind:
+                    return t, ev
+        return None
+
+
+def feed_realtime(session, audio: np.ndarray, clock_start: float, fed: list[float]) -> float:
+    """Feed `audio` in 20 ms frames at real-time pace; return when its last sample went in."""
+    step = int(RATE * FRAME_S)
+    for i in range(0, len(audio), step):
+        target = clock_start + fed[0]
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        session.feed(audio[i:i + step].astype(np.float32), RATE)
+        fed[0] += step / RATE
+    return time.monotonic()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--utterances", type=int, default=21)
+    args = ap.parse_args()
+
+    from engine.config import load_config
+    from engine.engine import Engine
+    from engine.speech.asr import word_error_rate
+    from engine.speech.audio import prepare
+    from engine.speech.voice import VoiceSession
+
+    cfg = load_config("cpu", overrides={"data_dir": tempfile.mkdtemp(prefix="omni-voice-"),
+                                        "max_new_tokens": "60", "temperature": "0"}, env={})
+    engine = Engine(cfg)
+    engine.start_loading().join()
+    tts, asr = engine.roles["tts"].get(), engine.roles["asr"].get()
+
+    # (d) TTS on its own
+    tts_rtf, tts_first = [], []
+    for text in QUESTIONS[:8]:
+        start = time.perf_counter()
+        first, samples = None, 0
+        for chunk in tts.synthesize(text):
+            first = first or time.perf_counter()
+            samples += len(chunk)
+        tts_rtf.append((time.perf_counter() - start) / (samples / tts.sample_rate))
+        tts_first.append((first - start) * 1000)
+
+    speech = [prepare(np.concatenate(list(tts.synthesize(q))), tts.sample_rate, RATE)
+              for q in QUESTIONS[: args.utterances]]
+    # (c) ASR on its own
+    asr_rtf, wers = [], []
+    for q, audio in zip(QUESTIONS, speech):
+        start = time.perf_counter()
+        text = asr.transcribe(audio).text
+        asr_rtf.append((time.perf_counter() - start) / (len(audio) / RATE))
+        wers.append(word_error_rate(q, text))
+
+    rec = Recorder()
+    session = VoiceSession(engine, rec)
+    silence = np.zeros(int(RATE * FRAME_S), np.float32)
+    t0, fed = time.monotonic(), [0.0]
+    eos_to_audio, bargein, breakdown = [], [], []
+    last_first_audio = 0.0
+
+    def idle_until(pred, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        while not pred() and time.monotonic() < deadline:
+            feed_realtime(session, silence, t0, fed)
+
+    for i, audio in enumerate(speech):
+        onset = time.monotonic()
+        speaking_before = i > 0 and last_first_audio > 0
+        eos = feed_realtime(session, audio, t0, fed)
+        if speaking_before:
+            hit = rec.first("voice_state", onset)
+            while hit and hit[1].state != "interrupted":
+                hit = rec.first("voice_state", hit[0] + 1e-6)
+            if hit and session.marks.get("audio_stopped", 0) >= onset:
+                bargein.append((session.marks["audio_stopped"] - onset) * 1000)
+        idle_until(lambda: rec.first("audio_chunk", eos) is not None, 30)
+        got = rec.first("audio_chunk", eos)
+        if got is None:
+            continue
+        last_first_audio = got[0]
+        eos_to_audio.append((got[0] - eos) * 1000)
+        ended = session.marks.get("utterance_end", eos)
+        heard = rec.first("transcript", eos)
+        text = rec.first("text_delta", eos)
+        breakdown.append({
+            "vad_hangover_ms": (ended - eos) * 1000,
+            "asr_ms": (heard[0] - ended) * 1000 if heard else None,
+            "llm_first_text_ms": (text[0] - heard[0]) * 1000 if text and heard else None,
+            "text_to_audio_ms": (got[0] - text[0]) * 1000 if text else None,
+        })
+        idle_until(lambda: False, 0.6)  # let the answer play a little, then the next question barges in
+    session.close()
+    engine.close()
+
+    def med(key):
+        vals = [b[key] for b in breakdown if b[key] is not None]
+        return round(statistics.median(vals), 1) if vals else None
+
+    result = {
+        "utterances": len(speech),
+        "eos_to_first_audio_ms_p50": pct(eos_to_audio, 0.5), "eos_to_first_audio_ms_p90": pct(eos_to_audio, 0.9),
+        "breakdown_ms_p50": {k: med(k) for k in ("vad_hangover_ms", "asr_ms", "llm_first_text_ms", "text_to_audio_ms")},
+        "bargein_stop_ms_p50": pct(bargein, 0.5), "bargein_stop_ms_p90": pct(bargein, 0.9),
+        "bargein_samples": len(bargein),
+        "asr_wer": round(sum(wers) / len(wers), 4), "asr_rtf": round(statistics.median(asr_rtf), 3),
+        "tts_rtf": round(statistics.median(tts_rtf), 3), "tts_first_chunk_ms": round(statistics.median(tts_first), 1),
+        "vad_end_silence_ms": cfg.vad.end_silence_ms, "min_barge_in_ms": cfg.vad.min_barge_in_ms,
+        "llm": "smollm2-135m (transformers, cpu)", "asr": asr.name, "tts": tts.name,
+    }
+    out = ROOT / "bench" / "results" / "voice.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
