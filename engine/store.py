@@ -139,6 +139,9 @@ class Store:
                 db.execute("INSERT INTO turn_media VALUES (?, ?, ?, ?)", (turn_id, rec.sha256, rec.name, pos))
         return int(turn_id)
 
+    def set_status(self, turn_id: int, status: str) -> None:
+        self._tx("UPDATE turns SET status = ? WHERE id = ?", (status, turn_id))
+
     def turns(self, cid: str) -> list[StoredTurn]:
         rows = self._query("SELECT * FROM turns WHERE conversation_id = ? ORDER BY id", (cid,))
         media = self._query(

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine.events import AudioChunk, CancelToken, Done, Event, VoiceState
+from engine.events import AudioChunk, CancelToken, Done, Error, Event, VoiceState
 from engine.speech.audio import WHISPER_RATE, StreamResampler, resample, to_mono_float32, write_wav
 
 LEAD_S = 0.25  # audio sent ahead of the playback clock: the most a barge-in can leave playing
@@ -75,7 +75,9 @@ class VoiceSession:
         self._lock = threading.RLock()
         self._turns: queue.Queue = queue.Queue()
         self._cancel: CancelToken | None = None
-        self._turn_running = False
+        self._open_turns = 0  # utterances queued or being answered
+        self._last_state = ""
+        self._last_answer = 0  # turn id of the latest stored answer
         self.marks: dict[str, float] = {}  # timestamps for latency measurement
         self._worker = threading.Thread(target=self._run_turns, name="voice-turns", daemon=True)
         self._worker.start()
@@ -103,6 +105,7 @@ class VoiceSession:
                 self.marks["utterance_end"] = self.clock()
                 with self._lock:
                     self.duplex.thinking()
+                    self._open_turns += 1
                 self._state("thinking", "utterance ended")
                 self._turns.put(action.audio)
         self.pump()
@@ -115,17 +118,22 @@ class VoiceSession:
                     self.marks["first_audio"] = self.clock()
                 ref = np.frombuffer(chunk.pcm, dtype="<i2").astype(np.float32) / 32767.0
                 self.duplex.playing(resample(ref, chunk.sample_rate, WHISPER_RATE))
+                if self._last_state != "speaking":
+                    self._state("speaking", "answer audio")
                 self.send(chunk)
-            if not self._turn_running and not self.pacer.playing and self.duplex.state.name == "SPEAKING":
+            if not self._open_turns and not self.pacer.playing and self.duplex.state.name in ("SPEAKING", "THINKING"):
                 self.duplex.playback_done()
-                self._state("listening", "answer spoken")
+                self._state("listening", "answer done")
 
     def interrupt(self, reason: str = "stopped") -> None:
         """Stop speaking at once and cancel the running turn (LLM and TTS)."""
         with self._lock:
+            was_playing = self.pacer.playing
             self.pacer.flush()
             if self._cancel is not None:
                 self._cancel.cancel(reason)
+            elif was_playing and self._last_answer:  # written in full, cut off while being spoken
+                self.engine.store.set_status(self._last_answer, "interrupted")
         self.marks["audio_stopped"] = self.clock()
         self._state("interrupted", reason)
 
@@ -135,6 +143,7 @@ class VoiceSession:
         self._worker.join(timeout=10)
 
     def _state(self, state: str, reason: str) -> None:
+        self._last_state = state
         self.send(VoiceState(state, reason))
 
     def _run_turns(self) -> None:
@@ -143,7 +152,7 @@ class VoiceSession:
         while (audio := self._turns.get()) is not None:
             cancel = CancelToken()
             with self._lock:
-                self._cancel, self._turn_running = cancel, True
+                self._cancel = cancel
             try:
                 with tempfile.TemporaryDirectory() as tmp:
                     wav = write_wav(Path(tmp) / "voice.wav", audio, WHISPER_RATE)
@@ -155,10 +164,11 @@ class VoiceSession:
                                     self.pacer.add(event)
                         else:
                             self.send(event)
-                        if isinstance(event, Done) and not event.turn_id:
-                            with self._lock:  # nothing heard: back to listening
-                                self.duplex.playback_done() if self.duplex.state.name == "SPEAKING" else None
+                        if isinstance(event, Done):
+                            self._last_answer = event.turn_id
+            except Exception as exc:  # a failed turn is reported; voice mode keeps listening
+                self.send(Error(f"The voice turn failed: {exc}", recoverable=True))
             finally:
                 with self._lock:
-                    self._turn_running, self._cancel = False, None
+                    self._open_turns, self._cancel = self._open_turns - 1, None
             self.pump()
