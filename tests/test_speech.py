@@ -25,7 +25,9 @@ RATE = 16000
 
 @pytest.fixture(scope="module")
 def tts():
-    return load_tts(TTSConfig())
+    from engine.speech.tts import PiperTTS
+
+    return PiperTTS("joe-us", variation=0.0)  # deterministic: durations and samples comparable
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +75,6 @@ class TestPiper(TTSContract):
 
 def test_streaming_equals_one_shot(tts):
     text = "The sun rose over the hills. Birds began to sing. It was morning already. The day was warm."
-    from engine.speech.tts import PiperTTS
-
-    tts = PiperTTS("joe-us", variation=0.0)  # deterministic, so samples can be compared
     one_shot = np.concatenate(list(tts.synthesize(text)))
     stream = SpeechStream(tts)
     for i in range(0, len(text), 3):
