@@ -153,7 +153,11 @@
 
   window.omniVoice = {
     start, stop, stats: state.stats,
-    toggle: () => (state.ws ? stop() : start().catch((err) => { setStatus("Microphone unavailable: " + err); stop(); })),
+    toggle: () => (state.ws ? stop() : start().catch((err) => {
+      stop();
+      state.stats.error = String(err);
+      setStatus("Voice mode could not start: " + err);
+    })),
     interrupt: () => { stopPlayback(); if (state.ws) state.ws.send(JSON.stringify({ type: "stop" })); },
   };
 })();

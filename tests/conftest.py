@@ -100,19 +100,18 @@ def mp4(tmp_path):
 
 @pytest.fixture(scope="session")
 def say():
-    """Real speech from the packaged Piper voice: say(text, rate=16000) -> mono float32."""
-    from piper import PiperVoice
-
-    from engine.packaged import resolve_named
+    """Real speech from the packaged Piper voice, deterministic (no sampling noise) so
+    tests do not flake: say(text, rate=16000) -> mono float32."""
     from engine.speech.audio import prepare
+    from engine.speech.tts import PiperTTS
 
-    voice = PiperVoice.load(resolve_named("tts", "joe-us"))
+    voice = PiperTTS("joe-us", variation=0.0)
     cache: dict = {}
 
     def _say(text: str, rate: int = 16000) -> np.ndarray:
         if (text, rate) not in cache:
-            audio = np.concatenate([c.audio_float_array for c in voice.synthesize(text)] or [np.zeros(0, np.float32)])
-            cache[(text, rate)] = prepare(audio, voice.config.sample_rate, rate)
+            audio = np.concatenate(list(voice.synthesize(text)) or [np.zeros(0, np.float32)])
+            cache[(text, rate)] = prepare(audio, voice.sample_rate, rate)
         return cache[(text, rate)].copy()
 
     return _say

@@ -44,7 +44,7 @@ def test_spoken_question_is_transcribed_answered_and_spoken(voice_engine, say, t
 
 
 def test_audio_with_typed_text_adds_the_transcript(voice_engine, say, tmp_path):
-    wav = write_wav(tmp_path / "memo.wav", say("Buy milk and eggs."), 16000)
+    wav = write_wav(tmp_path / "memo.wav", say("Remember to buy milk and eggs tomorrow."), 16000)
     session = voice_engine.session()
     list(session.submit(Turn("Summarise my memo", (str(wav),))))
     user = voice_engine.store.turns(session.id)[0]
