@@ -73,8 +73,9 @@
     if (ev.type === "voice_state") {
       state.stats.states.push(ev.state);
       setStatus({ listening: "Listening…", hearing: "Hearing you…", thinking: "Thinking…",
-                  speaking: "Speaking…", interrupted: "Interrupted — go ahead" }[ev.state] || ev.state);
-      if (ev.state === "interrupted") stopPlayback();
+                  speaking: "Speaking…", paused: "Pausing for you…",
+                  interrupted: "Interrupted — go ahead" }[ev.state] || ev.state);
+      if (ev.state === "interrupted" || ev.state === "paused") stopPlayback();
     } else if (ev.type === "transcript") {
       state.stats.transcripts.push(ev.text);
       caption("user", ev.text, false);

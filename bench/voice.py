@@ -124,7 +124,7 @@ def main() -> None:
     session = VoiceSession(engine, rec)
     silence = np.zeros(int(RATE * FRAME_S), np.float32)
     t0, fed = time.monotonic(), [0.0]
-    eos_to_audio, bargein, breakdown = [], [], []
+    eos_to_audio, bargein, cancels, breakdown = [], [], [], []
     last_first_audio = 0.0
 
     def idle_until(pred, limit: float) -> None:
@@ -142,6 +142,7 @@ def main() -> None:
                 hit = rec.first("voice_state", hit[0] + 1e-6)
             if hit and session.marks.get("audio_stopped", 0) >= onset:
                 bargein.append((session.marks["audio_stopped"] - onset) * 1000)
+                cancels.append((session.marks["cancelled"] - onset) * 1000)
         idle_until(lambda: rec.first("audio_chunk", eos) is not None, 30)
         got = rec.first("audio_chunk", eos)
         if got is None:
@@ -171,6 +172,7 @@ def main() -> None:
         "breakdown_ms_p50": {k: med(k) for k in ("vad_hangover_ms", "asr_ms", "llm_first_text_ms", "text_to_audio_ms")},
         "bargein_stop_ms_p50": pct(bargein, 0.5), "bargein_stop_ms_p90": pct(bargein, 0.9),
         "bargein_samples": len(bargein),
+        "bargein_cancel_ms_p50": pct(cancels, 0.5), "bargein_cancel_ms_p90": pct(cancels, 0.9),
         "asr_wer": round(sum(wers) / len(wers), 4), "asr_rtf": round(statistics.median(asr_rtf), 3),
         "tts_rtf": round(statistics.median(tts_rtf), 3), "tts_first_chunk_ms": round(statistics.median(tts_first), 1),
         "vad_end_silence_ms": cfg.vad.end_silence_ms, "min_barge_in_ms": cfg.vad.min_barge_in_ms,

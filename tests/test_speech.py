@@ -11,7 +11,7 @@ from engine.config import ASRConfig, TTSConfig, VADConfig
 from engine.errors import Unavailable
 from engine.events import CancelToken
 from engine.speech.audio import prepare, to_mono_float32
-from engine.speech.duplex import BargeIn, Duplex, SpeechStarted, State, UtteranceEnded
+from engine.speech.duplex import BargeIn, Duplex, OnsetRejected, SpeechOnset, SpeechStarted, State, UtteranceEnded
 from engine.speech.tts import SentenceBuffer, SpeechStream, load_tts
 
 SENTENCES = [
@@ -230,10 +230,12 @@ def test_scripted_turn_and_barge_in():
     d.thinking()
     d.playing(np.zeros(1600, np.float32))
     assert d.state is State.SPEAKING
-    assert d.feed(frames(30)) == []  # silence, then a 160 ms burst: no interrupt
+    acts = d.feed(frames(30))  # silence, then a 160 ms burst: a pause, resumed, no interrupt
+    assert [type(a) for a in acts] == [SpeechOnset, OnsetRejected]
+    assert acts[0].t == pytest.approx((40 + 10 + 3) * F, abs=F)  # the audio pauses after ~100 ms
     acts = d.feed(frames(15))
-    assert [type(a) for a in acts] == [BargeIn]
-    assert acts[0].t == pytest.approx((40 + 30 + 13) * F, abs=F)  # after min_barge_in_ms (13 frames)
+    assert [type(a) for a in acts] == [SpeechOnset, BargeIn]
+    assert acts[1].t == pytest.approx((40 + 30 + 13) * F, abs=F)  # after min_barge_in_ms (13 frames)
     assert [t[2] for t in d.transitions] == [State.LISTENING, State.THINKING, State.SPEAKING,
                                                State.INTERRUPTED, State.LISTENING]
 
@@ -285,13 +287,16 @@ def test_user_over_echo_barges_in_and_mm_hm_does_not(vad, say):
     d = Duplex(vad, VADConfig())
     d.start_listening()
     d.thinking()
-    barge = None
+    barge, pauses = None, []
     for i in range(0, len(mic), 1600):
         d.playing(answer[i:i + 1600])
         for a in d.feed(mic[i:i + 1600]):
             if isinstance(a, BargeIn):
                 barge = barge or a
+            if isinstance(a, SpeechOnset):
+                pauses.append(a)
     assert barge is not None, "the user's speech over the echo must interrupt"
+    assert any(onset < p.t < onset + 0.3 for p in pauses)  # the audio paused soon after the onset
     assert onset + 0.35 < barge.t < onset + 0.4 + 0.5, barge.t  # not at the "mm", soon after the onset
 
 

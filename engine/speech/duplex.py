@@ -11,7 +11,9 @@ is tested with scripted probabilities as well as real speech.
 An utterance starts after `min_speech_ms` of speech and ends after
 `end_silence_ms` of silence. While the assistant thinks or speaks, only
 `min_barge_in_ms` of sustained speech interrupts, so coughs and "mm-hm"
-don't. The echo guard keeps the assistant's own voice, coming back through
+don't; but ~100 ms of speech already pauses the answer's audio
+(SpeechOnset), resumed if it was nothing (OnsetRejected), so the assistant
+falls silent at once when the user starts talking. The echo guard keeps the assistant's own voice, coming back through
 the speakers into the microphone, from counting as the user: each mic frame
 is matched against the audio just played (best lag and gain by
 cross-correlation), the echo is subtracted and the VAD hears the residual,
@@ -29,6 +31,8 @@ import numpy as np
 from engine.config import VADConfig
 
 FRAME = 512
+PAUSE_S = 0.096  # speech that pauses the answer's audio (3 frames)
+RESUME_S = 0.3  # silence after a pause that resumes the audio
 ONSET_SLACK_S = 0.3  # pauses tolerated inside the speech that starts an utterance
 ECHO_REF_S = 1.5  # how much played audio the guard searches for echo
 ECHO_TAIL_S = 0.8  # the guard stays on this long after playback ends
@@ -60,6 +64,21 @@ class BargeIn:
     t: float
 
 
+@dataclass(frozen=True)
+class SpeechOnset:
+    """Possible user speech while the assistant talks: pause the audio now (fast),
+    before it is known whether this is a real interruption."""
+
+    t: float
+
+
+@dataclass(frozen=True)
+class OnsetRejected:
+    """The onset was a noise or a back-channel: resume the paused audio."""
+
+    t: float
+
+
 class Duplex:
     def __init__(self, vad: Callable[[np.ndarray], float], cfg: VADConfig, sample_rate: int = 16000) -> None:
         self.vad, self.cfg, self.rate = vad, cfg, sample_rate
@@ -70,6 +89,7 @@ class Duplex:
         self._samples = 0  # mic samples consumed: the stream clock
         self._recent: deque[bool] = deque()  # speech/non-speech of recent frames, for onset detection
         self._silence_s = 0.0
+        self._paused = False
         self._utterance: list[np.ndarray] | None = None
         self._preroll: deque[np.ndarray] = deque(maxlen=int(1.0 / self.frame_s))
         self._ref = np.zeros(0, np.float32)
@@ -103,6 +123,7 @@ class Duplex:
         """The answer finished (or there was nothing to say): listen again."""
         if self.state in (State.SPEAKING, State.THINKING):
             self._go(State.LISTENING, "answer done")
+        self._paused = False
 
     # microphone
     def feed(self, mic: np.ndarray, now: float | None = None) -> list:
@@ -135,12 +156,22 @@ class Duplex:
             self._recent.append(speech)
             while len(self._recent) * self.frame_s > needed + ONSET_SLACK_S:
                 self._recent.popleft()
-            if self.state is State.IDLE or sum(self._recent) * self.frame_s < needed:
+            heard_s = sum(self._recent) * self.frame_s
+            if busy and self.state is State.SPEAKING:
+                quiet = int(RESUME_S / self.frame_s)
+                if not self._paused and speech and heard_s >= PAUSE_S:
+                    self._paused = True
+                    return [SpeechOnset(self.now)]
+                if self._paused and len(self._recent) >= quiet and not any(list(self._recent)[-quiet:]):
+                    self._paused = False
+                    return [OnsetRejected(self.now)]
+            if self.state is State.IDLE or heard_s < needed:
                 return []
             onset = len(self._recent) + 3  # ~100 ms before the onset
             self._utterance = list(self._preroll)[-onset:]
             self._silence_s = 0.0
             if busy:
+                self._paused = False
                 self._go(State.INTERRUPTED, "user spoke over the answer")
                 self._go(State.LISTENING, "hearing the new utterance")
                 return [BargeIn(self.now)]

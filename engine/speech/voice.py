@@ -34,6 +34,8 @@ class Pacer:
         self.clock = clock
         self.pending: deque[AudioChunk] = deque()
         self.play_until = 0.0  # when what was released so far ends playing
+        self.inflight: deque[tuple[float, AudioChunk]] = deque()  # released: (end time, chunk)
+        self.held = False
 
     def add(self, chunk: AudioChunk) -> None:
         step = int(chunk.sample_rate * SLICE_S) * 2
@@ -43,27 +45,47 @@ class Pacer:
     def due(self) -> list[AudioChunk]:
         now, out = self.clock(), []
         self.play_until = max(self.play_until, now)
-        while self.pending and self.play_until - now < LEAD_S:
+        while self.inflight and self.inflight[0][0] <= now:
+            self.inflight.popleft()
+        while self.pending and not self.held and self.play_until - now < LEAD_S:
             chunk = self.pending.popleft()
             self.play_until += len(chunk.pcm) / 2 / chunk.sample_rate
+            self.inflight.append((self.play_until, chunk))
             out.append(chunk)
         return out
 
+    def hold(self) -> None:
+        """Pause: what was sent but not yet played goes back to the front of the queue."""
+        now = self.clock()
+        unplayed = [chunk for end, chunk in self.inflight if end > now]
+        self.pending.extendleft(reversed(unplayed))
+        self.inflight.clear()
+        self.play_until, self.held = now, True
+
+    def resume(self) -> None:
+        self.held = False
+
     def flush(self) -> None:
         self.pending.clear()
-        self.play_until = self.clock()
+        self.inflight.clear()
+        self.play_until, self.held = self.clock(), False
 
     @property
     def playing(self) -> bool:
         return bool(self.pending) or self.play_until > self.clock()
 
+    @property
+    def sounding(self) -> bool:
+        """Audio is audible right now (released and not finished)."""
+        return not self.held and self.play_until > self.clock()
+
 
 class VoiceSession:
     def __init__(self, engine, send: Callable[[Event], None], conversation_id: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        from engine.speech.duplex import BargeIn, Duplex, SpeechStarted, UtteranceEnded
+        from engine.speech.duplex import BargeIn, Duplex, OnsetRejected, SpeechOnset, SpeechStarted, UtteranceEnded
 
-        self._actions = (SpeechStarted, UtteranceEnded, BargeIn)
+        self._actions = (SpeechStarted, UtteranceEnded, BargeIn, SpeechOnset, OnsetRejected)
         self.engine, self.send, self.clock = engine, send, clock
         self.session = engine.session(conversation_id)
         for role in ("vad", "asr", "tts", "llm"):
@@ -92,11 +114,20 @@ class VoiceSession:
         if sample_rate not in self._resamplers:
             self._resamplers[sample_rate] = StreamResampler(sample_rate, WHISPER_RATE)
         x = self._resamplers[sample_rate](to_mono_float32(pcm, channels))
-        SpeechStarted, UtteranceEnded, BargeIn = self._actions
+        SpeechStarted, UtteranceEnded, BargeIn, SpeechOnset, OnsetRejected = self._actions
         with self._lock:
             actions = self.duplex.feed(x)
         for action in actions:
-            if isinstance(action, BargeIn):
+            if isinstance(action, SpeechOnset):
+                with self._lock:
+                    self.pacer.hold()
+                self.marks["audio_stopped"] = self.clock()
+                self._state("paused", "you may be speaking")
+            elif isinstance(action, OnsetRejected):
+                with self._lock:
+                    self.pacer.resume()
+                self._state("speaking", "resuming")
+            elif isinstance(action, BargeIn):
                 self.marks["barge_in"] = self.clock()
                 self.interrupt("you started speaking")
             elif isinstance(action, SpeechStarted):
@@ -128,13 +159,15 @@ class VoiceSession:
     def interrupt(self, reason: str = "stopped") -> None:
         """Stop speaking at once and cancel the running turn (LLM and TTS)."""
         with self._lock:
-            was_playing = self.pacer.playing
+            was_playing, was_held = self.pacer.playing or self.pacer.held, self.pacer.held
             self.pacer.flush()
             if self._cancel is not None:
                 self._cancel.cancel(reason)
             elif was_playing and self._last_answer:  # written in full, cut off while being spoken
                 self.engine.store.set_status(self._last_answer, "interrupted")
-        self.marks["audio_stopped"] = self.clock()
+        if not was_held:  # (when held, the audio already stopped at the onset)
+            self.marks["audio_stopped"] = self.clock()
+        self.marks["cancelled"] = self.clock()
         self._state("interrupted", reason)
 
     def close(self) -> None:
