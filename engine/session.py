@@ -166,7 +166,7 @@ class _Speaker:
         from engine.speech.tts import SpeechStream
 
         self.rate, self.started = tts.sample_rate, time.monotonic()
-        self.stream = SpeechStream(tts, rate=rate, cancel=cancel, first_clause_chars=24)
+        self.stream = SpeechStream(tts, rate=rate, cancel=cancel, first_clause_chars=12)
         self.pcm: list[bytes] = []
 
     def push(self, text: str) -> None:

@@ -232,7 +232,7 @@ def test_scripted_turn_and_barge_in():
     assert d.state is State.SPEAKING
     acts = d.feed(frames(30))  # silence, then a 160 ms burst: a pause, resumed, no interrupt
     assert [type(a) for a in acts] == [SpeechOnset, OnsetRejected]
-    assert acts[0].t == pytest.approx((40 + 10 + 3) * F, abs=F)  # the audio pauses after ~100 ms
+    assert acts[0].t == pytest.approx((40 + 10 + 2) * F, abs=F)  # the audio pauses after ~64 ms
     acts = d.feed(frames(15))
     assert [type(a) for a in acts] == [SpeechOnset, BargeIn]
     assert acts[1].t == pytest.approx((40 + 30 + 13) * F, abs=F)  # after min_barge_in_ms (13 frames)

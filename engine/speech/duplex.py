@@ -31,7 +31,7 @@ import numpy as np
 from engine.config import VADConfig
 
 FRAME = 512
-PAUSE_S = 0.096  # speech that pauses the answer's audio (3 frames)
+PAUSE_S = 0.064  # speech that pauses the answer's audio (2 frames)
 RESUME_S = 0.3  # silence after a pause that resumes the audio
 ONSET_SLACK_S = 0.3  # pauses tolerated inside the speech that starts an utterance
 ECHO_REF_S = 1.5  # how much played audio the guard searches for echo
