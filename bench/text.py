@@ -34,6 +34,7 @@ PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse kee
 def ours(backend, params, tokens):
     from engine.events import CancelToken
 
+    backend.forget()  # a cold prompt, like plain generate() gets
     start = time.perf_counter()
     first = None
     gen = backend.generate(PROMPT, (), params, CancelToken())

@@ -79,6 +79,17 @@ class TestTransformersBackend(LLMContract):
         b, _ = run(backend, p)
         assert [e.text for e in a] == [e.text for e in b]
 
+    def test_next_turn_reuses_the_kv_cache_and_answers_the_same(self, backend, tmp_path):
+        first, _ = run(backend, GenParams(max_new_tokens=12, temperature=0.0))
+        follow = MSGS + [{"role": "assistant", "content": "".join(e.text for e in first)},
+                         {"role": "user", "content": "And then?"}]
+        reused, usage = run(backend, GenParams(max_new_tokens=12, temperature=0.0), messages=follow)
+        assert usage["cached_prompt_tokens"] > len(MSGS[1]["content"])  # the history was not recomputed
+        fresh = load_backend(load_config("tiny", env={}).llm, tmp_path)
+        plain, usage = run(fresh, GenParams(max_new_tokens=12, temperature=0.0), messages=follow)
+        assert usage["cached_prompt_tokens"] == 0
+        assert [e.text for e in reused] == [e.text for e in plain]
+
     def test_prompt_longer_than_context_is_a_clear_error(self, backend):
         with pytest.raises(ValueError, match="context holds"):
             run(backend, messages=[{"role": "user", "content": "x" * 5000}])

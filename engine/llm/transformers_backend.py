@@ -38,6 +38,8 @@ class TransformersBackend(LLMBackend):
             model_ctx = source.context_tokens or getattr(self.model.config, "max_position_embeddings", None)
         self.context_tokens = min(cfg.context_tokens, model_ctx or cfg.context_tokens)
         self.device = next(self.model.parameters()).device
+        self._kept: tuple[list[int], object] = ([], None)  # (token ids, KV cache) of the last turn
+        self._reused = 0
         self.stop_ids = _stop_ids(self.model, self.tokenizer)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
@@ -62,11 +64,12 @@ class TransformersBackend(LLMBackend):
         if cancel.cancelled:
             usage["finish_reason"] = "cancelled"
             return usage
+        seen = list(prompt)  # every token now in the KV cache, for the next turn's prefix reuse
         with torch.inference_mode():
-            ids = torch.tensor([prompt], device=self.device)
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out = self._prefill(prompt)
             for step in range(max_new):
                 token = sampler(out.logits[:, -1, :])
+                seen.append(token)
                 if token in self.stop_ids:
                     usage["finish_reason"] = "stop"
                     break
@@ -80,9 +83,38 @@ class TransformersBackend(LLMBackend):
                     break
                 nxt = torch.tensor([[token]], device=self.device)
                 out = self.model(input_ids=nxt, cache=out.cache, use_cache=True)
+            self._kept = (seen[: out.cache.get_seq_length()], out.cache)
         if text := detok.flush():
             yield TextDelta(text)
+        usage["cached_prompt_tokens"] = self._reused
         return usage
+
+    def forget(self) -> None:
+        """Drop the kept KV cache (benchmarks measure a cold prompt)."""
+        self._kept = ([], None)
+
+    def _prefill(self, prompt: list[int]):
+        """Run the prompt, reusing the KV cache of the previous turn for the part of
+        the prompt it already holds (the conversation so far), so a multi-turn chat
+        only pays for the new message."""
+        import torch
+
+        kept_ids, cache = self._kept
+        self._kept, self._reused = ([], None), 0
+        common = 0
+        for a, b in zip(kept_ids, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)  # at least one token must run to get logits
+        if cache is None or common < 16:
+            cache = None
+        else:
+            if cache.get_seq_length() > common:
+                cache.crop(common - cache.get_seq_length())  # this API takes how many to drop
+            self._reused = common
+        ids = torch.tensor([prompt[self._reused:]], device=self.device)
+        return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
 
     def close(self) -> None:
         self.model = None
