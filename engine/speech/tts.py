@@ -84,7 +84,11 @@ _MARKUP = re.compile(r"[*#`_~>|]|^\s*[-•]\s+", re.M)
 
 
 class SentenceBuffer:
-    """Streamed text in, complete speakable sentences out."""
+    """Streamed text in, complete speakable sentences out.
+
+    With `first_clause_chars` > 0 the first piece comes early: at the first
+    clause boundary past that many characters, or at a word boundary once
+    twice that many have arrived with no punctuation."""
 
     def __init__(self, first_clause_chars: int = 0) -> None:
         self.text, self.first_clause_chars, self.emitted = "", first_clause_chars, 0
@@ -98,6 +102,9 @@ class SentenceBuffer:
                 clause = [m.end() for m in _CLAUSE.finditer(self.text) if m.end() >= self.first_clause_chars]
                 if clause and (cut is None or clause[0] < cut):
                     cut = clause[0]
+                # no punctuation yet: start speaking at a word boundary rather than wait for it
+                if cut is None and len(self.text) >= 2 * self.first_clause_chars and " " in self.text.strip():
+                    cut = self.text.rstrip().rfind(" ") + 1
             if cut is None:
                 return out
             piece, self.text = _clean(self.text[:cut]), self.text[cut:]
