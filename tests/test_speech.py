@@ -121,35 +121,7 @@ def test_unknown_voice_and_local_path(tts):
         load_tts(TTSConfig(backend="none"))
 
 
-# --- ASR ------------------------------------------------------------------
-
-class ASRContract:
-    def test_transcribes_with_timestamps(self, asr, say):
-        audio = say("What is the capital of France?")
-        out = asr.transcribe(audio)
-        from engine.speech.asr import word_error_rate
-
-        assert word_error_rate("What is the capital of France?", out.text) <= 0.2
-        assert out.segments and all(0 <= s.start < s.end <= out.duration_s + 0.05 for s in out.segments)
-
-    def test_silence_and_empty(self, asr):
-        assert asr.transcribe(np.zeros(RATE, np.float32)).text == ""
-        assert asr.transcribe(np.zeros(0, np.float32)).text == ""
-
-    def test_browser_format_input(self, asr, say):
-        from engine.speech.asr import word_error_rate
-        from engine.speech.audio import resample
-
-        audio = say("Where is the nearest train station?")
-        browser = resample(audio, 16000, 48000)  # as a browser sends it: 48 kHz stereo int16
-        stereo = (np.stack([browser, browser], axis=1) * 32767).astype(np.int16)
-        direct, via = asr.transcribe(audio).text, asr.transcribe(prepare(stereo, 48000)).text
-        assert "train station" in via.lower() and word_error_rate(direct, via) <= 0.2
-
-
-class TestFasterWhisper(ASRContract):
-    pass
-
+# --- VAD + ASR (the ASR contract is in test_asr.py) -------------------------
 
 def test_wer_under_ten_percent_with_vad(asr, vad, say):
     """Real speech: Piper sentences separated by silence -> VAD -> Whisper."""
@@ -162,26 +134,6 @@ def test_wer_under_ten_percent_with_vad(asr, vad, say):
     assert len(found) == len(SENTENCES)
     hyp = " ".join(asr.transcribe(a).text for _, _, a in found)
     assert word_error_rate(" ".join(SENTENCES), hyp) < 0.10
-
-
-def test_word_error_rate():
-    from engine.speech.asr import word_error_rate
-
-    assert word_error_rate("Set a timer for 10 minutes", "set a timer for ten minutes.") == 0
-    assert word_error_rate("a b c d", "a x c") == 0.5
-    assert word_error_rate("", "") == 0.0
-
-
-def test_asr_unknown_model_and_openai_whisper_without_checkpoint():
-    from engine.speech.asr import load_asr
-
-    with pytest.raises(Unavailable, match="whisper-tiny.en"):
-        load_asr(ASRConfig(model="nope"))
-    import importlib.util
-
-    if importlib.util.find_spec("whisper") is None:  # openai-whisper is an opt-in extra
-        with pytest.raises(Unavailable, match="not installed"):
-            load_asr(ASRConfig(backend="openai-whisper"))
 
 
 # --- audio ----------------------------------------------------------------

