@@ -36,7 +36,7 @@ def test_env_then_cli_override_order():
     ({"port": "seventy"}, "expected int"),
     ({"llm_backend": "magic"}, "choose transformers"),
     ({"quantization": "3bit"}, "choose none, 4bit or 8bit"),
-    ({"host": "0.0.0.0"}, "auth-token"),
+    ({"host": "lan-host.local"}, "auth-token"),
     ({"max_new_tokens": "999999"}, "max_new_tokens"),
 ])
 def test_bad_values_say_what_is_allowed(bad, needle):

@@ -1,7 +1,6 @@
 """The Gradio app in-process, driven through gradio_client like a browser would."""
 from __future__ import annotations
 
-import threading
 import time
 
 from gradio_client import Client, handle_file
