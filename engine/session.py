@@ -9,6 +9,7 @@ interrupted / error, with its audio) -> Done.
 from __future__ import annotations
 
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generator, Iterator
@@ -36,6 +37,27 @@ class Turn:
     temperature: float | None = None
 
 
+class Gate:
+    """For a turn started before it is certain to be wanted (a voice answer prepared
+    speculatively while the user may still go on): the turn runs, but nothing is
+    stored until the gate is opened; if it is closed instead, nothing is stored at all."""
+
+    def __init__(self) -> None:
+        self._decided = threading.Event()
+        self.ok = False
+
+    def decide(self, ok: bool) -> None:
+        self.ok = ok
+        self._decided.set()
+
+    def poll(self) -> bool | None:
+        return self.ok if self._decided.is_set() else None
+
+    def wait(self) -> bool:
+        self._decided.wait()
+        return self.ok
+
+
 class Session:
     """One conversation. Created lazily in the store on the first turn."""
 
@@ -52,7 +74,9 @@ class Session:
         return [{"role": t.role, "content": t.content} for t in self.engine.store.turns(self.id)
                 if t.content and t.status != "error"]
 
-    def submit(self, turn: Turn, cancel: CancelToken | None = None) -> Iterator[Event]:
+    def submit(self, turn: Turn, cancel: CancelToken | None = None, gate: Gate | None = None) -> Iterator[Event]:
+        """Run one turn. With a `gate`, the user turn is stored only once the gate opens
+        (the answer is prepared meanwhile), and nothing is stored if it closes."""
         cancel = cancel or CancelToken()
         engine, store = self.engine, self.engine.store
         text = turn.text.strip()
@@ -68,13 +92,23 @@ class Session:
             yield Notice("I didn't catch any words in that.")
             yield Done(conversation_id=self.id or "")
             return
-        if self.id is None:
-            self.id = store.create_conversation()
         history = self.history()
-        store.add_turn(self.id, "user", text, media=records,
-                       meta={"transcripts": {r.name: heard[r.sha256] for r in records if r.sha256 in heard}})
-        if not store.get_conversation(self.id)["title"]:
-            store.rename_conversation(self.id, _title(text, records))
+        stored = False
+
+        def store_user() -> bool:
+            """Store the user turn once it is certain (at once without a gate)."""
+            nonlocal stored
+            if not stored and (gate is None or gate.poll()):
+                if self.id is None:
+                    self.id = store.create_conversation()
+                store.add_turn(self.id, "user", text, media=records,
+                               meta={"transcripts": {r.name: heard[r.sha256] for r in records if r.sha256 in heard}})
+                if not store.get_conversation(self.id)["title"]:
+                    store.rename_conversation(self.id, _title(text, records))
+                stored = True
+            return stored
+
+        store_user()
 
         speech = self._speech(turn, cancel)
         if speech is not None and not isinstance(speech, _Speaker):
@@ -101,6 +135,7 @@ class Session:
                     break
                 if isinstance(event, Error):
                     errors.append(event.message)
+                store_user()
                 yield event
                 if speech and isinstance(event, TextDelta):
                     speech.push(event.text)
@@ -108,6 +143,11 @@ class Session:
         audio_rec = None
         if speech:
             yield from speech.finish()
+        if gate is not None and not gate.wait():
+            yield Done(usage, timings, True, self.id or "")  # the user went on: this answer never was
+            return
+        store_user()
+        if speech:
             audio_rec = speech.store(engine)
         interrupted = cancel.cancelled
         status = "interrupted" if interrupted else ("error" if errors else "complete")

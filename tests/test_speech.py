@@ -11,7 +11,8 @@ from engine.config import ASRConfig, TTSConfig, VADConfig
 from engine.errors import Unavailable
 from engine.events import CancelToken
 from engine.speech.audio import prepare, to_mono_float32
-from engine.speech.duplex import BargeIn, Duplex, OnsetRejected, SpeechOnset, SpeechStarted, State, UtteranceEnded
+from engine.speech.duplex import (BargeIn, Duplex, EndLikely, OnsetRejected, SpeechOnset, SpeechResumed, SpeechStarted,
+                                  State, UtteranceEnded)
 from engine.speech.tts import SentenceBuffer, SpeechStream, load_tts
 
 SENTENCES = [
@@ -170,7 +171,7 @@ class Scripted:
         return self.probs.pop(0) if self.probs else 0.0
 
 
-CFG = VADConfig(min_speech_ms=250, end_silence_ms=500, min_barge_in_ms=400, echo_guard=False)
+CFG = VADConfig(min_speech_ms=250, end_silence_ms=500, min_barge_in_ms=400, speculate_ms=0, echo_guard=False)
 F = 512 / RATE  # 32 ms
 
 
@@ -196,6 +197,23 @@ def test_scripted_turn_and_barge_in():
     assert acts[1].t == pytest.approx((40 + 30 + 13) * F, abs=F)  # after min_barge_in_ms (13 frames)
     assert [t[2] for t in d.transitions] == [State.LISTENING, State.THINKING, State.SPEAKING,
                                                State.INTERRUPTED, State.LISTENING]
+
+
+def test_pause_is_a_likely_end_until_speech_resumes():
+    # speech, a 224 ms pause (likely end at 200 ms), more speech, then silence (end at 500 ms)
+    probs = [0.9] * 20 + [0.0] * 7 + [0.9] * 10 + [0.0] * 20
+    d = Duplex(Scripted(probs), VADConfig(min_speech_ms=250, end_silence_ms=500, speculate_ms=200,
+                                          echo_guard=False))
+    d.start_listening()
+    acts = d.feed(frames(57))
+    assert [type(a) for a in acts] == [SpeechStarted, EndLikely, SpeechResumed, EndLikely, UtteranceEnded]
+    assert acts[1].t == pytest.approx((20 + 7) * F, abs=F)
+    # the second guess is the final utterance up to the pause; only silence follows it
+    assert len(acts[3].audio) < len(acts[4].audio) and len(acts[1].audio) < len(acts[3].audio)
+    assert not np.any(acts[4].audio[len(acts[3].audio):])
+    off = Duplex(Scripted(probs), VADConfig(speculate_ms=0, echo_guard=False))
+    off.start_listening()
+    assert [type(a) for a in off.feed(frames(57))] == [SpeechStarted, UtteranceEnded]
 
 
 def test_short_blip_never_starts_an_utterance():

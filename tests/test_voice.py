@@ -119,3 +119,29 @@ def test_voice_session_turn_then_barge_in(tmp_path, say):
     finally:
         session.close()
         eng.close()
+
+
+def test_pause_mid_sentence_drafts_an_answer_then_drops_it(tmp_path, say):
+    """A pause longer than speculate_ms but shorter than end_silence_ms: the answer
+    prepared at the pause is dropped unseen and unstored; the whole sentence is one turn."""
+    from engine.speech.voice import VoiceSession
+
+    eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path), "max_new_tokens": "20", **SPEECH},
+                             env={}))
+    got: list = []
+    session = VoiceSession(eng, got.append)
+    try:
+        gap = np.zeros(int(16000 * 0.33), np.float32)
+        question = np.concatenate([say("Tell me about the weather"), gap, say("in Paris tomorrow."),
+                                   np.zeros(16000, np.float32)])
+        _feed(session, question)
+        assert _wait(lambda: any(isinstance(e, Done) for e in got)), [type(e).__name__ for e in got]
+        assert "speculated" in session.marks
+        heard = [e.text.lower() for e in got if isinstance(e, Transcript)]
+        assert len(heard) == 1 and "weather" in heard[0] and "paris" in heard[0], heard
+        turns = eng.store.turns(session.conversation_id)
+        assert [t.role for t in turns] == ["user", "assistant"] and "paris" in turns[0].content.lower()
+        assert sum(isinstance(e, Done) for e in got) == 1
+    finally:
+        session.close()
+        eng.close()

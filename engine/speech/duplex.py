@@ -9,7 +9,9 @@ is tested with scripted probabilities as well as real speech.
     THINKING/SPEAKING -(sustained user speech)-> INTERRUPTED -> LISTENING
 
 An utterance starts after `min_speech_ms` of speech and ends after
-`end_silence_ms` of silence. While the assistant thinks or speaks, only
+`end_silence_ms` of silence. After `speculate_ms` of silence the end is
+likely (EndLikely, with the audio so far): the caller may start preparing the
+answer then, and drops it if the user goes on (SpeechResumed). While the assistant thinks or speaks, only
 `min_barge_in_ms` of sustained speech interrupts, so coughs and "mm-hm"
 don't; but ~100 ms of speech already pauses the answer's audio
 (SpeechOnset), resumed if it was nothing (OnsetRejected), so the assistant
@@ -60,6 +62,21 @@ class UtteranceEnded:
 
 
 @dataclass(frozen=True)
+class EndLikely:
+    """A pause that will probably end the utterance: prepare the answer now, speculatively."""
+
+    audio: np.ndarray = field(repr=False)
+    t: float
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """The user went on after EndLikely: the speculative answer is void."""
+
+    t: float
+
+
+@dataclass(frozen=True)
 class BargeIn:
     t: float
 
@@ -91,6 +108,7 @@ class Duplex:
         self._silence_s = 0.0
         self._paused = False
         self._utterance: list[np.ndarray] | None = None
+        self._speculated = False  # EndLikely sent for the current pause
         self._preroll: deque[np.ndarray] = deque(maxlen=int(1.0 / self.frame_s))
         self._ref = np.zeros(0, np.float32)
         self._ref_until = -1.0  # stream time until which echo may be present
@@ -178,10 +196,17 @@ class Duplex:
             return [SpeechStarted(self.now)]
         self._utterance.append(frame)
         self._silence_s = 0.0 if speech else self._silence_s + self.frame_s
-        if self._silence_s * 1000 < self.cfg.end_silence_ms:
+        silence_ms = self._silence_s * 1000
+        if silence_ms < self.cfg.end_silence_ms:
+            if speech and self._speculated:
+                self._speculated = False
+                return [SpeechResumed(self.now)]
+            if 0 < self.cfg.speculate_ms <= silence_ms and not self._speculated:
+                self._speculated = True
+                return [EndLikely(np.concatenate(self._utterance), self.now)]
             return []
         audio = np.concatenate(self._utterance)
-        self._utterance = None
+        self._utterance, self._speculated = None, False
         self._recent.clear()
         self._preroll.clear()
         return [UtteranceEnded(audio, self.now)]

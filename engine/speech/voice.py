@@ -3,7 +3,9 @@
 Transport-agnostic (the browser WebSocket in app/voice.py and bench/voice.py
 drive it the same way). The duplex state machine (duplex.py) decides when an
 utterance ends and when the user barges in; each utterance becomes a turn
-(ASR -> LLM -> streamed TTS) on one worker thread; the answer's audio is
+(ASR -> LLM -> streamed TTS) on one worker thread, started speculatively at
+the first likely end of the utterance (a short pause) and kept back until the
+end is certain, dropped if the user goes on; the answer's audio is
 released at real-time pace with a short lead, so a barge-in stops it at once
 (nothing long is buffered on the client) and the echo guard sees, as its
 reference, what is really playing.
@@ -21,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from engine.events import AudioChunk, CancelToken, Done, Error, Event, VoiceState
+from engine.session import Gate
 from engine.speech.audio import WHISPER_RATE, StreamResampler, resample, to_mono_float32, write_wav
 
 LEAD_S = 0.25  # audio sent ahead of the playback clock: the most a barge-in can leave playing
@@ -83,20 +86,22 @@ class Pacer:
 class VoiceSession:
     def __init__(self, engine, send: Callable[[Event], None], conversation_id: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        from engine.speech.duplex import BargeIn, Duplex, OnsetRejected, SpeechOnset, SpeechStarted, UtteranceEnded
+        from engine.speech import duplex
 
-        self._actions = (SpeechStarted, UtteranceEnded, BargeIn, SpeechOnset, OnsetRejected)
+        self._d = duplex
         self.engine, self.send, self.clock = engine, send, clock
         self.session = engine.session(conversation_id)
         for role in ("vad", "asr", "tts", "llm"):
             engine.roles[role].get()  # raises Unavailable, with what to set, before the mic opens
-        self.duplex = Duplex(engine.roles["vad"].get(), engine.config.vad)
+        self.duplex = duplex.Duplex(engine.roles["vad"].get(), engine.config.vad)
         self.duplex.start_listening()
         self.pacer = Pacer(clock)
         self._resamplers: dict[int, StreamResampler] = {}
         self._lock = threading.RLock()
         self._turns: queue.Queue = queue.Queue()
         self._cancel: CancelToken | None = None
+        self._draft: tuple[Gate, CancelToken] | None = None  # the answer being prepared speculatively
+        self._held: list[Event] = []  # its events, until the utterance really ends
         self._open_turns = 0  # utterances queued or being answered
         self._last_state = ""
         self._last_answer = 0  # turn id of the latest stored answer
@@ -114,32 +119,72 @@ class VoiceSession:
         if sample_rate not in self._resamplers:
             self._resamplers[sample_rate] = StreamResampler(sample_rate, WHISPER_RATE)
         x = self._resamplers[sample_rate](to_mono_float32(pcm, channels))
-        SpeechStarted, UtteranceEnded, BargeIn, SpeechOnset, OnsetRejected = self._actions
+        d = self._d
         with self._lock:
             actions = self.duplex.feed(x)
         for action in actions:
-            if isinstance(action, SpeechOnset):
+            if isinstance(action, d.EndLikely):
+                self.marks["speculated"] = self.clock()
+                with self._lock:
+                    self._draft = (Gate(), CancelToken())
+                    self._turns.put((action.audio, *self._draft))
+            elif isinstance(action, d.SpeechResumed):
+                self._drop_draft("you went on speaking")
+            elif isinstance(action, d.SpeechOnset):
                 with self._lock:
                     self.pacer.hold()
                 self.marks["audio_stopped"] = self.clock()
                 self._state("paused", "you may be speaking")
-            elif isinstance(action, OnsetRejected):
+            elif isinstance(action, d.OnsetRejected):
                 with self._lock:
                     self.pacer.resume()
                 self._state("speaking", "resuming")
-            elif isinstance(action, BargeIn):
+            elif isinstance(action, d.BargeIn):
                 self.marks["barge_in"] = self.clock()
                 self.interrupt("you started speaking")
-            elif isinstance(action, SpeechStarted):
+            elif isinstance(action, d.SpeechStarted):
                 self._state("hearing", "speech started")
-            elif isinstance(action, UtteranceEnded):
+            elif isinstance(action, d.UtteranceEnded):
                 self.marks["utterance_end"] = self.clock()
                 with self._lock:
                     self.duplex.thinking()
                     self._open_turns += 1
-                self._state("thinking", "utterance ended")
-                self._turns.put(action.audio)
+                    self._state("thinking", "utterance ended")
+                    if self._draft is not None:  # (only silence came after the pause: the draft stands)
+                        self._draft[0].decide(True)
+                        self._draft = None
+                        held, self._held = self._held, []
+                        for event in held:
+                            self._deliver(event)
+                    else:
+                        self._turns.put((action.audio, None, CancelToken()))
         self.pump()
+
+    def _drop_draft(self, reason: str) -> None:
+        with self._lock:
+            if self._draft is not None:
+                gate, cancel = self._draft
+                gate.decide(False)
+                cancel.cancel(reason)
+                self._draft, self._held = None, []
+
+    def _route(self, event: Event, gate: Gate | None) -> None:
+        """A turn's event: delivered, or held while its utterance may go on."""
+        with self._lock:
+            decided = True if gate is None else gate.poll()
+            if decided:
+                self._deliver(event)
+            elif decided is None:
+                self._held.append(event)
+
+    def _deliver(self, event: Event) -> None:
+        if isinstance(event, AudioChunk):
+            if self._cancel is None or not self._cancel.cancelled:
+                self.pacer.add(event)
+        else:
+            self.send(event)
+        if isinstance(event, Done):
+            self._last_answer = event.turn_id
 
     def pump(self) -> None:
         """Release due audio to the client and tell the duplex what is playing."""
@@ -171,6 +216,7 @@ class VoiceSession:
         self._state("interrupted", reason)
 
     def close(self) -> None:
+        self._drop_draft("voice mode closed")
         self.interrupt("voice mode closed")
         self._turns.put(None)
         self._worker.join(timeout=10)
@@ -182,26 +228,23 @@ class VoiceSession:
     def _run_turns(self) -> None:
         from engine.session import Turn
 
-        while (audio := self._turns.get()) is not None:
-            cancel = CancelToken()
+        while (item := self._turns.get()) is not None:
+            audio, gate, cancel = item
             with self._lock:
+                if gate is not None and gate.poll() is False:
+                    continue  # a draft dropped before it started
                 self._cancel = cancel
             try:
                 with tempfile.TemporaryDirectory() as tmp:
                     wav = write_wav(Path(tmp) / "voice.wav", audio, WHISPER_RATE)
                     turn = Turn(attachments=(str(wav),), names=("voice message.wav",), spoken=True, speak=True)
-                    for event in self.session.submit(turn, cancel):
-                        if isinstance(event, AudioChunk):
-                            if not cancel.cancelled:
-                                with self._lock:
-                                    self.pacer.add(event)
-                        else:
-                            self.send(event)
-                        if isinstance(event, Done):
-                            self._last_answer = event.turn_id
+                    for event in self.session.submit(turn, cancel, gate):
+                        self._route(event, gate)
             except Exception as exc:  # a failed turn is reported; voice mode keeps listening
-                self.send(Error(f"The voice turn failed: {exc}", recoverable=True))
+                self._route(Error(f"The voice turn failed: {exc}", recoverable=True), gate)
             finally:
                 with self._lock:
-                    self._open_turns, self._cancel = self._open_turns - 1, None
+                    if gate is None or gate.ok:
+                        self._open_turns -= 1
+                    self._cancel = None
             self.pump()
