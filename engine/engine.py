@@ -25,6 +25,9 @@ class Engine:
         self.store = Store(config.data_path)
         self.roles: dict[str, Role] = build_roles(config)
         self.model_lock = threading.Lock()  # one model, one turn at a time
+        from engine.toolrun import Generators
+
+        self.generators = Generators(config)  # media tools: generators/ backends, loaded on first use
         self.last_usage: dict = {}
 
     @property
@@ -137,6 +140,7 @@ class Engine:
         return "".join(parts), usage, timings
 
     def close(self) -> None:
+        self.generators.close()
         for role in self.roles.values():
             role.close()
         self.store.close()

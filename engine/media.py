@@ -13,7 +13,7 @@ from pathlib import Path
 
 from engine.errors import InputError
 
-ACCEPTED = "images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3) or video (MP4, MOV, WebM, MKV, AVI)"
+ACCEPTED = "images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3) or video (MP4, MOV, WebM, MKV, AVI) or 3D models (GLB)"
 MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs
 MAX_VIDEO_SECONDS = 3 * 60 * 60
 
@@ -58,6 +58,8 @@ def sniff(head: bytes) -> tuple[str, str, str] | None:
         if brand == b"qt  ":
             return "video", "video/quicktime", ".mov"
         return "video", "video/mp4", ".mp4"
+    if head[:4] == b"glTF":
+        return "model3d", "model/gltf-binary", ".glb"
     if head.startswith(b"\x1aE\xdf\xa3"):
         return ("video", "video/webm", ".webm") if b"webm" in head[:64] else ("video", "video/x-matroska", ".mkv")
     return None
@@ -160,8 +162,28 @@ def _video(path: Path, name: str, mime: str) -> dict:
             "duration_s": round(duration, 3)}
 
 
+def _model3d(path: Path, name: str, mime: str) -> dict:
+    """A binary glTF 2.0 (.glb): header, declared length, and a JSON chunk that parses."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(20)
+        if len(head) < 20:
+            raise InputError(f"{name}: not a valid .glb model (truncated header)")
+        _, version, length = struct.unpack("<4sII", head[:12])
+        chunk_len, chunk_type = struct.unpack("<II", head[12:20])
+        if version != 2 or length != path.stat().st_size or chunk_type != 0x4E4F534A:
+            raise InputError(f"{name}: not a valid glTF 2.0 binary (.glb)")
+        try:
+            doc = json.loads(f.read(chunk_len))
+        except ValueError:
+            raise InputError(f"{name}: the .glb's JSON chunk is corrupt") from None
+    return {"meshes": len(doc.get("meshes", [])), "nodes": len(doc.get("nodes", []))}
+
+
 def _short(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
 
 
-_VALIDATORS = {"image": _image, "audio": _audio, "video": _video}
+_VALIDATORS = {"image": _image, "audio": _audio, "video": _video, "model3d": _model3d}

@@ -17,13 +17,15 @@ from typing import Generator, Iterator
 import numpy as np
 
 from engine import media as media_mod
+from engine import router
 from engine.engine import Engine
 from engine.errors import InputError, Unavailable
 from engine.events import AudioChunk, CancelToken, Done, Error, Event, Notice, TextDelta, Transcript
 from engine.llm.base import Message
+from generators.base import RequestError
 
 # What the assistant cannot read yet says so in its answer (images, video: later adapters).
-KIND_WORDS = {"image": "images", "audio": "audio", "video": "video"}
+KIND_WORDS = {"image": "images", "audio": "audio", "video": "video", "model3d": "3D models"}
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,23 @@ class Session:
                 stored = True
             return stored
 
+        earlier = router.conversation_media(store, self.id)
         store_user()
 
         speech = self._speech(turn, cancel)
+        plan = None
+        if text:
+            try:
+                plan = router.plan(engine, text, earlier, records, cancel)
+            except RequestError as exc:
+                plan = str(exc)
+            if plan is not None and gate is not None and not gate.wait():
+                yield Done(conversation_id=self.id or "", interrupted=True)  # the user went on speaking
+                return
+            store_user()
+        if plan is not None:
+            yield from self._tool_turn(plan, speech, cancel)
+            return
         if speech is not None and not isinstance(speech, _Speaker):
             yield speech  # a Notice: not speaking, and why
             speech = None
@@ -157,6 +173,27 @@ class Session:
         turn_id = store.add_turn(self.id, "assistant", prefix + answer, status=status,
                                  media=(audio_rec,) if audio_rec else (), meta=meta)
         yield Done(usage, timings, interrupted, self.id, turn_id)
+
+    def _tool_turn(self, plan, speech, cancel: CancelToken) -> Iterator[Event]:
+        """A turn that makes media: run the tool, say what was made, store it all."""
+        from engine import toolrun
+
+        if isinstance(plan, str):  # the request could not be planned (e.g. nothing to edit)
+            answer, records, status = plan, [], "error"
+        else:
+            answer, records, status = yield from toolrun.run(self.engine, plan, cancel)
+        yield TextDelta(answer)
+        audio = ()
+        if isinstance(speech, _Speaker) and not cancel.cancelled:
+            speech.push(answer)
+            yield from speech.finish()
+            rec = speech.store(self.engine)
+            audio = (rec,) if rec else ()
+        meta = {"tool": {"name": plan.name, "arguments": plan.arguments, "chosen_by": plan.chosen_by}}\
+            if not isinstance(plan, str) else {"error": plan}
+        turn_id = self.engine.store.add_turn(self.id, "assistant", answer, status=status,
+                                             media=(*records, *audio), meta=meta)
+        yield Done({}, {}, cancel.cancelled, self.id, turn_id)
 
     def _validate(self, turn: Turn, text: str) -> tuple[media_mod.MediaRecord, ...]:
         cfg = self.engine.config

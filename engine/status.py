@@ -33,7 +33,8 @@ def status(engine) -> dict:
                        "detail": detail or getattr(section, "model", "") or getattr(section, "voice", "")}
     for role, why in PLANNED.items():
         roles[role] = {"state": "unavailable", "detail": why, "backend": getattr(config, role).backend}
-    for task in config.generators:
+    registry.load_backends()
+    for task in registry.TASKS:
         ok, detail = registry.task_status(task)
         roles[f"generator:{task}"] = {"state": "ready" if ok else "unavailable", "detail": detail}
     return {"profile": config.profile, "roles": roles, "memory": memory_mb(),

@@ -13,6 +13,7 @@ TASKS = {
     "image": "text-to-image",
     "edit_image": "image editing",
     "video": "text/image-to-video",
+    "edit_video": "video editing",
     "3d": "text/image-to-3D",
     "audio": "text/video-to-audio",
 }
@@ -27,6 +28,13 @@ class Entry:
 
 
 _REGISTRY: dict[tuple[str, str], Entry] = {}
+_FAILED: dict[str, str] = {}  # backend module -> why it could not be imported
+
+# Every backend module, in order of preference within a task: the classical
+# backends first where they do the request exactly (a crop is a crop), the
+# diffusion ones for what only they can do.
+BACKENDS = ("image_opencv", "video_ffmpeg", "scene_trimesh", "audio_synth", "image_diffusion", "edit_diffusion",
+            "video_diffusion", "shape_diffusion", "audio_diffusion")
 
 
 def register(task: str, name: str, available: Callable[[], tuple[bool, str]] = lambda: (True, "")):
@@ -45,7 +53,7 @@ def register(task: str, name: str, available: Callable[[], tuple[bool, str]] = l
 
 
 def entries(task: str | None = None) -> list[Entry]:
-    return [e for (t, _), e in sorted(_REGISTRY.items()) if task in (None, t)]
+    return [e for (t, _), e in _REGISTRY.items() if task in (None, t)]  # in order of preference
 
 
 def task_status(task: str) -> tuple[bool, str]:
@@ -59,3 +67,20 @@ def task_status(task: str) -> tuple[bool, str]:
     if reasons:
         return False, "; ".join(reasons)
     return False, f"no {TASKS.get(task, task)} backend is built into this version yet; nothing to set"
+
+
+def load_backends() -> None:
+    """Import every backend module so it registers (cheap: heavy imports are lazy)."""
+    import importlib
+
+    for mod in BACKENDS:
+        if f"generators.{mod}" in _FAILED:
+            continue
+        try:
+            importlib.import_module(f"generators.{mod}")
+        except Exception as exc:  # a broken or missing optional backend must not take the others down
+            _FAILED[f"generators.{mod}"] = f"{type(exc).__name__}: {exc}"
+
+
+def failed_imports() -> dict[str, str]:
+    return dict(_FAILED)

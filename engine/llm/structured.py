@@ -1,0 +1,107 @@
+"""Structured output from the transformers backend: choices and JSON tool calls.
+
+- `choose`: pick one of a few answers by the model's likelihood of each (the
+  prompt runs once; each option is scored on the KV cache, then cropped off),
+  so even a 135M model always gives one of the allowed answers.
+- `json_call`: grammar-constrained decoding of a JSON object that satisfies
+  a JSON schema (xgrammar compiles the schema into a token mask applied to
+  the logits at every step), so the call always parses and validates.
+"""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from engine.errors import Unavailable
+from engine.events import CancelToken
+
+
+FINISH_MARGIN = 48  # tokens before the budget ends from which the call is steered to close
+
+
+def choose(backend, messages: Sequence[dict], options: Sequence[str]) -> tuple[str, list[float]]:
+    """(best option, log-probability of each option as the whole answer)."""
+    import torch
+
+    tok = backend.tokenizer
+    prompt = backend._encode(messages)
+    end = sorted(backend.stop_ids)[:1]  # the answer ends after the option
+    scores = []
+    with torch.inference_mode():
+        out = backend.model(input_ids=torch.tensor([prompt], device=backend.device), use_cache=True,
+                            logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)
+        cache = out.cache
+        for option in options:
+            ids = tok(option, add_special_tokens=False).input_ids + end
+            score = float(first[ids[0]])
+            if len(ids) > 1:
+                step = backend.model(input_ids=torch.tensor([ids[:-1]], device=backend.device), cache=cache,
+                                     use_cache=True)
+                logp = torch.log_softmax(step.logits[0].float(), -1)
+                score += float(sum(logp[i, t] for i, t in enumerate(ids[1:])))
+                cache.crop(-(len(ids) - 1))  # (this API takes how many to drop)
+            scores.append(score)
+    backend.forget()  # the chat's kept KV cache no longer matches what the model saw
+    best = max(range(len(options)), key=scores.__getitem__)
+    return options[best], scores
+
+
+def _compiler(backend):
+    try:
+        import xgrammar as xgr
+    except ImportError as exc:
+        raise Unavailable("constrained decoding needs xgrammar (make install adds it)") from exc
+    if getattr(backend, "_xgr_compiler", None) is None:
+        import torch
+
+        info = xgr.TokenizerInfo.from_huggingface(backend.tokenizer, vocab_size=backend.model.config.vocab_size)
+        closing = torch.zeros(info.vocab_size)
+        for i, piece in enumerate(info.decoded_vocab):
+            if any(c in piece for c in (b'"', b"}", b"]")):
+                closing[i] = 1e4
+        backend._xgr_compiler = (xgr.GrammarCompiler(info, cache_enabled=True), info, closing)
+    return backend._xgr_compiler
+
+
+def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelToken | None = None,
+              max_new_tokens: int = 256) -> tuple[dict, int]:
+    """A JSON object satisfying `schema`, decoded greedily under the schema's grammar.
+    Returns (object, tokens generated). Raises ValueError if the budget ends first."""
+    import torch
+    import xgrammar as xgr
+
+    compiler, info, closing = _compiler(backend)
+    grammar = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+    matcher = xgr.GrammarMatcher(grammar)
+    mask = xgr.allocate_token_bitmask(1, info.vocab_size)
+    prompt = backend._encode(messages)
+    out_ids: list[int] = []
+    with torch.inference_mode():
+        out = backend.model(input_ids=torch.tensor([prompt], device=backend.device), use_cache=True,
+                            logits_to_keep=1)
+        for step in range(max_new_tokens):
+            if cancel is not None and cancel.cancelled:
+                break
+            logits = out.logits[:, -1, :].float().cpu()
+            if logits.shape[-1] < info.vocab_size:  # the grammar's vocabulary may be padded
+                logits = torch.nn.functional.pad(logits, (0, info.vocab_size - logits.shape[-1]), value=-1e9)
+            if max_new_tokens - step < FINISH_MARGIN:  # running out: close strings and objects where allowed
+                logits = logits + closing
+            matcher.fill_next_token_bitmask(mask)
+            xgr.apply_token_bitmask_inplace(logits, mask)
+            token = int(logits.argmax(-1))
+            if not matcher.accept_token(token):
+                raise ValueError("the grammar refused its own token")
+            if matcher.is_terminated():
+                break
+            out_ids.append(token)
+            out = backend.model(input_ids=torch.tensor([[token]], device=backend.device), cache=out.cache,
+                                use_cache=True)
+    backend.forget()
+    text = backend.tokenizer.decode(out_ids, skip_special_tokens=True)
+    if cancel is not None and cancel.cancelled:
+        raise InterruptedError("cancelled")
+    if not matcher.is_terminated():
+        raise ValueError(f"the tool call did not finish within {max_new_tokens} tokens")
+    return json.loads(text), len(out_ids)

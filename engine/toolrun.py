@@ -1,0 +1,155 @@
+"""Running a tool call: pick the backend, run it with progress and cancel, store the result.
+
+The generator runs on a worker thread; its progress comes back as Progress
+events and Stop reaches it through the CancelToken (diffusion checks it every
+step). Whatever happens (bad arguments, a crash, out of memory, a cancel), the
+turn ends with a clear message and the conversation and its media are intact.
+"""
+from __future__ import annotations
+
+import queue
+import tempfile
+import threading
+from pathlib import Path
+from typing import Generator
+
+from engine import media as media_mod
+from engine.events import CancelToken, Event, MediaResult, Progress, ToolCall
+from generators import registry
+from generators.base import Cancelled, GenerationError, RequestError
+from generators.tools import TOOLS
+
+# config field (GeneratorsConfig) with the model of each diffusion backend
+MODEL_FIELDS = {"image": "image_model", "edit_image": "edit_model", "video": "video_model", "3d": "model3d_model",
+                "audio": "audio_model"}
+KIND_NAMES = {"image": "image", "video": "video", "model3d": "3D model", "audio": "sound"}
+
+
+class Generators:
+    """The engine's generator instances (one per backend, loaded on first use)."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self._made: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
+
+    def _options(self, entry) -> dict:
+        fld = MODEL_FIELDS.get(entry.task)
+        model = getattr(self.config.generators, fld, "") if fld else ""
+        return {"model": model} if model else {}
+
+    def available(self, entry) -> tuple[bool, str]:
+        try:
+            return entry.available(**self._options(entry)) if self._options(entry) else entry.available()
+        except TypeError:
+            return entry.available()
+
+    def pick(self, task: str, request: dict, inputs: list):
+        """The backend for this request: the first available one that says it can do it,
+        else the first available one (its error then says what it can do)."""
+        registry.load_backends()
+        ready, reasons = [], []
+        for entry in registry.entries(task):
+            ok, why = self.available(entry)
+            if ok:
+                ready.append(entry)
+            else:
+                reasons.append(f"{entry.name}: {why}")
+        if not ready:
+            raise RequestError(f"No backend can do {registry.TASKS[task]} here: " + ("; ".join(reasons) or
+                               "none is built in") + ".")
+        for entry in ready:
+            backend = self.get(entry)
+            can_do = getattr(backend, "can_do", None)
+            if can_do is None or can_do(request, [Path(r.path) for r in inputs]):
+                return backend
+        return self.get(ready[0])
+
+    def get(self, entry):
+        with self._lock:
+            key = (entry.task, entry.name)
+            if key not in self._made:
+                self._made[key] = entry.factory(**self._options(entry))
+            return self._made[key]
+
+    def close(self) -> None:
+        for backend in self._made.values():
+            if hasattr(backend, "unload"):
+                backend.unload()
+        self._made.clear()
+
+
+def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, list, str]]:
+    """Run `plan` (router.ToolPlan). Yields ToolCall, Progress and MediaResult events;
+    returns (answer text, stored MediaRecords, status)."""
+    yield ToolCall(plan.name, plan.arguments)
+    task = TOOLS[plan.name]["task"]
+    try:
+        backend = engine.generators.pick(task, plan.arguments, plan.inputs)
+    except GenerationError as exc:
+        return str(exc), [], "error"
+    events: queue.Queue = queue.Queue()
+    outcome: dict = {}
+    with tempfile.TemporaryDirectory(prefix="omni-gen-") as tmp:
+        def work() -> None:
+            try:
+                outcome["result"] = backend.run(dict(plan.arguments), [Path(r.path) for r in plan.inputs],
+                                                Path(tmp), lambda stage, f: events.put(Progress(stage, float(f))),
+                                                cancel)
+            except BaseException as exc:  # reported below, whatever it is
+                outcome["error"] = exc
+            finally:
+                events.put(None)
+
+        thread = threading.Thread(target=work, name=f"gen-{backend.name}", daemon=True)
+        thread.start()
+        while (event := events.get()) is not None:
+            yield event
+        thread.join()
+        if "error" in outcome:
+            return _failure(outcome["error"], backend.name), [], "interrupted" if cancel.cancelled else "error"
+        result = outcome["result"]
+        paths = [result.path, *[p for p in result.meta.get("frames", []) if p != result.path]]
+        records = []
+        for i, path in enumerate(paths):
+            number = f"-{i + 1}" if len(paths) > 1 else ""
+            name = f"{plan.name.replace('_', '-')}-{backend.name}{number}{Path(path).suffix}"
+            records.append(media_mod.ingest(path, engine.media_dir, 1 << 34, name))
+    meta = {k: v for k, v in result.meta.items() if k != "frames"}
+    for rec in records:
+        yield MediaResult(rec.kind, rec.path, {**meta, "backend": backend.name, "name": rec.name,
+                                               "tool": plan.name})
+    what = KIND_NAMES.get(records[0].kind, records[0].kind) if records else "result"
+    detail = _describe(meta)
+    count = f"{len(records)} {what}s" if len(records) > 1 else f"the {what}"
+    return f"Here is {count}, made with {backend.name}{f' ({detail})' if detail else ''}.", records, "complete"
+
+
+def _describe(meta: dict) -> str:
+    ops = meta.get("operations")
+    if ops:
+        def one(op: dict) -> str:
+            detail = op.get("aspect") or (f"'{op['text']}'" if op.get("text") else "") or op.get("color") \
+                or op.get("direction") or op.get("amount") or ""
+            return f"{op.get('op', '')} {detail}".strip()
+        return ", ".join(one(op) for op in ops)[:200]
+    bits = []
+    if "width" in meta and "height" in meta:
+        bits.append(f"{meta['width']}x{meta['height']}")
+    if meta.get("duration_s"):
+        bits.append(f"{float(meta['duration_s']):.1f} s")
+    if meta.get("operation"):
+        bits.insert(0, str(meta["operation"]).replace("_", " "))
+    return ", ".join(bits)
+
+
+def _failure(exc: BaseException, backend: str) -> str:
+    if isinstance(exc, Cancelled):
+        return "Stopped: the generation was cancelled; nothing was made."
+    if isinstance(exc, RequestError):
+        return f"I can't do that as asked: {exc}"
+    if isinstance(exc, GenerationError):
+        return f"The {backend} generator failed: {exc}"
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return f"The {backend} generator ran out of memory; try a smaller size or a shorter clip."
+    return f"The {backend} generator crashed ({type(exc).__name__}: {str(exc)[:200]}); nothing was changed."
