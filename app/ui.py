@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine.events import CancelToken, Done, Error, Notice, TextDelta
+from engine.events import CancelToken, Done, Error, MediaResult, Notice, Progress, TextDelta, ToolCall
 from engine.engine import Engine
 from engine.session import Turn
 from engine.status import status, status_markdown
@@ -55,8 +55,7 @@ def render(engine: Engine, cid: str | None) -> list[dict]:
     out: list[dict] = []
     for turn in engine.store.turns(cid):
         for rec in turn.media:
-            out.append({"role": turn.role, "content": {"path": rec.path, "mime_type": rec.mime,
-                                                       "orig_name": rec.name}})
+            out.append({"role": turn.role, "content": _media_content(rec.path, rec.kind, rec.mime, rec.name)})
         text = turn.content
         if turn.status == "interrupted":
             text += INTERRUPTED
@@ -65,6 +64,21 @@ def render(engine: Engine, cid: str | None) -> list[dict]:
         if text or not turn.media:
             out.append({"role": turn.role, "content": text})
     return out
+
+
+def _media_content(path: str, kind: str, mime: str = "", name: str = ""):
+    if kind == "model3d":  # a 3D viewer inside the chat
+        return gr.Model3D(value=path, label=name or "3D model", height=320)
+    return {"path": path, "mime_type": mime or None, "orig_name": name or Path(path).name}
+
+
+def media_panel(engine: Engine, cid: str | None):
+    """The conversation's media for the side panel: images, the latest 3D model, every file."""
+    records = [m for t in engine.store.turns(cid) for m in t.media if m.name != "answer.wav"] if cid else []
+    images = [(m.path, m.name) for m in records if m.kind == "image"]
+    models = [m.path for m in records if m.kind == "model3d"]
+    return (gr.Gallery(value=images or None), gr.Model3D(value=models[-1] if models else None),
+            gr.File(value=[m.path for m in records] or None))
 
 
 def voice_names() -> list[str]:
@@ -107,10 +121,20 @@ def build_ui(engine: Engine) -> gr.Blocks:
         key = request.session_hash or "cli"
         cancel = active.start(key)
         session = engine.session(cid)
-        notices, errors, done = [], [], None
+        notices, errors, done, working = [], [], None, None
         try:
             for ev in session.submit(Turn(text, tuple(paths)), cancel):
-                if isinstance(ev, TextDelta):
+                if isinstance(ev, ToolCall):
+                    working = ev.name.replace("_", " ")
+                    answer["content"] = f"🛠️ {working}…"
+                elif isinstance(ev, Progress):
+                    answer["content"] = f"🛠️ {working} · {ev.stage} {ev.fraction:.0%}"
+                elif isinstance(ev, MediaResult):
+                    shown.insert(len(shown) - 1, {"role": "assistant",
+                                                  "content": _media_content(ev.path, ev.kind, name=ev.meta.get("name", ""))})
+                elif isinstance(ev, TextDelta):
+                    if working:
+                        answer["content"], working = "", None
                     answer["content"] += ev.text
                 elif isinstance(ev, Notice):
                     notices.append(ev.message)
@@ -184,13 +208,14 @@ def build_ui(engine: Engine) -> gr.Blocks:
             with gr.Row():
                 rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
                 delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
-        gr.Markdown("## Omni assistant\nRuns on this machine. Type a message, or attach an image, audio or video file.")
+        gr.Markdown("## Omni assistant\nRuns on this machine. Type or talk; attach images, audio or video; "
+                    "ask it to draw, edit, animate or model something (\"crop it to a square\", \"a 3D snowman\").")
         chatbot = gr.Chatbot(elem_id="chat", height=520, buttons=["copy"], feedback_options=None,
                              placeholder="Ask me anything.")
         footer = gr.Markdown(elem_id="turn-info")
         with gr.Row(equal_height=True):
             box = gr.MultimodalTextbox(placeholder="Message the assistant...", file_count="multiple",
-                                       file_types=["image", "audio", "video"], show_label=False,
+                                       file_types=["image", "audio", "video", ".glb"], show_label=False,
                                        elem_id="input", scale=8, autofocus=True)
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, min_width=80)
         with gr.Row(equal_height=True, elem_id="voice-row"):
@@ -206,12 +231,20 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 rate = gr.Slider(0.5, 2.0, value=engine.config.tts.rate, step=0.05, label="Speaking rate",
                                  elem_id="voice-rate")
             apply_voice = gr.Button("Apply", size="sm", elem_id="voice-apply")
+        with gr.Accordion("Media in this conversation", open=False, elem_id="media-panel"):
+            with gr.Row():
+                gallery = gr.Gallery(label="Images", columns=4, height=240, elem_id="gallery")
+                model3d = gr.Model3D(label="Latest 3D model", height=240, elem_id="model3d")
+            files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files")
         with gr.Accordion("Status", open=False, elem_id="status-panel"):
             status_md = gr.Markdown(refresh_status(), elem_id="status")
             gr.Timer(5.0).tick(refresh_status, None, status_md, show_progress="hidden", queue=False)
 
+        panel = [gallery, model3d, files]
         box.submit(respond, [box, cid], [chatbot, box, cid, conversations, footer, title_box],
-                   concurrency_id="model", concurrency_limit=1, show_progress="hidden")
+                   concurrency_id="model", concurrency_limit=1, show_progress="hidden").then(
+            lambda c: media_panel(engine, c), cid, panel, queue=False)
+        cid.change(lambda c: media_panel(engine, c), cid, panel, queue=False)
         stop_btn.click(stop, None, None, concurrency_limit=None, show_progress="hidden", queue=False,
                        js="() => { window.omniVoice && window.omniVoice.interrupt(); }")
         voice_btn.click(None, None, None, js="() => { window.omniVoice.toggle(); }")

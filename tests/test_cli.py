@@ -48,3 +48,16 @@ def test_unknown_conversation_and_bad_flag(tmp_path):
     assert out.returncode == 1 and "no conversation" in out.stdout
     out = chat("--port", "abc", "hi", data=tmp_path)
     assert out.returncode == 2 and "expected int" in out.stderr
+
+
+def test_attach_and_edit_prints_a_media_result(tmp_path, png):
+    from PIL import Image
+
+    out = subprocess.run([sys.executable, str(ROOT / "run_app.py"), "chat", "--profile", "tiny", "--data-dir",
+                          str(tmp_path), "--json", "--attach", str(png), "crop it to a square"],
+                         capture_output=True, text=True, timeout=120)
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    result = next(e for e in events if e["type"] == "media_result")
+    w, h = Image.open(result["path"]).size
+    assert w == h and result["kind"] == "image" and result["meta"]["backend"] == "opencv"
+    assert events[-1]["type"] == "done" and out.returncode == 0

@@ -80,3 +80,23 @@ def test_conversations_new_reopen_rename_delete(server):
     assert chat == [] and store.get_conversation(first) is None
     assert store.get_conversation(created[0]["id"]) is not None
     client.close()
+
+
+def test_media_tools_show_results_inline(server, png):
+    from app.ui import media_panel
+
+    client = Client(server.url + "/", verbose=False)
+    outputs = list(client.submit({"text": "crop it to a square", "files": [handle_file(str(png))]},
+                                 api_name="/respond"))
+    chat = outputs[-1][0]
+    results = [p for m in chat if m["role"] == "assistant" for p in m["content"] if p.get("type") == "file"]
+    assert results and str(results[0]["file"]).endswith(".png"), results
+    assert "Here is the image" in _assistant_text(chat)
+    assert any("🛠️ edit image" in _assistant_text(o[0]) for o in outputs if o[0])  # progress was shown
+    chat = client.predict({"text": "make a 3D model of a snowman", "files": []}, api_name="/respond")[0]
+    kinds = [p.get("component") or p.get("type") for m in chat if m["role"] == "assistant" for p in m["content"]]
+    assert "model3d" in [str(k).lower() for k in kinds], kinds
+    cid = server.engine.store.list_conversations()[0]["id"]
+    gallery, model, files = media_panel(server.engine, cid)
+    assert len(gallery.value) == 2 and ".glb" in str(model.value) and len(files.value) == 3
+    client.close()
