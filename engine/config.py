@@ -131,7 +131,9 @@ def _profile(name: str) -> Config:
             # speech roles load real packaged models; tests that need them turn them on
             asr=ASRConfig(backend="none"), tts=TTSConfig(backend="none"), vad=VADConfig(backend="none"),
             # a random LLM chooses at random: tools are chosen by wording here (tests set router=llm)
-            generators=GeneratorsConfig(router="rules"),
+            # diffusion generators on tiny random pipelines built in code (noise, but the real path)
+            generators=GeneratorsConfig(router="rules", image_model="tiny", edit_model="tiny", video_model="tiny",
+                                        model3d_model="tiny", audio_model="tiny"),
         )
     if name == "cpu":
         return Config(profile="cpu")

@@ -335,6 +335,15 @@ class SynthAudio:
     def __init__(self, **config) -> None:
         self.config = config
 
+    def can_do(self, request: dict, inputs) -> bool:
+        """Sounds it knows by name (rain, a melody, a tone...), or any sound onto a video."""
+        if request.get("sound", "auto") != "auto" or request.get("video"):
+            return True
+        try:
+            return bool(pick_sound(request.get("prompt", ""), request.get("notes", "")))
+        except RequestError:
+            return False
+
     def run(self, request: dict, inputs: Sequence[Path], out_dir: Path, progress, cancel) -> Result:
         import soundfile as sf
 

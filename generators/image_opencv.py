@@ -358,6 +358,10 @@ class OpenCVImageEditor:
     def __init__(self, **config) -> None:
         self.config = config
 
+    def can_do(self, request: dict, inputs) -> bool:
+        """Exact edits it understands (operations given, or read from the words)."""
+        return bool(request.get("operations") or parse_instruction(request.get("instruction", "")))
+
     def run(self, request: dict, inputs: Sequence[Path], out_dir: Path, progress, cancel) -> Result:
         inputs = list(inputs or [])
         if len(inputs) != 1:

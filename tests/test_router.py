@@ -205,3 +205,23 @@ def test_stop_cancels_a_running_generator(tmp_path, monkeypatch):
         assert eng.store.turns(s.id)[-1].status == "interrupted"
     finally:
         eng.close()
+
+
+def test_diffusion_backends_run_through_the_engine(tmp_path):
+    """The tiny profile's diffusion generators (tiny random pipelines) behind the same routing."""
+    eng = _engine(tmp_path, **{"generators.router": "rules"})
+    try:
+        s = eng.session()
+        ev = _events(s, Turn("draw a lighthouse at dusk, 64x64"))
+        result = next(e for e in ev if e["type"] == "media_result")
+        assert result["meta"]["backend"] == "diffusion" and Image.open(result["path"]).size == (64, 64)
+        fractions = [e["fraction"] for e in ev if e["type"] == "progress"]
+        assert fractions and fractions[-1] == pytest.approx(1.0)
+        # words the exact editor cannot read go to the instruction-edit model
+        ev = _events(s, Turn("make it look like an oil painting"))
+        assert next(e for e in ev if e["type"] == "media_result")["meta"]["backend"] == "instruct-pix2pix"
+        # words it can read stay exact
+        ev = _events(s, Turn("flip it horizontally"))
+        assert next(e for e in ev if e["type"] == "media_result")["meta"]["backend"] == "opencv"
+    finally:
+        eng.close()
