@@ -72,7 +72,7 @@ def rule_choice(text: str, kinds: set[str]) -> str | None:
     if "image" in kinds and _has(r"\b(make|turn|change|add|remove|replace) (it|this|the|that)\b", t) and not question:
         return "edit_image"
     if question:
-        return CHAT if not _has(_DRAW, t) else None
+        return CHAT if not _has(_DRAW, t) else None  # "can you draw...?" is a request
     if _has(_CREATE, t) or _has(r"^\s*(a|an|some|the)\b", t):
         if _has(_VIDEO, t):
             return "generate_video"
@@ -84,6 +84,9 @@ def rule_choice(text: str, kinds: set[str]) -> str | None:
         return "generate_image"
     if _has(r"\banimate\b", t):
         return "generate_video"
+    media_words = (_IMAGE, _VIDEO, _AUDIO, _THREE_D, _DRAW, _IMAGE_EDIT, _VIDEO_EDIT)
+    if not any(_has(p, t) for p in media_words):
+        return CHAT  # nothing about media at all: a plain answer, without asking the LLM
     return None
 
 
