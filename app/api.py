@@ -86,12 +86,18 @@ def _messages(body: dict) -> tuple[list[dict], list[str]]:
     return out, sorted(set(notes))
 
 
-def make_router(engine: Engine) -> APIRouter:
+def bearer(engine: Engine) -> Callable[[Request], None]:
+    """The dependency every /v1 route has: the bearer token, when one is configured."""
     def check_token(request: Request) -> None:
         token = engine.config.auth_token
         if token and request.headers.get("authorization", "") != f"Bearer {token}":
             raise HTTPException(status_code=401, detail="missing or wrong bearer token")
 
+    return check_token
+
+
+def make_router(engine: Engine) -> APIRouter:
+    check_token = bearer(engine)
     router = APIRouter(prefix="/v1", dependencies=[Depends(check_token)])
 
     def model_id() -> str:

@@ -13,12 +13,14 @@ def build_app(engine: Engine):
     import gradio as gr
     from fastapi import FastAPI
 
-    from app.api import make_router
+    from app.api import bearer, make_router
+    from app.images_api import make_image_router
     from app.ui import ASSETS, build_ui
     from app.voice import make_voice_router
 
     api = FastAPI(title="Omni assistant", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     api.include_router(make_router(engine))
+    api.include_router(make_image_router(engine, bearer(engine)))
     api.include_router(make_voice_router(engine))
     demo = build_ui(engine)
     token = engine.config.auth_token

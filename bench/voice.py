@@ -10,6 +10,9 @@ so one run measures both:
  (b) user speech onset during an answer -> answer audio stopped, p50/p90;
  (c) ASR real-time factor and WER on those questions;
  (d) TTS real-time factor and first-chunk time.
+The utterance loop runs twice in one run: with the answer prepared speculatively
+at a 200 ms pause (ours) and without (the plain way: wait for the end of the
+utterance), reported side by side as a ratio.
 Prints one JSON object as its last line and writes bench/results/voice.json.
 
     python bench/voice.py [--utterances 21]
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +89,7 @@ def feed_realtime(session, audio: np.ndarray, clock_start: float, fed: list[floa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--utterances", type=int, default=21)
+    ap.add_argument("--speculate-ms", type=int, default=None, help="override vad.speculate_ms (0: off)")
     args = ap.parse_args()
 
     from engine.config import load_config
@@ -94,7 +99,9 @@ def main() -> None:
     from engine.speech.voice import VoiceSession
 
     cfg = load_config("cpu", overrides={"data_dir": tempfile.mkdtemp(prefix="omni-voice-"),
-                                        "max_new_tokens": "60", "temperature": "0"}, env={})
+                                        "max_new_tokens": "60", "temperature": "0",
+                                        **({"vad.speculate_ms": str(args.speculate_ms)}
+                                           if args.speculate_ms is not None else {})}, env={})
     engine = Engine(cfg)
     engine.start_loading().join()
     tts, asr = engine.roles["tts"].get(), engine.roles["asr"].get()
@@ -120,46 +127,58 @@ def main() -> None:
         asr_rtf.append((time.perf_counter() - start) / (len(audio) / RATE))
         wers.append(word_error_rate(q, text))
 
-    rec = Recorder()
-    session = VoiceSession(engine, rec)
-    silence = np.zeros(int(RATE * FRAME_S), np.float32)
-    t0, fed = time.monotonic(), [0.0]
-    eos_to_audio, bargein, cancels, breakdown = [], [], [], []
-    last_first_audio = 0.0
+    def run_pass() -> tuple:
+        """One conversation of all the questions, each barging in on the previous answer."""
+        rec = Recorder()
+        session = VoiceSession(engine, rec)
+        silence = np.zeros(int(RATE * FRAME_S), np.float32)
+        t0, fed = time.monotonic(), [0.0]
+        eos_to_audio, bargein, cancels, breakdown = [], [], [], []
+        last_first_audio = 0.0
 
-    def idle_until(pred, limit: float) -> None:
-        deadline = time.monotonic() + limit
-        while not pred() and time.monotonic() < deadline:
-            feed_realtime(session, silence, t0, fed)
+        def idle_until(pred, limit: float) -> None:
+            deadline = time.monotonic() + limit
+            while not pred() and time.monotonic() < deadline:
+                feed_realtime(session, silence, t0, fed)
 
-    for i, audio in enumerate(speech):
-        onset = time.monotonic()
-        speaking_before = i > 0 and last_first_audio > 0
-        eos = feed_realtime(session, audio, t0, fed)
-        if speaking_before:
-            hit = rec.first("voice_state", onset)
-            while hit and hit[1].state != "interrupted":
-                hit = rec.first("voice_state", hit[0] + 1e-6)
-            if hit and session.marks.get("audio_stopped", 0) >= onset:
-                bargein.append((session.marks["audio_stopped"] - onset) * 1000)
-                cancels.append((session.marks["cancelled"] - onset) * 1000)
-        idle_until(lambda: rec.first("audio_chunk", eos) is not None, 30)
-        got = rec.first("audio_chunk", eos)
-        if got is None:
-            continue
-        last_first_audio = got[0]
-        eos_to_audio.append((got[0] - eos) * 1000)
-        ended = session.marks.get("utterance_end", eos)
-        heard = rec.first("transcript", eos)
-        text = rec.first("text_delta", eos)
-        breakdown.append({
-            "vad_hangover_ms": (ended - eos) * 1000,
-            "asr_ms": (heard[0] - ended) * 1000 if heard else None,
-            "llm_first_text_ms": (text[0] - heard[0]) * 1000 if text and heard else None,
-            "text_to_audio_ms": (got[0] - text[0]) * 1000 if text else None,
-        })
-        idle_until(lambda: False, 0.6)  # let the answer play a little, then the next question barges in
-    session.close()
+        for i, audio in enumerate(speech):
+            onset = time.monotonic()
+            speaking_before = i > 0 and last_first_audio > 0
+            eos = feed_realtime(session, audio, t0, fed)
+            if speaking_before:
+                hit = rec.first("voice_state", onset)
+                while hit and hit[1].state != "interrupted":
+                    hit = rec.first("voice_state", hit[0] + 1e-6)
+                if hit and session.marks.get("audio_stopped", 0) >= onset:
+                    bargein.append((session.marks["audio_stopped"] - onset) * 1000)
+                    cancels.append((session.marks["cancelled"] - onset) * 1000)
+            idle_until(lambda: rec.first("audio_chunk", eos) is not None, 30)
+            got = rec.first("audio_chunk", eos)
+            if got is None:
+                continue
+            last_first_audio = got[0]
+            eos_to_audio.append((got[0] - eos) * 1000)
+            ended = session.marks.get("utterance_end", eos)
+            m = dict(session.turn_marks)  # when the (speculative) turn made each thing, before it was released
+            start, heard, text, audio_made = (m.get(k) for k in ("start", "transcript", "text_delta", "audio_chunk"))
+            breakdown.append({
+                "vad_hangover_ms": (ended - eos) * 1000,
+                "turn_start_ms": (start - eos) * 1000 if start else None,  # speculative: before the hangover ends
+                "asr_ms": (heard - start) * 1000 if heard and start else None,
+                "llm_first_text_ms": (text - heard) * 1000 if text and heard else None,
+                "text_to_audio_ms": (audio_made - text) * 1000 if audio_made and text else None,
+                "held_until_out_ms": (got[0] - audio_made) * 1000 if audio_made else None,
+            })
+            idle_until(lambda: False, 0.6)  # let the answer play a little, then the next question barges in
+        session.close()
+        return eos_to_audio, bargein, cancels, breakdown
+
+    # the plain alternative first: wait for the end of the utterance, then start the turn
+    base_cfg = engine.config
+    engine.config = replace(base_cfg, vad=replace(base_cfg.vad, speculate_ms=0))
+    plain_eos, *_ = run_pass()
+    engine.config = base_cfg
+    eos_to_audio, bargein, cancels, breakdown = run_pass()
     engine.close()
 
     def med(key):
@@ -169,13 +188,17 @@ def main() -> None:
     result = {
         "utterances": len(speech),
         "eos_to_first_audio_ms_p50": pct(eos_to_audio, 0.5), "eos_to_first_audio_ms_p90": pct(eos_to_audio, 0.9),
-        "breakdown_ms_p50": {k: med(k) for k in ("vad_hangover_ms", "asr_ms", "llm_first_text_ms", "text_to_audio_ms")},
+        "no_speculation_eos_to_first_audio_ms_p50": pct(plain_eos, 0.5),
+        "no_speculation_eos_to_first_audio_ms_p90": pct(plain_eos, 0.9),
+        "speedup_vs_no_speculation_p50": round(pct(plain_eos, 0.5) / pct(eos_to_audio, 0.5), 3),
+        "breakdown_ms_p50": {k: med(k) for k in ("vad_hangover_ms", "turn_start_ms", "asr_ms", "llm_first_text_ms",
+                                                  "text_to_audio_ms", "held_until_out_ms")},
         "bargein_stop_ms_p50": pct(bargein, 0.5), "bargein_stop_ms_p90": pct(bargein, 0.9),
         "bargein_samples": len(bargein),
         "bargein_cancel_ms_p50": pct(cancels, 0.5), "bargein_cancel_ms_p90": pct(cancels, 0.9),
         "asr_wer": round(sum(wers) / len(wers), 4), "asr_rtf": round(statistics.median(asr_rtf), 3),
         "tts_rtf": round(statistics.median(tts_rtf), 3), "tts_first_chunk_ms": round(statistics.median(tts_first), 1),
-        "vad_end_silence_ms": cfg.vad.end_silence_ms, "min_barge_in_ms": cfg.vad.min_barge_in_ms,
+        "vad_end_silence_ms": cfg.vad.end_silence_ms, "vad_speculate_ms": cfg.vad.speculate_ms, "min_barge_in_ms": cfg.vad.min_barge_in_ms,
         "llm": "smollm2-135m (transformers, cpu)", "asr": asr.name, "tts": tts.name,
     }
     out = ROOT / "bench" / "results" / "voice.json"

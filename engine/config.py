@@ -59,6 +59,7 @@ class TTSConfig:
     backend: str = "piper"  # piper | none
     voice: str = "joe-us"
     rate: float = 1.0  # speaking rate: 1.0 normal, 1.25 a quarter faster
+    first_piece_chars: int = 8  # speak the first clause this long (or a word run twice as long) at once
 
 
 @dataclass(frozen=True)

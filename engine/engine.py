@@ -25,9 +25,11 @@ class Engine:
         self.store = Store(config.data_path)
         self.roles: dict[str, Role] = build_roles(config)
         self.model_lock = threading.Lock()  # one model, one turn at a time
+        from engine.speech import speech_tool
         from engine.toolrun import Generators
 
-        self.generators = Generators(config)  # media tools: generators/ backends, loaded on first use
+        # media tools: generators/ backends loaded on first use, plus this engine's voice for spoken audio
+        self.generators = Generators(config, [speech_tool.entry(self.roles["tts"])])
         self.last_usage: dict = {}
 
     @property

@@ -39,7 +39,8 @@ _VIDEO_EDIT = (r"\b(trim|cut|shorten|speed " + _OBJ + r"up|slow " + _OBJ + r"dow
 _THREE_D = r"\b(3d|3-d|three[- ]d|\.glb|glb|mesh|sculpt\w*)\b"
 _VIDEO = r"\b(video|clip|animation|animate|movie|footage)\b"
 _AUDIO = (r"\b(sound|sounds|audio|music|melody|tune|jingle|noise|ambien\w*|tone|beep|chime|soundtrack|rain sounds"
-          r"|notes?)\b")
+          r"|notes?|voice[- ]?over|narration)\b")
+_SAY = r"\b(say|saying|read|pronounce|narrate|announce)\b.*[\"“'‘].+[\"”'’]"
 _IMAGE = r"\b(picture|image|photo|illustration|drawing|painting|portrait|wallpaper|logo|poster|icon|sketch)\b"
 _DRAW = r"\b(draw|paint|sketch|illustrate)\b"
 _QUESTION = r"^\s*(what|why|how|who|when|where|which|is|are|can you explain|explain|tell me|describe|do|does)\b"
@@ -63,6 +64,8 @@ def rule_choice(text: str, kinds: set[str]) -> str | None:
     question = _has(_QUESTION, t) and not _has(_CREATE, t)
     if _has(_THREE_D, t):
         return "generate_3d"
+    if _has(_SAY, text) and _has(r"\b(audio|recording|voice|clip|video|file|mp3|wav|voice[- ]?over|record)\b", t):
+        return "generate_audio"  # spoken words as a sound file (or a voice-over on a video)
     if "video" in kinds and _has(_AUDIO, t) and _has(r"\b(add|put|give|with|over|onto|to (this|the|my))\b", t):
         return "generate_audio"
     if "video" in kinds and _has(_VIDEO_EDIT, t) and not question:
@@ -281,5 +284,13 @@ def plan(engine, text: str, media: list, attached: tuple = (), cancel=None) -> T
                                f"attach one first.")
         args[fld] = record.name
         inputs.append(record)
+    accepted = {REF_FIELDS[f] for f in wants}
+    other = sorted({m.kind for m in attached} - accepted)
+    if other and not inputs and _has(r"\b(this|it|that)\b", text):
+        what = {"generate_3d": "a 3D model", "generate_video": "a video", "generate_image": "an image"}.get(
+            name, name.replace("_", " "))
+        uses = " or ".join(sorted(accepted)) or "a description"
+        raise RequestError(f"I can't make {what} from {' or '.join(other)}: it works from a description"
+                           f"{' or an ' + uses if accepted else ''}.")
     args = validate(TOOLS[name]["schema"], args)
     return ToolPlan(name, args, inputs, by)

@@ -231,19 +231,19 @@ class Session:
             tts = self.engine.roles["tts"].get()
         except Unavailable as exc:
             return Notice(f"Not speaking this answer: speech synthesis is {exc}")
-        return _Speaker(tts, self.engine.config.tts.rate, cancel)
+        return _Speaker(tts, self.engine.config.tts, cancel)
 
 
 class _Speaker:
     """Speaks the answer while it is written (engine/speech/tts.SpeechStream) and keeps the audio."""
 
-    def __init__(self, tts, rate: float, cancel: CancelToken) -> None:
+    def __init__(self, tts, cfg, cancel: CancelToken) -> None:
         import time
 
         from engine.speech.tts import SpeechStream
 
         self.rate, self.started = tts.sample_rate, time.monotonic()
-        self.stream = SpeechStream(tts, rate=rate, cancel=cancel, first_clause_chars=12)
+        self.stream = SpeechStream(tts, rate=cfg.rate, cancel=cancel, first_clause_chars=cfg.first_piece_chars)
         self.pcm: list[bytes] = []
 
     def push(self, text: str) -> None:

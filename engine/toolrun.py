@@ -28,8 +28,9 @@ KIND_NAMES = {"image": "image", "video": "video", "model3d": "3D model", "audio"
 class Generators:
     """The engine's generator instances (one per backend, loaded on first use)."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, extras=()) -> None:
         self.config = config
+        self.extras = list(extras)  # engine-owned backends (the voice), tried before the registry's
         self._made: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
 
@@ -49,7 +50,7 @@ class Generators:
         else the first available one (its error then says what it can do)."""
         registry.load_backends()
         ready, reasons = [], []
-        for entry in registry.entries(task):
+        for entry in [e for e in self.extras if e.task == task] + registry.entries(task):
             ok, why = self.available(entry)
             if ok:
                 ready.append(entry)

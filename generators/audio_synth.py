@@ -337,6 +337,8 @@ class SynthAudio:
 
     def can_do(self, request: dict, inputs) -> bool:
         """Sounds it knows by name (rain, a melody, a tone...), or any sound onto a video."""
+        if request.get("sound") == "speech":
+            return False  # the engine's voice does speech
         if request.get("sound", "auto") != "auto" or request.get("video"):
             return True
         try:
@@ -350,6 +352,8 @@ class SynthAudio:
         prompt = request.get("prompt", "")
         request = {"sound": "auto", "seconds": 5, "notes": "", "frequency": 440, "video": "", **request}
         sound = request["sound"]
+        if sound == "speech":
+            raise RequestError("speech needs a text-to-speech voice, and none is available here")
         if sound == "auto":
             sound = pick_sound(prompt, request["notes"])
             if sound in ("tone", "beep") and request["frequency"] == 440:

@@ -56,7 +56,7 @@ SHAPE = {
     "required": ["shape"],
 }
 
-SOUNDS = ["auto", "rain", "wind", "ocean", "fire", "white_noise", "pink_noise", "brown_noise", "tone", "melody",
+SOUNDS = ["auto", "speech", "rain", "wind", "ocean", "fire", "white_noise", "pink_noise", "brown_noise", "tone", "melody",
           "beep"]
 
 TOOLS: dict[str, dict] = {

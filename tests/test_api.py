@@ -78,3 +78,23 @@ def test_auth_token_is_required_when_set(tmp_path):
         ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
         assert ok.models.list().data[0].id == "tiny"
         ok.close()
+
+
+def test_image_generation_and_edit_endpoints(server, client, png):
+    """The openai client's images API over the same generators (tiny diffusion; OpenCV edits)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = client.images.generate(prompt="a lighthouse at dusk", size="64x64", response_format="b64_json")
+    assert Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))).size == (64, 64)
+    with open(png, "rb") as f:
+        out = client.images.edit(image=f, prompt="crop it to a square")
+    w, h = Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))).size
+    assert w == h == 48
+    with pytest.raises(openai.BadRequestError, match="between 64 and 2048"):
+        client.images.generate(prompt="huge", size="9000x9000", response_format="b64_json")
+    r = httpx.post(server.url + "/v1/images/edits", files={"image": ("x.png", b"not an image")},
+                   data={"prompt": "blur"})
+    assert r.status_code == 400 and "unsupported file type" in r.json()["error"]["message"]

@@ -142,6 +142,10 @@ def test_nothing_to_edit_says_so(tmp_path):
         assert not any(e["type"] == "media_result" for e in ev)
         plan = router.plan(eng, "make a 3D model of this", [("user", _rec("song.wav", "audio"))])
         assert plan.name == "generate_3d" and not plan.inputs  # audio cannot be its input
+        with pytest.raises(RequestError, match="can't make a 3D model from audio"):
+            router.plan(eng, "turn this into a 3D model", [], attached=(_rec("song.wav", "audio"),))
+        with pytest.raises(RequestError, match="between 0.5 and 20"):
+            router.plan(eng, "a 10-minute video of waves", [])
     finally:
         eng.close()
 
@@ -223,5 +227,32 @@ def test_diffusion_backends_run_through_the_engine(tmp_path):
         # words it can read stay exact
         ev = _events(s, Turn("flip it horizontally"))
         assert next(e for e in ev if e["type"] == "media_result")["meta"]["backend"] == "opencv"
+    finally:
+        eng.close()
+
+
+def test_spoken_words_as_audio_and_as_a_voice_over(tmp_path):
+    """'say ...' as a sound file uses the engine's own voice (Piper), also onto a video."""
+    import soundfile as sf
+
+    from generators.ffmpeg import probe
+
+    eng = _engine(tmp_path, tts_backend="piper")
+    try:
+        s = eng.session()
+        ev = _events(s, Turn("make an audio file saying 'welcome aboard, everyone'"))
+        result = next(e for e in ev if e["type"] == "media_result")
+        assert result["meta"]["backend"] == "tts" and result["kind"] == "audio"
+        assert 0.8 < sf.info(result["path"]).duration < 5
+        clip = tmp_path / "clip.mp4"
+        from generators.ffmpeg import ffmpeg_exe
+        import subprocess
+
+        subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=10",
+                        "-t", "3", "-pix_fmt", "yuv420p", str(clip)], check=True)
+        ev = _events(s, Turn("add a voice-over saying 'this is our garden' to this video", attachments=(str(clip),)))
+        result = next(e for e in ev if e["type"] == "media_result")
+        info = probe(result["path"])
+        assert result["kind"] == "video" and info["has_audio"] and info["duration_s"] == pytest.approx(3, abs=0.2)
     finally:
         eng.close()

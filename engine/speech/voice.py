@@ -106,6 +106,7 @@ class VoiceSession:
         self._last_state = ""
         self._last_answer = 0  # turn id of the latest stored answer
         self.marks: dict[str, float] = {}  # timestamps for latency measurement
+        self.turn_marks: dict[str, float] = {}  # when the running turn first made each event type (held or not)
         self._worker = threading.Thread(target=self._run_turns, name="voice-turns", daemon=True)
         self._worker.start()
         self._state("listening", "microphone open")
@@ -171,6 +172,7 @@ class VoiceSession:
     def _route(self, event: Event, gate: Gate | None) -> None:
         """A turn's event: delivered, or held while its utterance may go on."""
         with self._lock:
+            self.turn_marks.setdefault(event.type, self.clock())
             decided = True if gate is None else gate.poll()
             if decided:
                 self._deliver(event)
@@ -234,6 +236,7 @@ class VoiceSession:
                 if gate is not None and gate.poll() is False:
                     continue  # a draft dropped before it started
                 self._cancel = cancel
+                self.turn_marks = {"start": self.clock()}
             try:
                 with tempfile.TemporaryDirectory() as tmp:
                     wav = write_wav(Path(tmp) / "voice.wav", audio, WHISPER_RATE)

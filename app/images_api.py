@@ -1,0 +1,99 @@
+"""OpenAI-style image endpoints on the app's server, over the same generators.
+
+`POST /v1/images/generations` (JSON: prompt, size "WxH", n, seed, steps,
+response_format b64_json) and `POST /v1/images/edits` (multipart: image,
+prompt). They run the generator the chat would pick, outside any
+conversation; an unavailable role answers 503 with what to set.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from engine.errors import InputError
+from engine.events import CancelToken
+from generators.base import Cancelled, GenerationError, RequestError, no_progress, validate
+from generators.tools import TOOLS
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+
+
+def make_image_router(engine, check_token) -> APIRouter:
+    router = APIRouter(prefix="/v1/images", dependencies=[Depends(check_token)])
+
+    async def run(task: str, request: dict, inputs: list[Path]) -> JSONResponse:
+        cancel = CancelToken()
+
+        def work() -> list[dict]:
+            backend = engine.generators.pick(task, request, [SimpleNamespace(path=str(p)) for p in inputs])
+            with tempfile.TemporaryDirectory(prefix="omni-api-") as tmp:
+                result = backend.run(dict(request), inputs, Path(tmp), no_progress, cancel)
+                data = base64.b64encode(Path(result.path).read_bytes()).decode()
+            return [{"b64_json": data, "revised_prompt": request.get("prompt") or request.get("instruction"),
+                     "backend": backend.name}]
+
+        try:
+            data = await asyncio.to_thread(work)
+        except asyncio.CancelledError:
+            cancel.cancel("client went away")
+            raise
+        except RequestError as exc:
+            return _error(503 if "No backend" in str(exc) else 400, str(exc))
+        except Cancelled:
+            return _error(499, "cancelled")
+        except GenerationError as exc:
+            return _error(500, str(exc))
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+    @router.post("/generations")
+    async def generations(request: Request):
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            if body.get("response_format", "b64_json") != "b64_json":
+                raise ValueError("only response_format b64_json is served (files stay on this machine)")
+            if int(body.get("n", 1)) != 1:
+                raise ValueError("n must be 1")
+            args = {"prompt": body.get("prompt", "")}
+            if body.get("size"):
+                w, _, h = str(body["size"]).partition("x")
+                args["width"], args["height"] = int(w), int(h)
+            for key in ("seed", "steps", "negative_prompt"):
+                if key in body:
+                    args[key] = body[key]
+            args = validate(TOOLS["generate_image"]["schema"], args)
+        except (ValueError, TypeError, RequestError) as exc:
+            return _error(400, str(exc))
+        return await run("image", args, [])
+
+    @router.post("/edits")
+    async def edits(request: Request):
+        from engine import media as media_mod
+
+        try:
+            form = await request.form()
+            upload, prompt = form.get("image"), form.get("prompt", "")
+            if upload is None or not hasattr(upload, "read"):
+                raise ValueError("send the image as a multipart file field named 'image'")
+            args = validate(TOOLS["edit_image"]["schema"], {"instruction": str(prompt), "image": "upload"})
+            with tempfile.TemporaryDirectory(prefix="omni-api-in-") as tmp:
+                src = Path(tmp) / (Path(upload.filename or "image").name or "image")
+                src.write_bytes(await upload.read())
+                record = media_mod.ingest(src, engine.media_dir, engine.config.max_upload_mb * 1_000_000)
+            if record.kind != "image":
+                raise ValueError(f"{record.name} is {record.kind}, not an image")
+        except (ValueError, TypeError, RequestError, InputError) as exc:
+            return _error(400, str(exc))
+        return await run("edit_image", args, [Path(record.path)])
+
+    return router
