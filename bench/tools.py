@@ -146,6 +146,11 @@ def generators_latency(tmp: Path) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--routing-only", action="store_true", help="only the routing accuracy (no timings)")
+    args = ap.parse_args()
     from engine.config import load_config
     from engine.engine import Engine
 
@@ -153,10 +158,15 @@ def main() -> None:
     engine = Engine(load_config("cpu", overrides={"data_dir": str(tmp / "data")}, env={}))
     engine.start_loading().join()
     result = {"llm": engine.roles["llm"].get().name, **routing(engine, REQUESTS),
-              **routing(engine, HELDOUT, "heldout_"), **validity(engine),
-              **generators_latency(tmp)}
-    engine.close()
+              **routing(engine, HELDOUT, "heldout_")}
     out = ROOT / "bench" / "results" / "tools.json"
+    if args.routing_only:  # refresh the routing figures, keep the rest of the last full run
+        result = {**(json.loads(out.read_text()) if out.exists() else {}), **result}
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
+        return
+    result.update({**validity(engine), **generators_latency(tmp)})
+    engine.close()
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 

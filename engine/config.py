@@ -88,7 +88,7 @@ class GeneratorsConfig:
     video_model: str = ""  # diffusers text-to-video
     model3d_model: str = ""  # diffusers Shap-E
     audio_model: str = ""  # diffusers AudioLDM
-    max_video_s: float = 120.0  # longest video accepted for editing (seconds)
+    quantization: str = "none"  # diffusion denoisers in bitsandbytes none | 4bit | 8bit (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def _profile(name: str) -> Config:
                 context_tokens=8192,
                 max_new_tokens=1024,
             ),
-            generators=GeneratorsConfig(arguments="llm"),
+            generators=GeneratorsConfig(arguments="llm", quantization="4bit"),
         )
     if name == "remote":
         return Config(

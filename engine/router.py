@@ -43,6 +43,8 @@ _AUDIO = (r"\b(sound|sounds|audio|music|melody|tune|jingle|noise|ambien\w*|tone|
 _SAY = r"\b(say|saying|read|pronounce|narrate|announce)\b.*[\"“'‘].+[\"”'’]"
 _IMAGE = r"\b(picture|image|photo|illustration|drawing|painting|portrait|wallpaper|logo|poster|icon|sketch)\b"
 _DRAW = r"\b(draw|paint|sketch|illustrate)\b"
+_IMPERATIVE = (r"^\s*(please |can you |could you |now )?(put|add|turn|make|change|remove|keep|cut|give|swap|replace"
+               r"|straighten|fix|erase|shrink|enlarge|zoom|play|get rid)\b")
 _QUESTION = r"^\s*(what|why|how|who|when|where|which|is|are|can you explain|explain|tell me|describe|do|does)\b"
 
 
@@ -88,7 +90,8 @@ def rule_choice(text: str, kinds: set[str]) -> str | None:
     if _has(r"\banimate\b", t):
         return "generate_video"
     media_words = (_IMAGE, _VIDEO, _AUDIO, _THREE_D, _DRAW, _IMAGE_EDIT, _VIDEO_EDIT)
-    if not any(_has(p, t) for p in media_words):
+    command = kinds & {"image", "video"} and _has(_IMPERATIVE, t)  # "put the word SALE across the top"
+    if not command and not any(_has(p, t) for p in media_words):
         return CHAT  # nothing about media at all: a plain answer, without asking the LLM
     return None
 
@@ -111,7 +114,10 @@ def llm_choice(llm, text: str, kinds: set[str]) -> str:
         {"role": "user", "content": "The sound of rain"}, {"role": "assistant", "content": "make sound"},
         {"role": "user", "content": text + have},
     ]
-    words, _ = structured.choose(llm, messages, list(CHOICES.values()))
+    # only what is possible here: nothing to edit without an image or a video in the conversation
+    feasible = [k for k in CHOICES if not (k == "edit_image" and "image" not in kinds)
+                and not (k == "edit_video" and "video" not in kinds)]
+    words, _ = structured.choose(llm, messages, [CHOICES[k] for k in feasible])
     return {v: k for k, v in CHOICES.items()}[words]
 
 

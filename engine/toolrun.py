@@ -35,9 +35,15 @@ class Generators:
         self._lock = threading.Lock()
 
     def _options(self, entry) -> dict:
+        """Settings for a diffusion backend: its model, and quantization on the gpu profile."""
+        if "diffusion" not in getattr(entry.factory, "__module__", ""):
+            return {}
         fld = MODEL_FIELDS.get(entry.task)
         model = getattr(self.config.generators, fld, "") if fld else ""
-        return {"model": model} if model else {}
+        if not model:
+            return {}
+        quant = self.config.generators.quantization
+        return {"model": model, **({"quantize": quant} if quant != "none" and model != "tiny" else {})}
 
     def available(self, entry) -> tuple[bool, str]:
         try:
@@ -73,6 +79,14 @@ class Generators:
                 self._made[key] = entry.factory(**self._options(entry))
             return self._made[key]
 
+    def only(self, backend) -> None:
+        """Keep one diffusion pipeline resident: unload the others before `backend` loads
+        (on one GPU they would not fit together)."""
+        with self._lock:
+            for other in self._made.values():
+                if other is not backend and hasattr(other, "unload") and hasattr(backend, "unload"):
+                    other.unload()
+
     def close(self) -> None:
         for backend in self._made.values():
             if hasattr(backend, "unload"):
@@ -89,6 +103,7 @@ def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, 
         backend = engine.generators.pick(task, plan.arguments, plan.inputs)
     except GenerationError as exc:
         return str(exc), [], "error"
+    engine.generators.only(backend)
     events: queue.Queue = queue.Queue()
     outcome: dict = {}
     with tempfile.TemporaryDirectory(prefix="omni-gen-") as tmp:

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from generators._notes import layout, parse_notes
 from generators.base import RequestError, Result, check
 from generators.registry import register
 
@@ -26,7 +27,6 @@ FADE_S = 0.01
 MAX_SYNTH_S = 60.0  # longer videos get this much sound, looped
 NAMES = "rain, wind, ocean waves, fire, white/pink/brown noise, a tone, beeps or a melody"
 DEFAULT_NOTES = "C4 E4 G4 C5 G4 E4 C4"
-MAX_NOTE_S = 1.0  # notes without a length never last longer; the melody repeats instead
 
 AUTO = [  # first match wins
     ("rain", r"\b(rain\w*|drizzl\w*|storm\w*|thunder\w*|downpour)\b"),
@@ -38,9 +38,6 @@ AUTO = [  # first match wins
     ("tone", r"\b(tones?|sine|hz)\b|\d\s*k?hz\b"),
     ("noise", r"\bnoise\b"),
 ]
-SEMITONE = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
-NOTE = re.compile(r"^([A-Ga-g])([#b\u266f\u266d]?)(-?\d)?(?::(\d+(?:\.\d+)?))?$")
-REST = re.compile(r"^(?:r|rest|-|_)(?::(\d+(?:\.\d+)?))?$", re.I)
 
 
 def pick_sound(prompt: str, notes: str = "") -> str:
@@ -60,55 +57,6 @@ def pick_sound(prompt: str, notes: str = "") -> str:
     raise RequestError(f"I can't tell which sound {prompt!r} is; I can make {NAMES} "
                        "(name one, or give notes like C4 E4 G4)")
 
-
-def note_hz(name: str, octave: int) -> float:
-    letter, acc = name[0].upper(), name[1:]
-    semis = SEMITONE[letter] + (1 if acc in ("#", "\u266f") else -1 if acc in ("b", "\u266d") else 0)
-    midi = 12 * (octave + 1) + semis
-    return 440.0 * 2 ** ((midi - 69) / 12)
-
-
-def parse_notes(text: str) -> list[tuple[float | None, float | None]]:
-    """"C4 E4:0.5 G# R:0.25" -> [(hz or None for a rest, seconds or None)]; octave 4 if left out."""
-    out = []
-    for token in re.split(r"[\s,;|]+", text.strip()):
-        if not token:
-            continue
-        rest = REST.match(token)
-        if rest:
-            out.append((None, float(rest.group(1)) if rest.group(1) else None))
-            continue
-        m = NOTE.match(token)
-        if not m or not 0 <= int(m.group(3) or 4) <= 8:
-            raise RequestError(f"I don't know the note {token!r}; write notes like C4 E4 G4, "
-                               "F#5, Bb3 or C4:0.5 (seconds)")
-        dur = float(m.group(4)) if m.group(4) else None
-        if dur is not None and not 0.02 <= dur <= 10:
-            raise RequestError(f"the note {token!r} must last 0.02 to 10 seconds")
-        out.append((note_hz(m.group(1) + m.group(2), int(m.group(3) or 4)), dur))
-    if not out:
-        raise RequestError("give the melody's notes, like C4 E4 G4 C5")
-    return out
-
-
-def layout(notes: list, seconds: float) -> list[tuple[float, float, float | None]]:
-    """(onset, duration, hz) filling `seconds`: notes without a length share the time left
-    (at most MAX_NOTE_S each); a melody shorter than `seconds` repeats, a longer one is cut."""
-    fixed = sum(d for _, d in notes if d is not None)
-    free = sum(1 for _, d in notes if d is None)
-    share = min(MAX_NOTE_S, (seconds - fixed) / free) if free and seconds - fixed > 0.05 * free else 0.25
-    seq = [(hz, d if d is not None else share) for hz, d in notes]
-    timeline, t = [], 0.0
-    while t < seconds - 1e-9:
-        for hz, d in seq:
-            if t >= seconds - 1e-9:
-                break
-            timeline.append((t, d, hz))
-            t += d
-    return timeline
-
-
-# --- building blocks ---
 
 def fir(gain: Callable[[np.ndarray], np.ndarray], taps: int = 4096) -> np.ndarray:
     """A linear-phase FIR with magnitude `gain(f_hz)`, scaled so white noise keeps unit power."""
@@ -405,22 +353,18 @@ class SynthAudio:
     def _onto_video(self, audio, sound, video: Path, info, out_dir, meta, progress, cancel) -> Result:
         import soundfile as sf
 
-        from generators.ffmpeg import mux_audio, probe
+        from generators.ffmpeg import sound_onto_video
 
         wav = _fresh(out_dir, f".{sound}_track", ".wav")
         out = _fresh(out_dir, f"{video.stem[:60]}_{sound}", ".mp4")
         try:
             sf.write(str(wav), audio, SR, subtype="PCM_16")
-            looped = info["duration_s"] > MAX_SYNTH_S
-            mux_audio(video, wav, out, cancel, lambda stage, f: progress(stage, 0.8 + 0.2 * f),
-                      mix=True, loop=looped, duration_s=info["duration_s"])
-            check(cancel)
-            got = probe(out)
         except BaseException:
-            out.unlink(missing_ok=True)
-            raise
-        finally:
             wav.unlink(missing_ok=True)
+            raise
+        looped = info["duration_s"] > MAX_SYNTH_S
+        got = sound_onto_video(video, wav, out, cancel, lambda stage, f: progress(stage, 0.8 + 0.2 * f),
+                               mix=True, loop=looped, duration_s=info["duration_s"])
         progress("done", 1.0)
         meta = {**meta, "duration_s": round(got["duration_s"], 3), "width": got["width"], "height": got["height"],
                 "has_audio": got["has_audio"], "mixed": info["has_audio"], "looped": looped}

@@ -154,13 +154,17 @@ class DiffusionBackend:
     default_guidance: float | None = None  # None: the pipeline's own default
 
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto", steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int = 0, offload: bool = False, pipeline=None) -> None:
+                 guidance_scale: float | None = None, seed: int = 0, offload: bool = False, pipeline=None,
+                 quantize: str = "none") -> None:
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise GenerationError(f"device must be auto, cpu or cuda; got {device!r}")
         if dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise GenerationError(f"dtype must be auto, float16, bfloat16 or float32; got {dtype!r}")
         self.model = self.configured_model() if model is None else model
         self.device_setting, self.dtype_setting, self.offload = device, dtype, offload
+        if quantize not in ("none", "4bit", "8bit"):
+            raise GenerationError(f"quantize must be none, 4bit or 8bit; got {quantize!r}")
+        self.quantize = quantize  # bitsandbytes on the denoiser, CUDA only (diffusers refuses it on CPU)
         self.steps = steps or self.default_steps
         self.guidance_scale = guidance_scale if guidance_scale is not None else self.default_guidance
         self.seed = seed
@@ -219,7 +223,21 @@ class DiffusionBackend:
         import diffusers
 
         return getattr(diffusers, self.pipeline_class).from_pretrained(
-            self.model, torch_dtype=dtype, local_files_only=True)
+            self.model, torch_dtype=dtype, local_files_only=True, **self._quantization(dtype))
+
+    def _quantization(self, dtype) -> dict:
+        """bitsandbytes 4-bit (NF4) or 8-bit for the denoiser, where the pipeline supports it (CUDA)."""
+        if self.quantize == "none" or not self.device().startswith("cuda"):
+            return {}
+        try:
+            from diffusers.quantizers import PipelineQuantizationConfig
+        except ImportError:
+            return {}
+        kwargs = ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
+                  if self.quantize == "4bit" else {"load_in_8bit": True})
+        return {"quantization_config": PipelineQuantizationConfig(
+            quant_backend=f"bitsandbytes_{self.quantize[0]}bit", quant_kwargs=kwargs,
+            components_to_quantize=[self.denoiser])}
 
     def load(self):
         """The pipeline, loaded and placed on the device on first use."""

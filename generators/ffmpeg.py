@@ -200,3 +200,20 @@ def mux_audio(video: str | Path, wav: str | Path, out: str | Path, cancel=None, 
 EVEN = "scale=trunc(iw/2)*2:trunc(ih/2)*2"
 H264 = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p"]
 AAC = ["-c:a", "aac", "-b:a", "160k"]
+
+
+def sound_onto_video(video: str | Path, wav: Path, out: Path, cancel=None, progress=None, mix: bool = False,
+                     loop: bool = False, duration_s: float | None = None) -> dict:
+    """mux_audio for a freshly made sound: `wav` is always deleted afterwards, `out` too if
+    anything fails or is cancelled (no partial result is left). Returns probe(out)."""
+    from generators.base import check
+
+    try:
+        mux_audio(video, wav, out, cancel, progress, mix=mix, loop=loop, duration_s=duration_s)
+        check(cancel)
+        return probe(out)
+    except BaseException:
+        Path(out).unlink(missing_ok=True)
+        raise
+    finally:
+        Path(wav).unlink(missing_ok=True)

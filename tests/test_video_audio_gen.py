@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 
 from generators import registry
-from generators.audio_synth import SR, SYNTHS, SynthAudio, note_hz, parse_notes, pick_sound
+from generators._notes import note_hz, parse_notes
+from generators.audio_synth import SR, SYNTHS, SynthAudio, pick_sound
 from generators.base import Cancelled, GenerationError, RequestError, validate
 from generators.ffmpeg import ffmpeg_exe, probe, run_ffmpeg
 from generators.tools import TOOLS
