@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from generators.base import Cancelled, RequestError, Result, check
+from generators.base import RequestError, Result, check
 
 SAY = re.compile(r"\b(say|saying|says|speak|read|pronounce|voice[- ]?over|narrat\w*|announce\w*)\b", re.I)
 QUOTED = re.compile(r"[\"“'‘]([^\"”’]{1,600}?)[\"”'’](?:\s|$|[.,!?])")
@@ -57,19 +57,12 @@ class SpeechAudio:
             progress("speaking", 1.0)
             return Result("audio", str(wav), {"backend": self.name, "duration_s": round(len(audio) / tts.sample_rate, 3),
                                               "text": text})
-        from generators.ffmpeg import mux_audio, probe
+        from generators.ffmpeg import probe, sound_onto_video
 
-        out = out_dir / "voiceover.mp4"
-        try:
-            mux_audio(video[0], wav, out, cancel=cancel, mix=probe(video[0]).get("has_audio", False))
-        except Cancelled:
-            out.unlink(missing_ok=True)
-            raise
-        finally:
-            wav.unlink(missing_ok=True)
+        info = sound_onto_video(video[0], wav, out_dir / "voiceover.mp4", cancel,
+                                mix=probe(video[0]).get("has_audio", False))
         progress("mixing", 1.0)
-        info = probe(out)
-        return Result("video", str(out), {"backend": self.name, "duration_s": info.get("duration_s"), "text": text,
+        return Result("video", str(out_dir / "voiceover.mp4"), {"backend": self.name, "duration_s": info.get("duration_s"), "text": text,
                                           "width": info.get("width"), "height": info.get("height")})
 
 
