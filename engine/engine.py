@@ -25,11 +25,13 @@ class Engine:
         self.store = Store(config.data_path)
         self.roles: dict[str, Role] = build_roles(config)
         self.model_lock = threading.Lock()  # one model, one turn at a time
+        from engine.perception import Perceiver
         from engine.speech import speech_tool
         from engine.toolrun import Generators
 
         # media tools: generators/ backends loaded on first use, plus this engine's voice for spoken audio
         self.generators = Generators(config, [speech_tool.entry(self.roles["tts"])])
+        self.perceiver = Perceiver(self)  # attached media -> grounded facts (engine/adapters/)
         self.last_usage: dict = {}
 
     @property

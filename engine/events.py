@@ -77,6 +77,18 @@ class MediaResult(Event):
 
 
 @dataclass(frozen=True)
+class Perceived(Event):
+    """What the perception tools found in one attached file (the perception panel shows it)."""
+
+    kind: str  # image | audio | video
+    name: str
+    facts: str  # the grounded text the LLM answers from
+    overlays: tuple = ()  # annotated images: text boxes and faces drawn, keyframe sheets
+    data: dict = field(default_factory=dict)
+    ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class Transcript(Event):
     """What the user said (a voice message or an attached audio file)."""
 

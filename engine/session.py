@@ -12,7 +12,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -20,12 +20,11 @@ from engine import media as media_mod
 from engine import router
 from engine.engine import Engine
 from engine.errors import InputError, Unavailable
-from engine.events import AudioChunk, CancelToken, Done, Error, Event, Notice, TextDelta, Transcript
+from engine.events import AudioChunk, CancelToken, Done, Error, Event, Notice, TextDelta
 from engine.llm.base import Message
+from engine.understand import understand, unreadable_note, user_message, with_facts
 from generators.base import RequestError
 
-# What the assistant cannot read yet says so in its answer (images, video: later adapters).
-KIND_WORDS = {"image": "images", "audio": "audio", "video": "video", "model3d": "3D models"}
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,8 @@ class Session:
         """Stored turns as LLM messages (errors and empty answers left out)."""
         if not self.id:
             return []
-        return [{"role": t.role, "content": t.content} for t in self.engine.store.turns(self.id)
-                if t.content and t.status != "error"]
+        return [{"role": t.role, "content": with_facts(t.content, t.meta.get("perception", {}))}
+                for t in self.engine.store.turns(self.id) if t.content and t.status != "error"]
 
     def submit(self, turn: Turn, cancel: CancelToken | None = None, gate: Gate | None = None) -> Iterator[Event]:
         """Run one turn. With a `gate`, the user turn is stored only once the gate opens
@@ -88,8 +87,9 @@ class Session:
             yield Error(str(exc), recoverable=True)
             yield Done(conversation_id=self.id or "")
             return
-        heard = yield from self._transcribe(records)
-        text = _user_message(text, records, heard, turn.spoken)
+        got = yield from understand(engine, records, turn.spoken, cancel)
+        heard = got.heard
+        text = user_message(text, records, heard, turn.spoken)
         if turn.spoken and not text:
             yield Notice("I didn't catch any words in that.")
             yield Done(conversation_id=self.id or "")
@@ -104,7 +104,8 @@ class Session:
                 if self.id is None:
                     self.id = store.create_conversation()
                 store.add_turn(self.id, "user", text, media=records,
-                               meta={"transcripts": {r.name: heard[r.sha256] for r in records if r.sha256 in heard}})
+                               meta={"transcripts": {r.name: heard[r.sha256] for r in records if r.sha256 in heard},
+                                     **({"perception": got.facts, "overlays": got.overlays} if got.facts else {})})
                 if not store.get_conversation(self.id)["title"]:
                     store.rename_conversation(self.id, _title(text, records))
                 stored = True
@@ -131,7 +132,7 @@ class Session:
             yield speech  # a Notice: not speaking, and why
             speech = None
         answer, usage, timings, errors = "", {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}, {}, []
-        prefix = _unreadable_note(records, heard, engine.roles["asr"])
+        prefix = unreadable_note(engine, records, got)
         if prefix:
             yield TextDelta(prefix)
             if speech:
@@ -141,7 +142,7 @@ class Session:
             yield TextDelta(prefix)
         if text:
             messages = [{"role": "system", "content": engine.config.system_prompt}, *history,
-                        {"role": "user", "content": text}]
+                        {"role": "user", "content": with_facts(text, got.facts)}]
             stream = engine.answer(messages, engine.params(turn.max_new_tokens, turn.temperature), cancel)
             while True:
                 try:
@@ -206,24 +207,6 @@ class Session:
         return tuple(media_mod.ingest(p, self.engine.media_dir, cfg.max_upload_mb * 1_000_000, n)
                      for p, n in zip(turn.attachments, names))
 
-    def _transcribe(self, records) -> Generator[Event, None, dict]:
-        """Transcribe audio attachments; {sha256: {"text", "language"}} for those heard."""
-        heard: dict = {}
-        audio = [r for r in records if r.kind == "audio"]
-        if not audio:
-            return heard
-        try:
-            asr = self.engine.roles["asr"].get()
-        except Unavailable:
-            return heard  # the answer says plainly that audio cannot be read, and why
-        from engine.speech.audio import read_audio
-
-        for rec in audio:
-            result = asr.transcribe(read_audio(rec.path), self.engine.config.asr.language or None)
-            heard[rec.sha256] = {"text": result.text, "language": result.language}
-            yield Transcript(result.text, result.language, rec.name, round(result.duration_s, 3))
-        return heard
-
     def _speech(self, turn: Turn, cancel: CancelToken):
         if not turn.speak:
             return None
@@ -279,29 +262,8 @@ class _Speaker:
             return media_mod.ingest(path, engine.media_dir, 1 << 31, "answer.wav")
 
 
-def _user_message(text: str, records, heard: dict, spoken: bool) -> str:
-    """What the LLM reads: typed text, plus what was heard in attached audio."""
-    said = [(r.name, heard[r.sha256]["text"]) for r in records if r.sha256 in heard and heard[r.sha256]["text"]]
-    if spoken or (not text and said):
-        return " ".join(t for _, t in said) if not text else f"{text} {' '.join(t for _, t in said)}"
-    return text + "".join(f"\n\n[{name}, transcribed: {t}]" for name, t in said)
-
-
 def _title(text: str, records) -> str:
     words = " ".join(text.split())
     if not words:
         words = ", ".join(r.name for r in records) or "New chat"
     return words if len(words) <= 48 else words[:47].rsplit(" ", 1)[0] + "..."
-
-
-def _unreadable_note(records, heard: dict, asr_role) -> str:
-    unread = [r for r in records if r.kind != "audio" or r.sha256 not in heard]
-    kinds = sorted({r.kind for r in unread}, key=list(KIND_WORDS).index)
-    if not kinds:
-        return ""
-    what = " or ".join(KIND_WORDS[k] for k in kinds)
-    names = ", ".join(r.name for r in unread)
-    why = "media understanding is not part of this version"
-    if kinds == ["audio"]:
-        why = f"speech recognition is unavailable ({asr_role.state()[1]})"
-    return f"(I received {names}, but I can't read {what} yet: {why}, so I can only use your text.)\n\n"

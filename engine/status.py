@@ -6,10 +6,6 @@ import os
 from engine.config import Config
 from generators import registry
 
-# Roles whose engines arrive in later versions; say so plainly.
-PLANNED = {
-    "vision": "image and video understanding is not built into this version yet; nothing to set",
-}
 
 
 def memory_mb() -> dict:
@@ -31,8 +27,8 @@ def status(engine) -> dict:
         section = getattr(config, name)
         roles[name] = {"state": state, "backend": section.backend,
                        "detail": detail or getattr(section, "model", "") or getattr(section, "voice", "")}
-    for role, why in PLANNED.items():
-        roles[role] = {"state": "unavailable", "detail": why, "backend": getattr(config, role).backend}
+    state, detail = engine.perceiver.status()
+    roles["perception"] = {"state": state, "detail": detail, "backend": config.perception.backend}
     registry.load_backends()
     for task in registry.TASKS:
         ok, detail = registry.task_status(task)

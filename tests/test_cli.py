@@ -30,7 +30,7 @@ def test_json_events_one_per_line(tmp_path):
 def test_plain_mode_streams_text_and_attachments_work(tmp_path, png):
     out = chat("--attach", str(png), "what is this?", data=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "can't read images yet" in out.stdout and "conversation:" in out.stderr
+    assert "[seen in photo.png] Image photo.png, 64x48" in out.stderr and "conversation:" in out.stderr
 
 
 def test_bad_attachment_is_an_error_event_and_exit_1(tmp_path):

@@ -84,14 +84,33 @@ def test_empty_message_is_rejected(engine):
     assert isinstance(events[0], Error) and "empty" in events[0].message
 
 
-def test_media_is_stored_and_the_assistant_says_it_cannot_read_it_yet(engine, png, wav, mp4):
+def test_media_is_stored_perceived_and_its_facts_kept_for_later_turns(engine, png, wav, mp4):
+    from engine.events import Perceived
+
     session = engine.session()
     events = collect(session.submit(Turn("What is in these?", (str(png), str(wav), str(mp4)))))
-    text = "".join(e.text for e in events if isinstance(e, TextDelta))
-    assert "can't read images or audio or video yet" in text
+    seen = {e.name: e for e in events if isinstance(e, Perceived)}
+    assert set(seen) == {png.name, wav.name, mp4.name}
+    assert "64x48" in seen[png.name].facts and png.name in seen[png.name].facts
     user = engine.store.turns(session.id)[0]
     assert [m.kind for m in user.media] == ["image", "audio", "video"]
     assert user.media[0].meta == {"width": 64, "height": 48}
+    assert set(user.meta["perception"]) == {png.name, wav.name, mp4.name}
+    # the next turn's prompt still carries what was seen
+    assert "64x48" in session.history()[0]["content"]
+
+
+def test_perception_off_says_what_to_set(tmp_path, png):
+    from engine.config import load_config
+    from engine.engine import Engine
+
+    eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path), "perception.backend": "none"}, env={}))
+    try:
+        events = collect(eng.session().submit(Turn("What is this?", (str(png),))))
+        text = "".join(e.text for e in events if isinstance(e, TextDelta))
+        assert "can't read images" in text and "perception.backend=tools" in text
+    finally:
+        eng.close()
 
 
 def test_corrupt_attachment_rejects_the_turn_with_a_clear_error(engine, tmp_path):

