@@ -112,22 +112,26 @@ def make_video(tmp: Path, tts) -> Path:
     return video
 
 
-def plain_scenes(path: Path) -> tuple[int, float]:
-    """The plain way: decode every frame and compare each with the one before."""
+def plain_scenes(path: Path, image, out: Path) -> tuple[int, float]:
+    """The plain way: decode every frame, compare each with the one before, and look at
+    the first frame of each scene with the same image adapter."""
     import cv2
 
-    start, cap, prev, cuts = time.perf_counter(), cv2.VideoCapture(str(path)), None, 0
+    start, cap, prev, keyframes = time.perf_counter(), cv2.VideoCapture(str(path)), None, []
     while True:
         ok, frame = cap.read()
         if not ok:
             break
         hist = cv2.calcHist([cv2.cvtColor(frame, cv2.COLOR_BGR2HSV)], [0, 1], None, [32, 32], [0, 180, 0, 256])
         cv2.normalize(hist, hist)
-        if prev is not None and cv2.compareHist(prev, hist, cv2.HISTCMP_BHATTACHARYYA) > 0.2:
-            cuts += 1
+        if prev is None or cv2.compareHist(prev, hist, cv2.HISTCMP_BHATTACHARYYA) > 0.2:
+            keyframes.append(frame)
         prev = hist
     cap.release()
-    return cuts + 1, time.perf_counter() - start
+    for i, frame in enumerate(keyframes):
+        cv2.imwrite(str(out / f"plain{i}.png"), frame)
+        image.perceive(out / f"plain{i}.png", out)
+    return len(keyframes), time.perf_counter() - start
 
 
 def bench_video(tmp: Path, asr, tts) -> dict:
@@ -145,7 +149,7 @@ def bench_video(tmp: Path, asr, tts) -> dict:
     start = time.perf_counter()
     p = frames_only.perceive(video, out)
     ours = time.perf_counter() - start
-    scenes_plain, plain = plain_scenes(video)
+    scenes_plain, plain = plain_scenes(video, image, out)
     start = time.perf_counter()
     q = full.perceive(video, out)
     with_audio = time.perf_counter() - start

@@ -30,7 +30,7 @@ class Engine:
         from engine.toolrun import Generators
 
         # media tools: generators/ backends loaded on first use, plus this engine's voice for spoken audio
-        self.generators = Generators(config, [speech_tool.entry(self.roles["tts"])])
+        self.generators = Generators(config, [speech_tool.entry(self.roles["tts"], config.tts)])
         self.perceiver = Perceiver(self)  # attached media -> grounded facts (engine/adapters/)
         self.last_usage: dict = {}
 

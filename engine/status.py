@@ -29,9 +29,8 @@ def status(engine) -> dict:
                        "detail": detail or getattr(section, "model", "") or getattr(section, "voice", "")}
     state, detail = engine.perceiver.status()
     roles["perception"] = {"state": state, "detail": detail, "backend": config.perception.backend}
-    registry.load_backends()
     for task in registry.TASKS:
-        ok, detail = registry.task_status(task)
+        ok, detail = engine.generators.task_status(task)
         roles[f"generator:{task}"] = {"state": "ready" if ok else "unavailable", "detail": detail}
     return {"profile": config.profile, "roles": roles, "memory": memory_mb(),
             "data_dir": str(config.data_path)}

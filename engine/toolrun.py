@@ -46,10 +46,20 @@ class Generators:
         return {"model": model, **({"quantize": quant} if quant != "none" and model != "tiny" else {})}
 
     def available(self, entry) -> tuple[bool, str]:
-        try:
-            return entry.available(**self._options(entry)) if self._options(entry) else entry.available()
-        except TypeError:
-            return entry.available()
+        model = self._options(entry).get("model")
+        return entry.available(model=model) if model else entry.available()
+
+    def task_status(self, task: str) -> tuple[bool, str]:
+        """(available, detail) with this engine's configured models: the backends that can
+        serve `task`, or why none can and what to set."""
+        registry.load_backends()
+        ready, reasons = [], []
+        for entry in [e for e in self.extras if e.task == task] + registry.entries(task):
+            ok, why = self.available(entry)
+            (ready if ok else reasons).append(entry.name if ok else f"{entry.name}: {why}")
+        if ready:
+            return True, ", ".join(ready)
+        return False, "; ".join(reasons) or f"no {registry.TASKS.get(task, task)} backend is built in"
 
     def pick(self, task: str, request: dict, inputs: list):
         """The backend for this request: the first available one that says it can do it,

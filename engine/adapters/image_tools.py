@@ -212,8 +212,8 @@ class ImagePerception:
     @staticmethod
     def _load_ocr():
         from rapidocr import RapidOCR
-        engine = RapidOCR(params={"Global.log_level": "warning", "Global.text_score": OCR_MIN_SCORE})
-        logging.getLogger("RapidOCR").setLevel(logging.WARNING)
+        engine = RapidOCR(params={"Global.log_level": "error", "Global.text_score": OCR_MIN_SCORE})
+        logging.getLogger("RapidOCR").setLevel(logging.ERROR)
         return engine
 
     @staticmethod

@@ -66,12 +66,14 @@ class SpeechAudio:
                                           "width": info.get("width"), "height": info.get("height")})
 
 
-def entry(role):
+def entry(role, tts_cfg):
     """A registry entry for the engine's own voice (kept by the engine, not in the global registry,
     because it belongs to one engine's TTS role)."""
     from generators.registry import Entry
 
     def available() -> tuple[bool, str]:
+        if tts_cfg.backend == "none":
+            return False, "speech synthesis is off: set --tts-backend piper"
         state, detail = role.state()
         return state != "unavailable", detail
 
