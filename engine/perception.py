@@ -41,6 +41,9 @@ class Perceiver:
 
     def _make(self, kind: str):
         cfg = self.cfg
+        if kind in ("image", "video") and cfg.backend == "neural" and not kind.endswith("!"):
+            return _WithVLM(self._adapter(kind + "!"), self._vlm)
+        kind = kind.rstrip("!")
         if kind == "image":
             from engine.adapters.image_tools import ImagePerception
 
@@ -56,7 +59,8 @@ class Perceiver:
         if kind == "video":
             from engine.adapters.video_tools import VideoPerception
 
-            return VideoPerception(image=self._adapter("image"), audio=self._adapter("audio"),
+            return VideoPerception(image=self._adapter("image!" if cfg.backend == "neural" else "image"),
+                                   audio=self._adapter("audio"),
                                    max_keyframes=cfg.max_keyframes)
         raise InputError(f"no adapter reads {kind} files")
 
@@ -82,7 +86,38 @@ class Perceiver:
                 self._seen.popitem(last=False)
         return p
 
+    def _vlm(self):
+        with self._lock:
+            if "vlm" not in self._adapters:
+                from engine.adapters.neural import VisionLanguageAdapter
+
+                self._adapters["vlm"] = VisionLanguageAdapter(self.cfg.vl_model, quantization=self.cfg.vl_quantization)
+            return self._adapters["vlm"]
+
     def status(self) -> tuple[str, str]:
         if not self.enabled:
             return "unavailable", "perception.backend is none: set --set perception.backend=tools"
-        return "ready", "tools: OCR (rapidocr), faces (nudenet), colours, audio events (YAMNet), scene keyframes"
+        tools = "tools: OCR (rapidocr), faces (nudenet), colours, audio events (YAMNet), scene keyframes"
+        if self.cfg.backend == "neural":
+            return "ready", f"{tools}; images and video also described by {self.cfg.vl_model}"
+        return "ready", tools
+
+
+class _WithVLM:
+    """The neural path (gpu profile): the tools' grounded facts plus a vision-language model's
+    description; if the model cannot load, the tools' facts alone, and the facts say why."""
+
+    def __init__(self, tools, vlm) -> None:
+        self.tools, self.vlm = tools, vlm  # vlm: makes the model adapter (it may be unavailable)
+
+    def perceive(self, path, out_dir, cancel=None) -> Perception:
+        p = self.tools.perceive(path, out_dir, cancel)
+        try:
+            v = self.vlm().perceive(path, out_dir, cancel)
+        except (Unavailable, InputError) as exc:
+            p.facts += f" (No model description: {exc}.)"
+            return p
+        p.facts += f" Model description ({v.data.get('model', 'VLM')}): {v.data.get('description', v.facts)}"
+        p.data["vlm"] = v.data
+        p.timings_ms.update({f"vlm_{k}": ms for k, ms in v.timings_ms.items()})
+        return p
