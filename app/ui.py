@@ -93,6 +93,36 @@ def perception_panel(engine: Engine, cid: str | None):
     return gr.Gallery(value=pictures or None), gr.Markdown(facts)
 
 
+def router_view(stats: dict | None):
+    """The last answer's MoE routing as a heatmap (rows: MoE layers, columns: experts,
+    brighter = chosen more often) and a line on the expert cache."""
+    import numpy as np
+    from PIL import Image
+
+    if not stats:
+        return None, "The language model is dense (no experts): nothing to show."
+    layers = sorted(stats["layers"].items(), key=lambda kv: int(kv[0]))
+    grid = np.zeros((len(layers), stats["num_experts"]), np.float32)
+    for row, (_, mods) in enumerate(layers):
+        for name, m in mods.items():
+            if isinstance(m, dict) and "counts" in m:
+                grid[row] += np.asarray(m["counts"], np.float32)
+    grid /= max(1.0, float(grid.max()))
+    rgb = np.stack([grid ** 0.5 * 255, grid * 180, 60 + grid * 40], -1).astype(np.uint8)
+    scale = max(1, 512 // max(grid.shape))
+    image = Image.fromarray(rgb).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    modalities = sorted({name for _, mods in layers for name in mods if isinstance(mods[name], dict)})
+    line = f"{len(layers)} MoE layers x {stats['num_experts']} experts, top-{stats['top_k']}; tokens by modality: " \
+           + ", ".join(modalities)
+    cache = stats.get("cache")
+    if cache:
+        line += (f". Expert cache: hit rate {cache['hit_rate']:.0%}, {cache['resident_experts']} experts resident, "
+                 f"{cache['bytes_moved'] / 2**20:.1f} MiB moved, prefetch accuracy {cache['prefetch_accuracy']:.0%}")
+    else:
+        line += ". All experts resident (no --vram-gb budget)"
+    return image, line
+
+
 def voice_names() -> list[str]:
     from engine.packaged import names
 
@@ -254,14 +284,18 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 gallery = gr.Gallery(label="Images", columns=4, height=240, elem_id="gallery")
                 model3d = gr.Model3D(label="Latest 3D model", height=240, elem_id="model3d")
             files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files")
+        with gr.Accordion("Experts (MoE models)", open=False, elem_id="router-panel"):
+            router_image = gr.Image(label="Which experts the last answer used (rows: layers)", height=200,
+                                    interactive=False, elem_id="router-heatmap")
+            router_line = gr.Markdown(elem_id="router-line")
         with gr.Accordion("Status", open=False, elem_id="status-panel"):
             status_md = gr.Markdown(refresh_status(), elem_id="status")
             gr.Timer(5.0).tick(refresh_status, None, status_md, show_progress="hidden", queue=False)
 
-        panel = [gallery, model3d, files, seen_gallery, seen_facts]
+        panel = [gallery, model3d, files, seen_gallery, seen_facts, router_image, router_line]
 
         def panels(c):
-            return (*media_panel(engine, c), *perception_panel(engine, c))
+            return (*media_panel(engine, c), *perception_panel(engine, c), *router_view(engine.last_router_stats))
 
         box.submit(respond, [box, cid], [chatbot, box, cid, conversations, footer, title_box],
                    concurrency_id="model", concurrency_limit=1, show_progress="hidden").then(

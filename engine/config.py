@@ -39,6 +39,8 @@ class LLMConfig:
     seed: int = 0
     quantization: str = "none"  # none | 4bit | 8bit (bitsandbytes, CUDA only)
     device: str = "auto"  # auto | cpu | cuda
+    vram_gb: float = 0.0  # MoE models: GPU memory to use; experts that do not fit wait in CPU memory (0: all on GPU)
+    expert_prefetch: bool = True  # MoE offload: load the next layer's likely experts ahead (router lookahead)
     base_url: str = "http://127.0.0.1:8000/v1"  # openai backend
     api_key: str = ""  # openai backend; falls back to OPENAI_API_KEY
 
@@ -181,6 +183,7 @@ OVERRIDES: dict[str, str] = {
     "temperature": "llm.temperature",
     "quantization": "llm.quantization",
     "device": "llm.device",
+    "vram_gb": "llm.vram_gb",
     "api_base": "llm.base_url",
     "api_key": "llm.api_key",
     "system_prompt": "system_prompt",
@@ -203,6 +206,7 @@ _HELP = {
     "llm_backend": "transformers | openai | llamacpp",
     "llm_sha256": "expected sha256 of a local .gguf file",
     "quantization": "none | 4bit | 8bit (bitsandbytes, needs CUDA)",
+    "vram_gb": "MoE models: GPU memory budget in GB; experts beyond it are offloaded to CPU memory and cached",
     "api_base": "base URL of an OpenAI-compatible server (remote profile)",
     "data_dir": "where conversations, media and converted weights live",
     "asr": "speech recognition model: a name from assets/models.json or a local model dir / .pt file",
@@ -274,6 +278,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"llm.quantization {cfg.llm.quantization!r}: choose none, 4bit or 8bit")
     if cfg.llm.context_tokens < 64:
         raise ConfigError("llm.context_tokens must be at least 64")
+    if cfg.llm.vram_gb < 0:
+        raise ConfigError("llm.vram_gb must be 0 (no expert offload) or a budget in GB")
     if not 1 <= cfg.llm.max_new_tokens < cfg.llm.context_tokens:
         raise ConfigError("llm.max_new_tokens must be between 1 and llm.context_tokens - 1")
     if cfg.asr.backend not in ("faster-whisper", "openai-whisper", "none"):

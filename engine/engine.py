@@ -13,7 +13,7 @@ from typing import Generator, Iterator, Sequence
 from engine.config import Config
 from engine.context import fit
 from engine.errors import Unavailable
-from engine.events import CancelToken, Done, Error, Event, Notice, TextDelta
+from engine.events import CancelToken, Done, Error, Event, Notice, RouterStats, TextDelta
 from engine.llm.base import GenParams, LLMBackend, Message
 from engine.roles import Role, build_roles
 from engine.store import Store
@@ -33,6 +33,7 @@ class Engine:
         self.generators = Generators(config, [speech_tool.entry(self.roles["tts"], config.tts)])
         self.perceiver = Perceiver(self)  # attached media -> grounded facts (engine/adapters/)
         self.last_usage: dict = {}
+        self.last_router_stats: dict | None = None  # MoE models: which experts the last answer used
 
     @property
     def media_dir(self):
@@ -128,6 +129,8 @@ class Engine:
                 if isinstance(event, TextDelta):
                     first = first or time.monotonic()
                     parts.append(event.text)
+                elif isinstance(event, RouterStats):
+                    self.last_router_stats = event.experts
                 yield event
         except Exception as exc:  # the backend failed mid-answer: keep what we have
             yield Error(f"The language model failed: {exc}", recoverable=True)

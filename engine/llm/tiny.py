@@ -69,3 +69,25 @@ def build_tiny_model(seed: int = 0):
     model = LlamaForCausalLM(config).eval()
     torch.random.set_rng_state(generator_state)
     return model, tokenizer
+
+
+def build_tiny_moe(seed: int = 0):
+    """(model, tokenizer): a 2-layer Qwen3-MoE (8 experts, top-2) with random weights, seeded:
+    the same family as Qwen3-30B-A3B / Qwen3-Omni's thinker, for the MoE code paths."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+        max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=INIT_STD,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(config).eval()
+    torch.random.set_rng_state(generator_state)
+    return model, tokenizer

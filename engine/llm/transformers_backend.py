@@ -16,7 +16,7 @@ from typing import Sequence
 
 from engine.config import LLMConfig
 from engine.errors import Unavailable
-from engine.events import CancelToken, TextDelta
+from engine.events import CancelToken, RouterStats, TextDelta
 from engine.llm.base import GenParams, LLMBackend, Message
 from engine.llm.sources import ModelSource, resolve
 
@@ -26,17 +26,21 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 class TransformersBackend(LLMBackend):
     def __init__(self, cfg: LLMConfig, cache_dir: Path) -> None:
         self.cfg = cfg
-        if cfg.model == "tiny":
-            from engine.llm.tiny import build_tiny_model
+        if cfg.model in ("tiny", "tiny-moe"):
+            from engine.llm.tiny import build_tiny_model, build_tiny_moe
 
-            self.model, self.tokenizer = build_tiny_model(cfg.seed)
-            self.name, model_ctx = "tiny-random-llama", self.model.config.max_position_embeddings
+            self.model, self.tokenizer = (build_tiny_moe if cfg.model == "tiny-moe" else build_tiny_model)(cfg.seed)
+            self.name, model_ctx = f"{cfg.model}-random", self.model.config.max_position_embeddings
         else:
             source = resolve(cfg.model, cache_dir, cfg.sha256)
             self.model, self.tokenizer = _load(source, cfg, cache_dir)
             self.name = source.label
             model_ctx = source.context_tokens or getattr(self.model.config, "max_position_embeddings", None)
         self.context_tokens = min(cfg.context_tokens, model_ctx or cfg.context_tokens)
+        from engine.moe.runtime import MoERuntime
+
+        # MoE models: experts offloaded within --vram-gb, router statistics every turn
+        self.moe = MoERuntime.attach(self.model, cfg, _device(cfg))
         self.device = next(self.model.parameters()).device
         self._kept: tuple[list[int], object] = ([], None)  # (token ids, KV cache) of the last turn
         self._reused = 0
@@ -65,6 +69,8 @@ class TransformersBackend(LLMBackend):
             usage["finish_reason"] = "cancelled"
             return usage
         seen = list(prompt)  # every token now in the KV cache, for the next turn's prefix reuse
+        if self.moe is not None:
+            self.moe.begin_turn()
         with torch.inference_mode():
             out = self._prefill(prompt)
             for step in range(max_new):
@@ -86,6 +92,8 @@ class TransformersBackend(LLMBackend):
             self._kept = (seen[: out.cache.get_seq_length()], out.cache)
         if text := detok.flush():
             yield TextDelta(text)
+        if self.moe is not None:
+            yield RouterStats(self.moe.summary())
         usage["cached_prompt_tokens"] = self._reused
         return usage
 

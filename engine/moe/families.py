@@ -52,7 +52,7 @@ def _is_fused(experts: nn.Module) -> bool:
     return isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == 3
 
 
-def _is_moe_block(module: nn.Module) -> bool:
+def is_moe_block(module: nn.Module) -> bool:
     experts = getattr(module, "experts", None)
     if getattr(module, "gate", None) is None or experts is None:
         return False
@@ -179,7 +179,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     config = model.config
     layers: list[MoELayer] = []
     for name, module in model.named_modules():
-        if not _is_moe_block(module):
+        if not is_moe_block(module):
             continue
         experts, router = module.experts, module.gate
         fused = _is_fused(experts)
