@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP API on the app's own server.
 
-`POST /v1/chat/completions` (SSE streaming and plain JSON) and
+`POST /v1/chat/completions` (SSE streaming and plain JSON; inline base64 images and audio are
+looked at by the perception adapters) and
 `GET /v1/models`, plus `GET /v1/status` (the status panel as JSON). The
 engine runs in a worker thread; when the client goes away the turn's
 CancelToken is set and decoding stops within one token.
@@ -21,7 +22,7 @@ from engine.events import CancelToken, Done, Error, Event, Notice, TextDelta
 from engine.engine import Engine
 from engine.status import status
 
-UNREADABLE_PART = {"image_url": "images", "input_audio": "audio", "video_url": "video"}
+UNREADABLE_PART = {"video_url": "video", "file": "files"}
 
 
 async def iterate_in_thread(make: Callable[[], Iterator[Event]], cancel: CancelToken) -> AsyncIterator[Event]:
@@ -60,12 +61,32 @@ def _error(status_code: int, message: str, kind: str = "invalid_request_error") 
     return JSONResponse({"error": {"message": message, "type": kind, "code": status_code}}, status_code=status_code)
 
 
-def _messages(body: dict) -> tuple[list[dict], list[str]]:
-    """OpenAI messages -> engine messages (text), plus notes on parts we cannot read yet."""
+def _data_part(kind: str, part: dict, i: int) -> tuple[str, bytes]:
+    """(file name, bytes) of an image_url / input_audio part sent inline (base64)."""
+    import base64
+    import binascii
+
+    try:
+        if kind == "image_url":
+            url = (part.get("image_url") or {}).get("url", "") if isinstance(part.get("image_url"), dict) \
+                else str(part.get("image_url") or "")
+            if not url.startswith("data:"):
+                raise ValueError(f"messages[{i}]: send images inline as data: URLs (this app never fetches "
+                                 "from the network)")
+            return f"image-{i}", base64.b64decode(url.split(",", 1)[1], validate=True)
+        audio = part.get("input_audio") or {}
+        return f"audio-{i}.{audio.get('format', 'wav')}", base64.b64decode(audio.get("data", ""), validate=True)
+    except (binascii.Error, IndexError):
+        raise ValueError(f"messages[{i}]: the {kind} part is not valid base64") from None
+
+
+def _messages(body: dict) -> tuple[list[dict], list[str], list[tuple[int, str, bytes]]]:
+    """OpenAI messages -> engine messages (text), notes on parts that cannot be read,
+    and the inline media to look at: (message index, file name, bytes)."""
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise ValueError("'messages' must be a non-empty list")
-    out, notes = [], []
+    out, notes, media = [], [], []
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise ValueError(f"messages[{i}] needs a role of system, user or assistant")
@@ -76,6 +97,8 @@ def _messages(body: dict) -> tuple[list[dict], list[str]]:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
                     texts.append(str(part.get("text", "")))
+                elif kind in ("image_url", "input_audio"):
+                    media.append((i, *_data_part(kind, part, i)))
                 elif kind in UNREADABLE_PART:
                     notes.append(UNREADABLE_PART[kind])
                 else:
@@ -83,7 +106,34 @@ def _messages(body: dict) -> tuple[list[dict], list[str]]:
             content = "\n".join(texts)
         role = {"developer": "system", "tool": "user"}.get(msg["role"], msg["role"])
         out.append({"role": role, "content": str(content)})
-    return out, sorted(set(notes))
+    return out, sorted(set(notes)), media
+
+
+def _look(engine: Engine, messages: list[dict], media: list) -> list[str]:
+    """Run the perception adapters on inline media; their facts join the message they came in.
+    Returns notes for what could not be read."""
+    import tempfile
+    from pathlib import Path
+
+    from engine.errors import InputError
+    from engine.media import ingest
+    from engine.understand import with_facts
+
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="omni-api-") as tmp:
+        for i, name, data in media:
+            path = Path(tmp) / name
+            path.write_bytes(data)
+            try:
+                record = ingest(path, engine.media_dir, engine.config.max_upload_mb * 1_000_000)
+                if not engine.perceiver.enabled:
+                    raise InputError(engine.perceiver.status()[1])
+                facts = engine.perceiver.perceive(record).facts
+            except InputError as exc:
+                notes.append(str(exc) if name in str(exc) else f"{name}: {exc}")
+                continue
+            messages[i]["content"] = with_facts(messages[i]["content"], {name: facts})
+    return notes
 
 
 def bearer(engine: Engine) -> Callable[[Request], None]:
@@ -119,7 +169,7 @@ def make_router(engine: Engine) -> APIRouter:
             body = await request.json()
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
-            messages, unreadable = _messages(body)
+            messages, unreadable, media = _messages(body)
             total = sum(len(m["content"]) for m in messages)
             if total > engine.config.max_prompt_chars:
                 raise ValueError(f"the messages hold {total:,} characters; the limit is "
@@ -131,8 +181,11 @@ def make_router(engine: Engine) -> APIRouter:
             return _error(400, str(exc))
         cancel = CancelToken()
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        prefix = (f"(I can't read {' or '.join(unreadable)} yet: media understanding is not part of "
-                  "this version, so I can only use your text.)\n\n") if unreadable else ""
+        unread = await asyncio.to_thread(_look, engine, messages, media) if media else []
+        prefix = (f"(I can't read {' or '.join(unreadable)} sent as links or files: send them inline "
+                  "as base64 data.)\n\n") if unreadable else ""
+        if unread:
+            prefix += f"(I couldn't read {'; '.join(unread)}.)\n\n"
         events = iterate_in_thread(lambda: engine.complete(messages, params, cancel), cancel)
 
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:

@@ -36,11 +36,22 @@ def test_streaming_sse(client):
     assert len(chunks) >= 3  # role chunk, deltas, final
 
 
-def test_image_parts_get_a_plain_notice(client):
-    r = client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": [
-        {"type": "text", "text": "what is this"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
-    assert r.choices[0].message.content.startswith("(I can't read images yet")
+def test_inline_images_are_looked_at(client, png):
+    import base64
+
+    def ask(url):
+        return client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": url}}]}])
+
+    plain = client.chat.completions.create(model="tiny", max_tokens=4,
+                                           messages=[{"role": "user", "content": "what is this"}])
+    seen = ask("data:image/png;base64," + base64.b64encode(png.read_bytes()).decode())
+    assert not seen.choices[0].message.content.startswith("(I couldn't")
+    assert seen.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the perception facts went in
+    broken = ask("data:image/png;base64,AAAA")
+    assert broken.choices[0].message.content.startswith("(I couldn't read image-0: unsupported file type")
+    with pytest.raises(openai.BadRequestError, match="data: URLs"):
+        ask("https://example.com/cat.png")
 
 
 def test_bad_requests_are_400_with_a_message(server):
