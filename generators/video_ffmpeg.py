@@ -216,7 +216,7 @@ class FFmpegVideoEditor:
         return self._video_result(out, "mute")
 
     def _replace_audio(self, job: _Job, request: dict, inputs) -> Result:
-        src, info, progress, cancel = job.src, job.info, job.progress, job.cancel
+        src, progress, cancel = job.src, job.progress, job.cancel
         if len(inputs) < 2:
             raise RequestError("replace_audio needs a sound file as well as the video")
         sound = Path(inputs[1])
