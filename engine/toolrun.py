@@ -114,6 +114,8 @@ def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, 
     except GenerationError as exc:
         return str(exc), [], "error"
     engine.generators.only(backend)
+    if hasattr(backend, "unload"):
+        make_room_for_diffusion(engine)
     events: queue.Queue = queue.Queue()
     outcome: dict = {}
     with tempfile.TemporaryDirectory(prefix="omni-gen-") as tmp:
@@ -149,6 +151,27 @@ def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, 
     detail = _describe(meta)
     count = f"{len(records)} {what}s" if len(records) > 1 else f"the {what}"
     return f"Here is {count}, made with {backend.name}{f' ({detail})' if detail else ''}.", records, "complete"
+
+
+def make_room_for_diffusion(engine) -> int:
+    """The LLM and the diffusion generators share one GPU: before a pipeline loads, the
+    LLM's offloaded experts leave the GPU (they come back on demand, through the cache,
+    when the LLM runs again). Returns the bytes freed."""
+    llm = engine.roles["llm"].loaded
+    cache = getattr(getattr(llm, "moe", None), "cache", None)
+    if cache is None:
+        return 0
+    with engine.model_lock:
+        freed = cache.used
+        cache.clear()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    return freed
 
 
 def _describe(meta: dict) -> str:

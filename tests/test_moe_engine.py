@@ -81,3 +81,23 @@ def test_router_heatmap_image(tmp_path):
     stats = [e for e in events if e.type == "router_stats"][-1].experts
     image, text = router_view(stats)
     assert image.size[0] >= 8 and image.size[1] >= 2 and "hit rate" in text
+
+
+def test_a_diffusion_generator_takes_the_experts_gpu_room_and_they_come_back(tmp_path):
+    """One GPU for the LLM and the generators: running a diffusion pipeline first evicts the
+    LLM's cached experts; the next answer loads them again through the cache."""
+    eng = Engine(load_config("tiny", overrides={"llm": "tiny-moe", "data_dir": str(tmp_path), "max_new_tokens": "8",
+                                                "vram_gb": "0.002"}, env={}))
+    try:
+        s = eng.session()
+        list(s.submit(Turn("hello")))
+        cache = eng.roles["llm"].loaded.moe.cache
+        assert cache.used > 0
+        events = list(s.submit(Turn("draw a lighthouse at dusk, 64x64")))
+        assert any(e.type == "media_result" and e.meta["backend"] == "diffusion" for e in events)
+        assert cache.used == 0  # the experts left the (GPU) room to the pipeline
+        events = list(s.submit(Turn("and now tell me a story")))
+        stats = [e for e in events if e.type == "router_stats"][-1].experts["cache"]
+        assert stats["misses"] > 0 and cache.used > 0  # and came back on demand
+    finally:
+        eng.close()
