@@ -84,6 +84,12 @@
       state.stats.answer += ev.text;
       caption("assistant", ev.text, true);
       setStatus("Speaking…");
+    } else if (ev.type === "tool_call") {
+      caption("notice", "Making it: " + ev.name.replace(/_/g, " ") + "…", false);
+    } else if (ev.type === "progress") {
+      setStatus("Working… " + Math.round(ev.fraction * 100) + "%");
+    } else if (ev.type === "perceived") {
+      caption("notice", "Looked at " + ev.name, false);
     } else if (ev.type === "notice") {
       caption("notice", ev.message, false);
     } else if (ev.type === "error") {
