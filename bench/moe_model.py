@@ -5,8 +5,9 @@ is installed and agrees with the reference, else in plain torch)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: F401
 from torch import nn
+
+from engine.moe.nf4 import NF4_BLOCK, NF4Expert, configure_nf4, nf4_quantize  # noqa: F401  (the bench uses them)
 
 # Random weights: std = WEIGHT_SCALE / sqrt(hidden) (0.02 at hidden 256, 0.007 at 2048) and unit token
 # embeddings, so the token dominates the residual stream and routing is about as uncorrelated between
@@ -14,95 +15,6 @@ from torch import nn
 # random attention averages swamp the token and consecutive tokens share ~70% of their experts
 # (chance: 6%), which would flatter any cache.
 WEIGHT_SCALE, EMBED_STD = 0.32, 1.0
-
-# -- NF4 (the bitsandbytes format) -----------------------------------------------------------
-NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0]
-NF4_BLOCK = 64
-_codes: dict[torch.device, torch.Tensor] = {}
-_bnb_dequant = None  # set by configure_nf4 when bitsandbytes' kernel passes the check
-
-
-def _code(device) -> torch.Tensor:
-    device = torch.device(device)
-    if device not in _codes:
-        _codes[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
-    return _codes[device]
-
-
-def nf4_quantize(w: torch.Tensor):
-    """w [..., n] (n % 64 == 0) -> packed uint8 [..., n/2] (first value in the high nibble),
-    float32 absmax [..., n/64]: bitsandbytes' NF4 layout, blocks along the flattened weight."""
-    lead, n = w.shape[:-1], w.shape[-1]
-    blocks = w.float().reshape(*lead, n // NF4_BLOCK, NF4_BLOCK)
-    absmax = blocks.abs().amax(-1).clamp_min(1e-12)
-    code = _code(w.device)
-    idx = torch.bucketize(blocks / absmax[..., None], (code[1:] + code[:-1]) / 2).to(torch.uint8)
-    idx = idx.reshape(*lead, n)
-    return (idx[..., 0::2] << 4) | idx[..., 1::2], absmax
-
-
-def nf4_dequant_torch(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype) -> torch.Tensor:
-    idx = torch.stack((packed >> 4, packed & 15), -1).reshape(-1).long()
-    w = _code(packed.device)[idx].view(-1, NF4_BLOCK) * absmax.reshape(-1, 1)
-    return w.view(shape).to(dtype)
-
-
-def nf4_dequant(packed, absmax, shape, dtype) -> torch.Tensor:
-    if _bnb_dequant is not None and packed.is_cuda:
-        return _bnb_dequant(packed, absmax, shape, dtype)
-    return nf4_dequant_torch(packed, absmax, shape, dtype)
-
-
-def configure_nf4(device: torch.device, dtype) -> str:
-    """Use bitsandbytes' dequantize kernel on CUDA when it is importable and matches the reference."""
-    global _bnb_dequant
-    if device.type != "cuda":
-        return "plain torch (bitsandbytes' kernel needs CUDA)"
-    try:
-        import bitsandbytes.functional as bf
-    except Exception as exc:  # noqa: BLE001 - any import failure means no kernel
-        return f"plain torch (bitsandbytes unavailable: {type(exc).__name__}: {exc})"[:200]
-
-    def dequant(packed, absmax, shape, dt):
-        state = bf.QuantState(absmax=absmax, shape=torch.Size(shape), code=_code(packed.device),
-                              blocksize=NF4_BLOCK, quant_type="nf4", dtype=dt)
-        return bf.dequantize_4bit(packed.reshape(-1, 1), quant_state=state)
-
-    try:
-        w = torch.randn(96, 256, device=device, generator=torch.Generator(device).manual_seed(7))
-        packed, absmax = nf4_quantize(w)
-        ref = nf4_dequant_torch(packed, absmax, w.shape, dtype)
-        got = dequant(packed, absmax, w.shape, dtype)
-        if not torch.allclose(got.float(), ref.float(), rtol=1e-2, atol=1e-6):
-            return "plain torch (bitsandbytes' dequantize_4bit disagreed with the NF4 reference)"
-    except Exception as exc:  # noqa: BLE001
-        return f"plain torch (bitsandbytes' dequantize_4bit failed: {type(exc).__name__}: {exc})"[:200]
-    _bnb_dequant = dequant
-    import bitsandbytes
-    return f"bitsandbytes {bitsandbytes.__version__} dequantize_4bit"
-
-
-class NF4Expert(nn.Module):
-    """One SwiGLU expert with NF4 weights held as plain (uint8 / float32) parameters, so that
-    engine.moe.offload and accelerate move them like any tensor; dequantized at each call."""
-
-    def __init__(self, gate_up_q, gate_up_absmax, down_q, down_absmax, inter: int, hidden: int, act_fn):
-        super().__init__()
-        self.gate_up_q = nn.Parameter(gate_up_q, requires_grad=False)
-        self.gate_up_absmax = nn.Parameter(gate_up_absmax, requires_grad=False)
-        self.down_q = nn.Parameter(down_q, requires_grad=False)
-        self.down_absmax = nn.Parameter(down_absmax, requires_grad=False)
-        self.inter, self.hidden, self.act_fn = inter, hidden, act_fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = nf4_dequant(self.gate_up_q, self.gate_up_absmax, (2 * self.inter, self.hidden), x.dtype)
-        gate, up = F.linear(x, w).chunk(2, dim=-1)
-        w = nf4_dequant(self.down_q, self.down_absmax, (self.hidden, self.inter), x.dtype)
-        return F.linear(self.act_fn(gate) * up, w)
-
 
 # -- the model -------------------------------------------------------------------------------
 def build_model(shape: dict, dtype, experts: str, fill_device: torch.device, seed: int = 0):

@@ -41,6 +41,7 @@ class LLMConfig:
     device: str = "auto"  # auto | cpu | cuda
     vram_gb: float = 0.0  # MoE models: GPU memory to use; experts that do not fit wait in CPU memory (0: all on GPU)
     expert_prefetch: bool = True  # MoE offload: load the next layer's likely experts ahead (router lookahead)
+    expert_quantization: str = "none"  # MoE: none | nf4 (4-bit experts, dequantized as they run; CPU or CUDA)
     base_url: str = "http://127.0.0.1:8000/v1"  # openai backend
     api_key: str = ""  # openai backend; falls back to OPENAI_API_KEY
 
@@ -278,6 +279,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"llm.quantization {cfg.llm.quantization!r}: choose none, 4bit or 8bit")
     if cfg.llm.context_tokens < 64:
         raise ConfigError("llm.context_tokens must be at least 64")
+    if cfg.llm.expert_quantization not in ("none", "nf4"):
+        raise ConfigError(f"llm.expert_quantization {cfg.llm.expert_quantization!r}: choose none or nf4")
     if cfg.llm.vram_gb < 0:
         raise ConfigError("llm.vram_gb must be 0 (no expert offload) or a budget in GB")
     if not 1 <= cfg.llm.max_new_tokens < cfg.llm.context_tokens:

@@ -26,10 +26,20 @@ def _param_bytes(module) -> int:
 
 
 class MoERuntime:
-    def __init__(self, model, layers, vram_gb: float, device: str, prefetch: bool) -> None:
+    def __init__(self, model, layers, vram_gb: float, device: str, prefetch: bool, nf4: bool = False) -> None:
+        from engine.moe.families import find_moe_layers
         from engine.moe.offload import min_budget_bytes, offload_experts
         from engine.moe.stats import RouterStats
 
+        self.dequant = None  # with NF4 experts: which dequantizer runs (bitsandbytes' kernel or plain torch)
+        if nf4:
+            import torch
+
+            from engine.moe.nf4 import configure_nf4, quantize_experts
+
+            quantize_experts(model)
+            self.dequant = configure_nf4(torch.device(device), torch.float16)
+            layers = find_moe_layers(model)  # the blocks now hold NF4 experts
         self.layers = layers
         self.cache = None
         if vram_gb > 0:
@@ -56,13 +66,16 @@ class MoERuntime:
             if cfg.vram_gb > 0:
                 raise Unavailable(f"--vram-gb offloads the experts of MoE models; {type(model).__name__} has none",
                                   "drop --vram-gb, or choose an MoE model (Qwen3-30B-A3B, OLMoE, Mixtral)")
+            if cfg.expert_quantization != "none":
+                raise Unavailable("llm.expert_quantization applies to MoE models", "set it back to none")
             return None
         if cfg.vram_gb > 0 and cfg.quantization != "none":
             # transformers will not move a bitsandbytes model piecewise; quantized experts in the
             # CPU store are the next step (see bench/moe.py), until then say so plainly
-            raise Unavailable("expert offload (--vram-gb) of a bitsandbytes-quantized model is not supported yet",
-                              "use --quantization none with --vram-gb, or drop --vram-gb")
-        return cls(model, layers, cfg.vram_gb, device, cfg.expert_prefetch)
+            raise Unavailable("expert offload (--vram-gb) of a bitsandbytes-quantized model is not supported",
+                              "use --quantization none --set llm.expert_quantization=nf4 with --vram-gb: "
+                              "4-bit experts that the cache moves")
+        return cls(model, layers, cfg.vram_gb, device, cfg.expert_prefetch, cfg.expert_quantization == "nf4")
 
     def begin_turn(self) -> None:
         self.stats.reset()
@@ -75,4 +88,5 @@ class MoERuntime:
         info = self.stats.layer_info()
         return {"layers": {str(i): {"layer": info[i]["layer"], **mods} for i, mods in self.stats.summary().items()},
                 "num_experts": self.layers[0].num_experts, "top_k": self.layers[0].top_k,
+                "expert_format": f"nf4, {self.dequant}" if self.dequant else "native",
                 "cache": self.cache.stats() if self.cache is not None else None}
