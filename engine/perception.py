@@ -41,9 +41,6 @@ class Perceiver:
 
     def _make(self, kind: str):
         cfg = self.cfg
-        if kind in ("image", "video") and cfg.backend == "neural" and not kind.endswith("!"):
-            return _WithVLM(self._adapter(kind + "!"), self._vlm)
-        kind = kind.rstrip("!")
         if kind == "image":
             from engine.adapters.image_tools import ImagePerception
 
@@ -59,13 +56,35 @@ class Perceiver:
         if kind == "video":
             from engine.adapters.video_tools import VideoPerception
 
-            return VideoPerception(image=self._adapter("image!" if cfg.backend == "neural" else "image"),
-                                   audio=self._adapter("audio"),
+            return VideoPerception(image=self._adapter("image"), audio=self._adapter("audio"),
                                    max_keyframes=cfg.max_keyframes)
         raise InputError(f"no adapter reads {kind} files")
 
-    def perceive(self, record, cancel=None) -> Perception:
-        """Facts about one MediaRecord (cached by content). Raises InputError for unreadable media."""
+    def perceive(self, record, cancel=None, question: str = "") -> Perception:
+        """Facts about one MediaRecord. Raises InputError for unreadable media. The tools'
+        facts are cached by content; on the neural path a vision-language model then looks at
+        the image or video itself with the user's question (not cached: the question varies)."""
+        p = self._tools(record, cancel)
+        if self.cfg.backend != "neural" or record.kind not in ("image", "video"):
+            return p
+        p = Perception(p.kind, p.name, p.facts, dict(p.data), list(p.overlays), dict(p.timings_ms))
+        try:
+            v = self._vlm().perceive(Path(record.path), self._out(record), cancel, question=question)
+        except (Unavailable, InputError) as exc:
+            p.facts += f" (No model description: {exc}.)"
+            return p
+        p.facts += f" Model description ({v.data.get('model', 'VLM')}): {v.data.get('description', v.facts)}"
+        p.data["vlm"] = v.data
+        p.timings_ms.update({f"vlm_{k}": ms for k, ms in v.timings_ms.items()})
+        return p
+
+    def _out(self, record) -> Path:
+        out = self.engine.media_dir / "seen" / record.sha256[:2] / record.sha256
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def _tools(self, record, cancel=None) -> Perception:
+        """The perception tools' facts about one file, cached by content."""
         key = (record.sha256, record.kind)
         with self._lock:
             if key in self._seen:
@@ -73,10 +92,8 @@ class Perceiver:
                 hit = self._seen[key]
                 return Perception(hit.kind, record.name, hit.facts.replace(hit.name, record.name, 1),
                                   hit.data, hit.overlays, {"cached": 0.0})
-        out = self.engine.media_dir / "seen" / record.sha256[:2] / record.sha256
-        out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        p = self._adapter(record.kind).perceive(Path(record.path), out, cancel)
+        p = self._adapter(record.kind).perceive(Path(record.path), self._out(record), cancel)
         p.facts = p.facts.replace(Path(record.path).name, record.name)  # the user's name, not the stored one
         p.name = record.name
         p.timings_ms.setdefault("total", round((time.perf_counter() - started) * 1000, 1))
@@ -101,23 +118,3 @@ class Perceiver:
         if self.cfg.backend == "neural":
             return "ready", f"{tools}; images and video also described by {self.cfg.vl_model}"
         return "ready", tools
-
-
-class _WithVLM:
-    """The neural path (gpu profile): the tools' grounded facts plus a vision-language model's
-    description; if the model cannot load, the tools' facts alone, and the facts say why."""
-
-    def __init__(self, tools, vlm) -> None:
-        self.tools, self.vlm = tools, vlm  # vlm: makes the model adapter (it may be unavailable)
-
-    def perceive(self, path, out_dir, cancel=None) -> Perception:
-        p = self.tools.perceive(path, out_dir, cancel)
-        try:
-            v = self.vlm().perceive(path, out_dir, cancel)
-        except (Unavailable, InputError) as exc:
-            p.facts += f" (No model description: {exc}.)"
-            return p
-        p.facts += f" Model description ({v.data.get('model', 'VLM')}): {v.data.get('description', v.facts)}"
-        p.data["vlm"] = v.data
-        p.timings_ms.update({f"vlm_{k}": ms for k, ms in v.timings_ms.items()})
-        return p

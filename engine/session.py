@@ -87,7 +87,7 @@ class Session:
             yield Error(str(exc), recoverable=True)
             yield Done(conversation_id=self.id or "")
             return
-        got = yield from understand(engine, records, turn.spoken, cancel)
+        got = yield from understand(engine, records, turn.spoken, cancel, text)
         heard = got.heard
         text = user_message(text, records, heard, turn.spoken)
         if turn.spoken and not text:

@@ -27,7 +27,7 @@ class Understood:
     overlays: dict = field(default_factory=dict)  # file name -> annotated images (the perception panel)
 
 
-def understand(engine, records, spoken: bool, cancel=None) -> Generator[Event, None, Understood]:
+def understand(engine, records, spoken: bool, cancel=None, question: str = "") -> Generator[Event, None, Understood]:
     got = Understood()
     if spoken or not engine.perceiver.enabled:
         got.heard = yield from transcribe(engine, records)
@@ -36,7 +36,7 @@ def understand(engine, records, spoken: bool, cancel=None) -> Generator[Event, N
         if rec.kind not in ("image", "audio", "video"):
             continue
         try:
-            p = engine.perceiver.perceive(rec, cancel)
+            p = engine.perceiver.perceive(rec, cancel, question)
         except InputError as exc:
             got.facts[rec.name] = f"(could not be read: {exc})"
             yield Notice(f"I couldn't look at {rec.name}: {exc}")

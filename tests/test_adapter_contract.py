@@ -206,7 +206,8 @@ def test_tiny_model_in_4bit_on_cuda(media, tmp_path):
 
 def test_engine_neural_path_adds_the_model_description(tmp_path):
     """perception.backend=neural through the engine: the tools' facts plus the (tiny) VLM's
-    description; an unavailable model leaves the tools' facts and says why."""
+    answer from the image itself and the user's question; an unavailable model leaves the
+    tools' facts and says why."""
     from PIL import Image
 
     from engine.config import load_config
@@ -222,5 +223,7 @@ def test_engine_neural_path_adds_the_model_description(tmp_path):
         try:
             seen = [e for e in eng.session().submit(Turn("what is this?", (str(img),))) if e.type == "perceived"]
             assert "96x64" in seen[0].facts and expect in seen[0].facts
+            if model == "tiny":  # the model looked at the image with the user's own question
+                assert seen[0].data["vlm"]["question"] == "what is this?" and seen[0].data["vlm"]["vision_tokens"] > 0
         finally:
             eng.close()

@@ -281,7 +281,7 @@ class VisionLanguageAdapter:
             return _frames_processor(tok, images, start, image, video, end)
 
     # ---- inputs ------------------------------------------------------------------------------
-    def prepare(self, path, cancel=None, timings: dict | None = None):
+    def prepare(self, path, cancel=None, timings: dict | None = None, prompt: str | None = None):
         """(kind, model inputs on the device, info) for one file; loads the model on first use."""
         from engine.adapters.image_tools import load_image
 
@@ -294,12 +294,12 @@ class VisionLanguageAdapter:
         kind = "video" if path.suffix.lower() in VIDEO_EXTS else "image"
         if kind == "video":
             frames, times, duration = read_frames(path)
-            inputs = self._video_inputs(model, proc, frames, times, duration)
+            inputs = self._video_inputs(model, proc, frames, times, duration, prompt)
             info = {"frames": len(frames), "frame_times_s": [round(x, 2) for x in times],
                     "duration_s": round(duration, 2) if duration else None, "size": list(frames[0].size)}
         else:
             im, size = load_image(path, 2048)
-            inputs = dict(proc(text=[self._chat(proc, "image", self.prompt)], images=[_cap(im, IMAGE_MAX_PIXELS)],
+            inputs = dict(proc(text=[self._chat(proc, "image", prompt or self.prompt)], images=[_cap(im, IMAGE_MAX_PIXELS)],
                                return_tensors="pt"))
             info = {"size": list(size)}
         params = inspect.signature(type(model).forward).parameters  # the class: hooks wrap the instance
@@ -315,7 +315,7 @@ class VisionLanguageAdapter:
         return proc.apply_chat_template([{"role": "user", "content": [{"type": kind}, {"type": "text", "text": prompt}]}],
                                         tokenize=False, add_generation_prompt=True)
 
-    def _video_inputs(self, model, proc, frames, times, duration):
+    def _video_inputs(self, model, proc, frames, times, duration, prompt: str | None = None):
         """Frames -> the model's video inputs: each frame through the image processor (one
         temporal slice), pairs stacked as temporal patches, placeholders expanded."""
         import torch
@@ -330,7 +330,7 @@ class VisionLanguageAdapter:
         g = len(frames) // tp
         pv = pv.reshape(g, tp, gh * gw, -1, p * p).permute(0, 2, 3, 1, 4).reshape(g * gh * gw, -1)
         step = (duration / len(times)) if duration else (times[-1] - times[0]) / max(1, len(times) - 1) or 1.0
-        text = self._chat(proc, "video", VIDEO_PROMPT if self.prompt == DEFAULT_PROMPT else self.prompt)
+        text = self._chat(proc, "video", prompt or (VIDEO_PROMPT if self.prompt == DEFAULT_PROMPT else self.prompt))
         text = text.replace(proc.video_token, proc.video_token * (g * gh * gw // merge ** 2), 1)
         enc = proc.tokenizer([text], return_tensors="pt")
         ids = enc["input_ids"]
@@ -341,14 +341,18 @@ class VisionLanguageAdapter:
                 "second_per_grid_ts": seconds, "video_second_per_grid": seconds}
 
     # ---- the adapter -------------------------------------------------------------------------
-    def perceive(self, path, out_dir, cancel=None) -> Perception:
+    def perceive(self, path, out_dir, cancel=None, question: str = "") -> Perception:
+        """With a `question` (the user's words), the model describes the file and answers it
+        from what it sees: the media go through the model's own processor with the question."""
         import torch
         from transformers import StoppingCriteriaList
 
         path = Path(path)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        kind, inputs, info = self.prepare(path, cancel, timings)
+        prompt = f"{self.prompt} Then answer the user's question about it: {question.strip()}" \
+            if question.strip() else None
+        kind, inputs, info = self.prepare(path, cancel, timings, prompt)
         check(cancel)
         t = time.perf_counter()
         with self._lock, torch.inference_mode():
@@ -360,7 +364,7 @@ class VisionLanguageAdapter:
         timings["generate"] = round((time.perf_counter() - t) * 1000, 1)
         timings["total"] = round((time.perf_counter() - t0) * 1000, 1)
         data = {"model": self.model, "arch": self._model.config.model_type, "description": text,
-                "tokens": int(len(new)), **info}
+                "tokens": int(len(new)), "question": question.strip(), **info}
         shown = text or "(the model gave no description)"
         span = f"{mmss(info['duration_s'])}, " if info.get("duration_s") else ""
         facts = f"Video {path.name} ({span}{info['frames']} frames looked at): {shown}" if kind == "video" \
