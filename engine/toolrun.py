@@ -49,21 +49,8 @@ class Generators:
         model = self._options(entry).get("model")
         return entry.available(model=model) if model else entry.available()
 
-    def task_status(self, task: str) -> tuple[bool, str]:
-        """(available, detail) with this engine's configured models: the backends that can
-        serve `task`, or why none can and what to set."""
-        registry.load_backends()
-        ready, reasons = [], []
-        for entry in [e for e in self.extras if e.task == task] + registry.entries(task):
-            ok, why = self.available(entry)
-            (ready if ok else reasons).append(entry.name if ok else f"{entry.name}: {why}")
-        if ready:
-            return True, ", ".join(ready)
-        return False, "; ".join(reasons) or f"no {registry.TASKS.get(task, task)} backend is built in"
-
-    def pick(self, task: str, request: dict, inputs: list):
-        """The backend for this request: the first available one that says it can do it,
-        else the first available one (its error then says what it can do)."""
+    def _scan(self, task: str) -> tuple[list, list[str]]:
+        """(available entries in order of preference, "name: why not" for the others)."""
         registry.load_backends()
         ready, reasons = [], []
         for entry in [e for e in self.extras if e.task == task] + registry.entries(task):
@@ -72,6 +59,20 @@ class Generators:
                 ready.append(entry)
             else:
                 reasons.append(f"{entry.name}: {why}")
+        return ready, reasons
+
+    def task_status(self, task: str) -> tuple[bool, str]:
+        """(available, detail) with this engine's configured models: the backends that can
+        serve `task`, or why none can and what to set."""
+        ready, reasons = self._scan(task)
+        if ready:
+            return True, ", ".join(e.name for e in ready)
+        return False, "; ".join(reasons) or f"no {registry.TASKS.get(task, task)} backend is built in"
+
+    def pick(self, task: str, request: dict, inputs: list):
+        """The backend for this request: the first available one that says it can do it,
+        else the first available one (its error then says what it can do)."""
+        ready, reasons = self._scan(task)
         if not ready:
             raise RequestError(f"No backend can do {registry.TASKS[task]} here: " + ("; ".join(reasons) or
                                "none is built in") + ".")
