@@ -243,6 +243,16 @@ def llm_arguments(llm, name: str, text: str, media: list, cancel=None) -> dict:
     return args
 
 
+def _local_llm(engine):
+    """The loaded LLM when it can score choices and constrain decoding (local weights), else None:
+    an unavailable or remote model leaves the choice to the rules and the arguments to the words."""
+    try:
+        llm = engine.roles["llm"].get()
+    except Unavailable:
+        return None
+    return llm if hasattr(llm, "tokenizer") else None
+
+
 def plan(engine, text: str, media: list, attached: tuple = (), cancel=None) -> ToolPlan | None:
     """The tool call this message asks for, or None for a plain answer.
     `media`: conversation_media(); `attached`: records sent with this message."""
@@ -254,19 +264,14 @@ def plan(engine, text: str, media: list, attached: tuple = (), cancel=None) -> T
     name, by = None, "rules"
     if cfg.router in ("rules", "hybrid"):
         name = rule_choice(text, kinds)
-    if name is None and cfg.router in ("llm", "hybrid"):
-        try:
-            llm = engine.roles["llm"].get()
-        except Unavailable:
-            llm = None
-        if llm is not None and hasattr(llm, "tokenizer"):  # likelihood scoring needs local weights
-            with engine.model_lock:
-                name, by = llm_choice(llm, text, kinds), "llm"
+    if name is None and cfg.router in ("llm", "hybrid") and (llm := _local_llm(engine)) is not None:
+        with engine.model_lock:
+            name, by = llm_choice(llm, text, kinds), "llm"
     if name in (None, CHAT):
         return None
-    if cfg.arguments == "llm" and hasattr(engine.roles["llm"].get(), "tokenizer"):
+    if cfg.arguments == "llm" and (llm := _local_llm(engine)) is not None:
         with engine.model_lock:
-            args = llm_arguments(engine.roles["llm"].get(), name, text, media, cancel)
+            args = llm_arguments(llm, name, text, media, cancel)
     else:
         args = words_arguments(name, text)
     inputs = []

@@ -256,3 +256,15 @@ def test_spoken_words_as_audio_and_as_a_voice_over(tmp_path):
         assert result["kind"] == "video" and info["has_audio"] and info["duration_s"] == pytest.approx(3, abs=0.2)
     finally:
         eng.close()
+
+
+def test_unavailable_llm_falls_back_to_rules_and_words(tmp_path):
+    """arguments=llm (the gpu profile) with a model that cannot load: the call is still made
+    from the rules and the user's words, not an exception out of the turn."""
+    eng = _engine(tmp_path, llm="no/such-model", **{"generators.arguments": "llm", "generators.router": "hybrid"})
+    try:
+        plan = router.plan(eng, "crop it to a square", [("user", _rec("beach.png"))])
+        assert plan.name == "edit_image" and plan.arguments["instruction"] == "crop it to a square"
+        assert plan.chosen_by == "rules"
+    finally:
+        eng.close()
