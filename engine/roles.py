@@ -79,7 +79,9 @@ def build_roles(config: Config) -> dict[str, Role]:
     def llm():
         from engine.llm import load_backend
 
-        return load_backend(config.llm, models)
+        from dataclasses import replace
+
+        return load_backend(replace(config.llm, talker=config.tts.backend == "talker"), models)
 
     def asr():
         from engine.speech.asr import load_asr
@@ -87,6 +89,10 @@ def build_roles(config: Config) -> dict[str, Role]:
         return load_asr(config.asr, models)
 
     def tts():
+        if config.tts.backend == "talker":
+            from engine.speech.talker import TalkerVoice
+
+            return TalkerVoice(roles["llm"], config.tts.talker_speaker)
         from engine.speech.tts import load_tts
 
         return load_tts(config.tts)
@@ -97,9 +103,10 @@ def build_roles(config: Config) -> dict[str, Role]:
         return load_vad(config.vad)
 
     name = lambda v: v.name  # noqa: E731
-    return {
+    roles = {
         "llm": Role("llm", llm, name, "check --llm and the logs"),
         "asr": Role("asr", asr, name, "check --asr and the logs"),
         "tts": Role("tts", tts, name, "check --voice and the logs"),
         "vad": Role("vad", vad, lambda v: "Silero VAD (ONNX)", "check --set vad.model and the logs"),
     }
+    return roles

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -143,7 +143,10 @@ class Session:
         if text:
             messages = [{"role": "system", "content": engine.config.system_prompt}, *history,
                         {"role": "user", "content": with_facts(text, got.facts)}]
-            stream = engine.answer(messages, engine.params(turn.max_new_tokens, turn.temperature), cancel)
+            params = engine.params(turn.max_new_tokens, turn.temperature)
+            if isinstance(speech, _TalkerSpeaker):
+                params = replace(params, trace=speech.trace)  # the talker speaks from the thinker's states
+            stream = engine.answer(messages, params, cancel, records)
             while True:
                 try:
                     event = next(stream)
@@ -214,6 +217,8 @@ class Session:
             tts = self.engine.roles["tts"].get()
         except Unavailable as exc:
             return Notice(f"Not speaking this answer: speech synthesis is {exc}")
+        if getattr(tts, "speak", None) is not None:  # the omni LLM's own talker (engine/speech/talker.py)
+            return _TalkerSpeaker(tts, cancel, self.engine.model_lock)
         return _Speaker(tts, self.engine.config.tts, cancel)
 
 
@@ -260,6 +265,45 @@ class _Speaker:
         with tempfile.TemporaryDirectory() as tmp:
             path = write_wav(Path(tmp) / "answer.wav", audio, self.rate)
             return media_mod.ingest(path, engine.media_dir, 1 << 31, "answer.wav")
+
+
+class _TalkerSpeaker(_Speaker):
+    """The answer spoken by the omni model's talker, once the thinker has finished: it speaks
+    from the thinker's hidden states (filled into `trace` during the answer), not from text."""
+
+    def __init__(self, voice, cancel: CancelToken, lock) -> None:
+        import time
+
+        self.voice, self.cancel, self.lock = voice, cancel, lock
+        self.rate, self.started, self.first = voice.sample_rate, time.monotonic(), None
+        self.trace: list = []
+        self.pcm: list[bytes] = []
+
+    def push(self, text: str) -> None:
+        pass  # (a tool turn's short reply has no trace: it is shown, not spoken)
+
+    def ready(self) -> Iterator[AudioChunk]:
+        return iter(())
+
+    def finish(self) -> Iterator[AudioChunk]:
+        import time
+
+        if not self.trace or self.cancel.cancelled:
+            return
+        try:
+            wav = self.voice.speak(self.trace[-1], self.cancel, self.lock)
+        except InterruptedError:
+            return
+        if len(wav):
+            self.first = time.monotonic()
+            pcm = (np.clip(wav, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+            self.pcm.append(pcm)
+            yield AudioChunk(pcm, self.rate)
+
+    def timings(self) -> dict:
+        samples = sum(len(p) for p in self.pcm) // 2
+        return {"first_audio_ms": round((self.first - self.started) * 1000, 1) if self.first else None,
+                "audio_s": round(samples / self.rate, 3), "voice": "talker"}
 
 
 def _title(text: str, records) -> str:

@@ -155,24 +155,14 @@ def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, 
 
 
 def make_room_for_diffusion(engine) -> int:
-    """The LLM and the diffusion generators share one GPU: before a pipeline loads, the
-    LLM's offloaded experts leave the GPU (they come back on demand, through the cache,
-    when the LLM runs again). Returns the bytes freed."""
+    """The LLM and the diffusion generators share one GPU: before a pipeline loads, the LLM
+    gives its room (offloaded experts leave the cache; a model wholly on the GPU moves to
+    CPU memory) and takes it back when it runs again. Returns the bytes freed."""
     llm = engine.roles["llm"].loaded
-    cache = getattr(getattr(llm, "moe", None), "cache", None)
-    if cache is None:
+    if llm is None or not hasattr(llm, "park"):
         return 0
     with engine.model_lock:
-        freed = cache.used
-        cache.clear()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-    return freed
+        return llm.park()
 
 
 def _describe(meta: dict) -> str:

@@ -126,13 +126,48 @@ def test_unknown_model_says_what_to_set(tmp_path):
         load_backend(LLMConfig(model="no-such-model"), tmp_path)
 
 
-def test_quantization_without_cuda_is_unavailable(tmp_path):
+def test_cuda_device_without_cuda_is_unavailable(tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    d = tmp_path / "m"
-    d.mkdir()
-    (d / "config.json").write_text("{}")
-    with pytest.raises(Unavailable, match="needs a CUDA GPU"):
-        load_backend(LLMConfig(model=str(d), quantization="4bit"), tmp_path)
+    with pytest.raises(Unavailable, match="no CUDA GPU"):
+        load_backend(LLMConfig(model="tiny", device="cuda"), tmp_path)
+
+
+class TestQuantizedBackend(TestTransformersBackend):
+    """bitsandbytes 4-bit (its CPU backend here; CUDA on the gpu profile), through the real
+    from_pretrained path: the tiny model is saved and loaded like a checkpoint."""
+
+    @pytest.fixture(scope="class")
+    def backend(self, tmp_path_factory):
+        pytest.importorskip("bitsandbytes")
+        cfg = load_config("tiny", overrides={"quantization": "4bit"}, env={}).llm
+        b = load_backend(cfg, tmp_path_factory.mktemp("models"))
+        yield b
+        b.close()
+
+    def test_next_turn_reuses_the_kv_cache_and_answers_the_same(self, backend, tmp_path):
+        first, _ = run(backend, GenParams(max_new_tokens=12, temperature=0.0))
+        follow = MSGS + [{"role": "assistant", "content": "".join(e.text for e in first)},
+                         {"role": "user", "content": "And then?"}]
+        reused, usage = run(backend, GenParams(max_new_tokens=12, temperature=0.0), messages=follow)
+        assert usage["cached_prompt_tokens"] > len(MSGS[1]["content"])
+        backend.forget()
+        plain, usage = run(backend, GenParams(max_new_tokens=12, temperature=0.0), messages=follow)
+        assert usage["cached_prompt_tokens"] == 0
+        assert [e.text for e in reused] == [e.text for e in plain]
+
+
+class TestOmniBackbone(TestTransformersBackend):
+    """The omni backbone (Qwen2.5-Omni's thinker, tiny) as a text LLM: the same contract."""
+
+    @pytest.fixture(scope="class")
+    def backend(self, tmp_path_factory):
+        cfg = load_config("tiny", overrides={"llm": "tiny-omni"}, env={}).llm
+        b = load_backend(cfg, tmp_path_factory.mktemp("models"))
+        yield b
+        b.close()
+
+    def test_next_turn_reuses_the_kv_cache_and_answers_the_same(self, backend, tmp_path):
+        TestQuantizedBackend.test_next_turn_reuses_the_kv_cache_and_answers_the_same(self, backend, tmp_path)

@@ -8,7 +8,9 @@ the CPU. Images go through the processor's chat template; videos are sampled to
 MAX_FRAMES frames with OpenCV, each frame through the model's image processor, packed in
 the model's video layout (2 frames per temporal patch, seconds per patch for the 3D rope):
 no torchvision needed. Greedy decoding; `cancel` stops it between tokens.
-`model="tiny"` builds a seeded random model of the same architecture (tests only).
+`model="tiny"` builds a seeded random model of the same architecture (tests only,
+engine/llm/tiny_omni.py). `image_inputs` / `video_inputs` are shared with the omni
+backbone (engine/llm/omni.py), which answers from the media itself.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ from engine.errors import InputError, Unavailable
 
 SETTING = "perception.vl_model"  # the setting that names the model (shown when it is missing)
 _THINKER = "Qwen2_5OmniThinkerForConditionalGeneration"  # Omni's text-out half (no talker)
-ARCHS = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_5_omni": _THINKER, "qwen2_5_omni_thinker": _THINKER}
+_THINKER3 = "Qwen3OmniMoeThinkerForConditionalGeneration"  # Qwen3-Omni's MoE thinker
+ARCHS = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_5_omni": _THINKER, "qwen2_5_omni_thinker": _THINKER,
+         "qwen3_omni_moe": _THINKER3, "qwen3_omni_moe_thinker": _THINKER3}
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
 MAX_FRAMES = 8
 IMAGE_MAX_PIXELS = 1280 * 28 * 28  # <= 1280 vision tokens, as qwen-vl-utils allows an image
@@ -45,11 +49,9 @@ TEMPLATE = (
     "<|vision_start|><|video_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
     "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>", "<unk>"]
 
 
-def _frames_processor(tokenizer, image_processor, start, image, video, end):
+def frames_processor(tokenizer, image_processor, start, image, video, end):
     """Qwen2.5-VL's processor without a video processor (transformers' needs torchvision;
     video frames are packed here), with the model's own placeholder tokens."""
     from transformers import Qwen2_5_VLProcessor
@@ -67,71 +69,6 @@ def _frames_processor(tokenizer, image_processor, start, image, video, end):
     proc.image_token, proc.video_token = image, video
     proc.image_token_id, proc.video_token_id = (tokenizer.convert_tokens_to_ids(t) for t in (image, video))
     return proc
-
-
-def build_tiny_processor():
-    """Char-level tokenizer with the Qwen specials and template + a Qwen2-VL image processor
-    sized so an image becomes 4..9 vision tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from engine.llm.tiny import _byte_of
-
-    keep = sorted(c for c in pre_tokenizers.ByteLevel.alphabet() if _byte_of(c) in set(range(32, 127)) | {10})
-    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + keep)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(TINY_SPECIALS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", unk_token="<unk>",
-                                   pad_token="<|endoftext|>")
-    fast.chat_template = TEMPLATE
-    images = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=9 * 28 * 28)
-    return _frames_processor(fast, images, "<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
-
-
-def build_tiny_vlm(seed: int = 0, arch: str = "qwen2_5_vl"):
-    """(model, processor): Qwen2.5-VL (or Qwen2.5-Omni's thinker) with random weights, seeded:
-    a 2-block vision tower (hidden 32) feeding a 2-layer text model (hidden 64)."""
-    import torch
-    import transformers
-
-    proc = build_tiny_processor()
-    tok = proc.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in TINY_SPECIALS}
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                initializer_range=0.4,  # varied visible text rather than one repeated token
-                bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                  window_size=56, fullatt_block_indexes=[1])
-    marks = dict(vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if arch == "qwen2_5_vl":
-        config = transformers.Qwen2_5_VLConfig(
-            text_config=text, vision_config=dict(vision, tokens_per_second=2), image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"], **marks)
-        cls = transformers.Qwen2_5_VLForConditionalGeneration
-    elif arch == "qwen2_5_omni":
-        unk = ids["<unk>"]  # the tiny one has no audio tokens
-        config = transformers.Qwen2_5OmniThinkerConfig(
-            text_config=text, vision_config=vision, image_token_index=ids["<|image_pad|>"],
-            video_token_index=ids["<|video_pad|>"], audio_token_index=unk, audio_start_token_id=unk,
-            audio_end_token_id=unk, user_token_id=tok.convert_tokens_to_ids("u"), position_id_per_seconds=2,
-            audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
-                              d_model=16, output_dim=64, max_source_positions=64, n_window=8), **marks)
-        cls = transformers.Qwen2_5OmniThinkerForConditionalGeneration
-    else:
-        raise ValueError(f"tiny arch {arch!r}: choose qwen2_5_vl or qwen2_5_omni")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config).eval()
-    gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
-    # keep the random model's words visible: no placeholders or turn markers in its answer
-    gen.suppress_tokens = [ids[t] for t in TINY_SPECIALS if t not in ("<|im_end|>",)]
-    return model, proc
 
 
 def _cap(im, max_pixels: int):
@@ -167,6 +104,37 @@ def read_frames(path: Path, max_frames: int = MAX_FRAMES):
     if not frames:
         raise InputError(f"could not read the video {path.name}: it is corrupt or not a video; try another file")
     return frames, times, (total / fps if total > 0 and fps > 0 else None)
+
+
+def image_inputs(proc, text: str, images) -> dict:
+    """A templated chat with one image placeholder per image -> the model's inputs."""
+    return dict(proc(text=[text], images=[_cap(im, IMAGE_MAX_PIXELS) for im in images], return_tensors="pt"))
+
+
+def video_inputs(proc, text: str, frames, times, duration) -> dict:
+    """Frames -> the model's video inputs for a templated chat with one video placeholder: each
+    frame through the image processor (one temporal slice), pairs stacked as temporal patches,
+    the placeholder expanded."""
+    import torch
+
+    ip = proc.image_processor
+    tp, merge, p = ip.temporal_patch_size, ip.merge_size, ip.patch_size
+    frames = [f.resize(frames[0].size) for f in frames]
+    frames += [frames[-1]] * (-len(frames) % tp)
+    out = ip(frames, temporal_patch_size=1, return_tensors="pt")
+    pv = torch.as_tensor(out["pixel_values"])
+    _, gh, gw = (int(x) for x in out["image_grid_thw"][0])
+    g = len(frames) // tp
+    pv = pv.reshape(g, tp, gh * gw, -1, p * p).permute(0, 2, 3, 1, 4).reshape(g * gh * gw, -1)
+    step = (duration / len(times)) if duration else (times[-1] - times[0]) / max(1, len(times) - 1) or 1.0
+    text = text.replace(proc.video_token, proc.video_token * (g * gh * gw // merge ** 2), 1)
+    enc = proc.tokenizer([text], return_tensors="pt")
+    ids = enc["input_ids"]
+    mm = (ids == proc.image_token_id).long() + 2 * (ids == proc.video_token_id).long()
+    seconds = torch.tensor([tp * step], dtype=torch.float32)
+    return {"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm,
+            "pixel_values_videos": pv, "video_grid_thw": torch.tensor([[g, gh, gw]]),
+            "second_per_grid_ts": seconds, "video_second_per_grid": seconds}
 
 
 def _stopper(cancel):
@@ -218,6 +186,8 @@ class VisionLanguageAdapter:
 
     def _load(self):
         if self.model == "tiny":
+            from engine.llm.tiny_omni import build_tiny_vlm
+
             model, proc = build_tiny_vlm(0)
             if self.quantization == "none":
                 return model.to(self.device), proc
@@ -278,7 +248,7 @@ class VisionLanguageAdapter:
                           for i, k in enumerate(("vision_start_token_id", "vision_end_token_id")))
             image, video = (tok.convert_ids_to_tokens(i) for i in (cfg.image_token_id, cfg.video_token_id))
             images = AutoImageProcessor.from_pretrained(where, local_files_only=True)
-            return _frames_processor(tok, images, start, image, video, end)
+            return frames_processor(tok, images, start, image, video, end)
 
     # ---- inputs ------------------------------------------------------------------------------
     def prepare(self, path, cancel=None, timings: dict | None = None, prompt: str | None = None):
@@ -294,13 +264,13 @@ class VisionLanguageAdapter:
         kind = "video" if path.suffix.lower() in VIDEO_EXTS else "image"
         if kind == "video":
             frames, times, duration = read_frames(path)
-            inputs = self._video_inputs(model, proc, frames, times, duration, prompt)
+            text = self._chat(proc, "video", prompt or (VIDEO_PROMPT if self.prompt == DEFAULT_PROMPT else self.prompt))
+            inputs = video_inputs(proc, text, frames, times, duration)
             info = {"frames": len(frames), "frame_times_s": [round(x, 2) for x in times],
                     "duration_s": round(duration, 2) if duration else None, "size": list(frames[0].size)}
         else:
             im, size = load_image(path, 2048)
-            inputs = dict(proc(text=[self._chat(proc, "image", prompt or self.prompt)], images=[_cap(im, IMAGE_MAX_PIXELS)],
-                               return_tensors="pt"))
+            inputs = image_inputs(proc, self._chat(proc, "image", prompt or self.prompt), [im])
             info = {"size": list(size)}
         params = inspect.signature(type(model).forward).parameters  # the class: hooks wrap the instance
         inputs = {k: v for k, v in inputs.items() if k in params}
@@ -314,31 +284,6 @@ class VisionLanguageAdapter:
     def _chat(proc, kind: str, prompt: str) -> str:
         return proc.apply_chat_template([{"role": "user", "content": [{"type": kind}, {"type": "text", "text": prompt}]}],
                                         tokenize=False, add_generation_prompt=True)
-
-    def _video_inputs(self, model, proc, frames, times, duration, prompt: str | None = None):
-        """Frames -> the model's video inputs: each frame through the image processor (one
-        temporal slice), pairs stacked as temporal patches, placeholders expanded."""
-        import torch
-
-        ip = proc.image_processor
-        tp, merge, p = ip.temporal_patch_size, ip.merge_size, ip.patch_size
-        frames = [f.resize(frames[0].size) for f in frames]
-        frames += [frames[-1]] * (-len(frames) % tp)
-        out = ip(frames, temporal_patch_size=1, return_tensors="pt")
-        pv = torch.as_tensor(out["pixel_values"])
-        _, gh, gw = (int(x) for x in out["image_grid_thw"][0])
-        g = len(frames) // tp
-        pv = pv.reshape(g, tp, gh * gw, -1, p * p).permute(0, 2, 3, 1, 4).reshape(g * gh * gw, -1)
-        step = (duration / len(times)) if duration else (times[-1] - times[0]) / max(1, len(times) - 1) or 1.0
-        text = self._chat(proc, "video", prompt or (VIDEO_PROMPT if self.prompt == DEFAULT_PROMPT else self.prompt))
-        text = text.replace(proc.video_token, proc.video_token * (g * gh * gw // merge ** 2), 1)
-        enc = proc.tokenizer([text], return_tensors="pt")
-        ids = enc["input_ids"]
-        mm = (ids == proc.image_token_id).long() + 2 * (ids == proc.video_token_id).long()
-        seconds = torch.tensor([tp * step], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm,
-                "pixel_values_videos": pv, "video_grid_thw": torch.tensor([[g, gh, gw]]),
-                "second_per_grid_ts": seconds, "video_second_per_grid": seconds}
 
     # ---- the adapter -------------------------------------------------------------------------
     def perceive(self, path, out_dir, cancel=None, question: str = "") -> Perception:
@@ -370,3 +315,11 @@ class VisionLanguageAdapter:
         facts = f"Video {path.name} ({span}{info['frames']} frames looked at): {shown}" if kind == "video" \
             else f"Image {path.name}: {shown}"
         return Perception(kind=kind, name=path.name, facts=facts, data=data, timings_ms=timings)
+
+
+def __getattr__(name: str):  # the tiny builders live with the other tiny models
+    if name in ("build_tiny_vlm", "build_tiny_processor", "TINY_SPECIALS"):
+        from engine.llm import tiny_omni
+
+        return getattr(tiny_omni, "SPECIALS" if name == "TINY_SPECIALS" else name)
+    raise AttributeError(name)

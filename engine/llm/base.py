@@ -9,7 +9,7 @@ finish_reason is "stop", "length" or "cancelled".
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generator, Sequence
 
 from engine.events import CancelToken, TextDelta, ToolCall
@@ -23,6 +23,8 @@ class GenParams:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
+    #: a list the backend appends the thinker's trace to (hidden states for an omni talker)
+    trace: list | None = field(default=None, compare=False)
 
 
 class LLMBackend(ABC):

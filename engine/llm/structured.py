@@ -25,6 +25,7 @@ def choose(backend, messages: Sequence[dict], options: Sequence[str]) -> tuple[s
 
     tok = backend.tokenizer
     prompt = backend._encode(messages)
+    backend.ready()
     end = sorted(backend.stop_ids)[:1]  # the answer ends after the option
     scores = []
     with torch.inference_mode():
@@ -76,6 +77,7 @@ def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelTok
     matcher = xgr.GrammarMatcher(grammar)
     mask = xgr.allocate_token_bitmask(1, info.vocab_size)
     prompt = backend._encode(messages)
+    backend.ready()
     out_ids: list[int] = []
     with torch.inference_mode():
         out = backend.model(input_ids=torch.tensor([prompt], device=backend.device), use_cache=True,

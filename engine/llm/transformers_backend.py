@@ -25,26 +25,64 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 class TransformersBackend(LLMBackend):
     def __init__(self, cfg: LLMConfig, cache_dir: Path) -> None:
-        self.cfg = cfg
-        if cfg.model in ("tiny", "tiny-moe"):
-            from engine.llm.tiny import build_tiny_model, build_tiny_moe
+        from engine.llm.omni import OmniInputs
+        from engine.llm.tiny_omni import NAMES as TINY_OMNI
 
-            self.model, self.tokenizer = (build_tiny_moe if cfg.model == "tiny-moe" else build_tiny_model)(cfg.seed)
-            self.name, model_ctx = f"{cfg.model}-random", self.model.config.max_position_embeddings
+        self.cfg = cfg
+        if cfg.model in ("tiny", "tiny-moe", *TINY_OMNI):
+            self.model, self.tokenizer, proc, self.talker_model = _tiny(cfg)
+            self.name, model_ctx = f"{cfg.model}-random", _max_positions(self.model.config)
         else:
             source = resolve(cfg.model, cache_dir, cfg.sha256)
-            self.model, self.tokenizer = _load(source, cfg, cache_dir)
+            self.model, self.tokenizer, proc, self.talker_model = _load(source, cfg, cache_dir)
             self.name = source.label
-            model_ctx = source.context_tokens or getattr(self.model.config, "max_position_embeddings", None)
+            model_ctx = source.context_tokens or _max_positions(self.model.config)
         self.context_tokens = min(cfg.context_tokens, model_ctx or cfg.context_tokens)
+        # an omni backbone (Qwen2.5-Omni, Qwen3-Omni, Qwen2.5-VL): images and video go in through its processor
+        self.omni = OmniInputs(self.model, proc) if proc is not None else None
+        self.media_kinds = self.omni.kinds if self.omni else frozenset()
         from engine.moe.runtime import MoERuntime
 
         # MoE models: experts offloaded within --vram-gb, router statistics every turn
         self.moe = MoERuntime.attach(self.model, cfg, _device(cfg))
-        self.device = next(self.model.parameters()).device
+        self.device = _input_device(self.model)
         self._kept: tuple[list[int], object] = ([], None)  # (token ids, KV cache) of the last turn
         self._reused = 0
         self.stop_ids = _stop_ids(self.model, self.tokenizer)
+        self.suppress = list(getattr(self.model.generation_config, "suppress_tokens", None) or [])
+        self.parked = False  # weights moved to CPU memory for a diffusion pipeline (park / ready)
+
+    # ---- sharing the GPU with the diffusion generators -------------------------------------
+    def park(self, force: bool = False) -> int:
+        """Make GPU room for a diffusion pipeline; returns the bytes freed. Offloaded MoE experts
+        leave the cache (they come back on demand); otherwise the weights move to CPU memory
+        and come back before the next forward (`ready()`). A CPU model has nothing to give
+        (`force` runs the same steps anyway, for tests). 8-bit layers cannot move and stay."""
+        if self.moe is not None and self.moe.cache is not None:
+            freed = self.moe.cache.used
+            self.moe.cache.clear()
+            _empty_cuda_cache()
+            return freed
+        if self.parked or (self.device.type != "cuda" and not force):
+            return 0
+        try:
+            self.model.to("cpu")
+        except ValueError:  # transformers refuses to move 8-bit bitsandbytes models
+            return 0
+        self._kept, self.parked = ([], None), True
+        _empty_cuda_cache()
+        return self.model.get_memory_footprint()
+
+    def ready(self) -> None:
+        """Before any forward: weights back on the device after `park`, and (omni models) the
+        multimodal rotary offsets of the last media prompt forgotten."""
+        if self.parked:
+            self.model.to(self.device)
+            self.parked = False
+        if self.omni is not None:
+            from engine.llm.omni import reset_positions
+
+            reset_positions(self.model)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self._encode(messages))
@@ -57,25 +95,37 @@ class TransformersBackend(LLMBackend):
         import torch
 
         cancel = cancel or CancelToken()
-        prompt = self._encode(messages)
+        media = [m for m in media if getattr(m, "kind", None) in self.media_kinds]
+        inputs, masks, seen_files = self.omni.build(messages, media) if media else (None, {}, [])
+        prompt = inputs["input_ids"][0].tolist() if inputs else self._encode(messages)
         budget = self.context_tokens - len(prompt)
         if budget <= 0:
-            raise ValueError(f"prompt is {len(prompt)} tokens; the context holds {self.context_tokens}")
+            media_note = f" ({sum(int(m.sum()) for m in masks.values())} of them for the media)" if masks else ""
+            raise ValueError(f"prompt is {len(prompt)} tokens{media_note}; the context holds {self.context_tokens}")
         max_new = min(params.max_new_tokens, budget)
-        sampler = _Sampler(params, self.device)
+        sampler = _Sampler(params, self.device, self.suppress)
         detok = _Detokenizer(self.tokenizer)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "finish_reason": "length"}
+        if masks:
+            usage["media_tokens"] = {kind: int(m.sum()) for kind, m in masks.items()}
+            usage["media_seen"] = seen_files
         if cancel.cancelled:
             usage["finish_reason"] = "cancelled"
             return usage
         seen = list(prompt)  # every token now in the KV cache, for the next turn's prefix reuse
         if self.moe is not None:
             self.moe.begin_turn()
+        self.ready()
+        trace = self._trace(params, inputs, prompt)  # for the talker: the thinker's hidden states
+        if trace is not None:
+            self._kept = ([], None)  # the talker needs the whole prompt's states: no prefix reuse
         with torch.inference_mode():
-            out = self._prefill(prompt)
+            out = self._prefill_media(inputs, masks, trace) if inputs else self._prefill(prompt, trace)
             for step in range(max_new):
                 token = sampler(out.logits[:, -1, :])
                 seen.append(token)
+                if trace is not None:
+                    trace.reply_ids.append(token)
                 if token in self.stop_ids:
                     usage["finish_reason"] = "stop"
                     break
@@ -88,7 +138,9 @@ class TransformersBackend(LLMBackend):
                 if step + 1 == max_new:
                     break
                 nxt = torch.tensor([[token]], device=self.device)
-                out = self.model(input_ids=nxt, cache=out.cache, use_cache=True)
+                out = self.model(input_ids=nxt, cache=out.cache, use_cache=True, output_hidden_states=trace is not None)
+                if trace is not None:
+                    trace.add(out.hidden_states)
             self._kept = (seen[: out.cache.get_seq_length()], out.cache)
         if text := detok.flush():
             yield TextDelta(text)
@@ -101,7 +153,35 @@ class TransformersBackend(LLMBackend):
         """Drop the kept KV cache (benchmarks measure a cold prompt)."""
         self._kept = ([], None)
 
-    def _prefill(self, prompt: list[int]):
+    def _trace(self, params: GenParams, inputs, prompt):
+        if params.trace is None or self.talker_model is None:
+            return None
+        import torch
+
+        from engine.speech.talker import ThinkerTrace
+
+        trace = ThinkerTrace.from_inputs(inputs) if inputs else ThinkerTrace(torch.tensor([prompt]))
+        params.trace.append(trace)
+        return trace
+
+    def _prefill_media(self, inputs: dict, masks: dict, trace=None):
+        """The whole prompt with its images or video, through the model's vision tower;
+        MoE router statistics split by the modality of each token."""
+        self._kept, self._reused = ([], None), 0
+        if self.moe is not None:
+            text = ~torch_any(list(masks.values()))
+            self.moe.stats.set_modalities({"text": text, **masks})
+        try:
+            out = self.model(**{k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()},
+                             use_cache=True, logits_to_keep=1, output_hidden_states=trace is not None)
+            if trace is not None:
+                trace.add(out.hidden_states)
+            return out
+        finally:
+            if self.moe is not None:
+                self.moe.stats.set_modalities(None)
+
+    def _prefill(self, prompt: list[int], trace=None):
         """Run the prompt, reusing the KV cache of the previous turn for the part of
         the prompt it already holds (the conversation so far), so a multi-turn chat
         only pays for the new message."""
@@ -122,7 +202,11 @@ class TransformersBackend(LLMBackend):
                 cache.crop(common - cache.get_seq_length())  # this API takes how many to drop
             self._reused = common
         ids = torch.tensor([prompt[self._reused:]], device=self.device)
-        return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1,
+                         output_hidden_states=trace is not None)
+        if trace is not None:
+            trace.add(out.hidden_states)
+        return out
 
     def close(self) -> None:
         self.model = None
@@ -140,17 +224,21 @@ class TransformersBackend(LLMBackend):
 
 
 class _Sampler:
-    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling, seeded per turn."""
+    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling, seeded per turn;
+    the model's suppressed tokens never come out."""
 
-    def __init__(self, params: GenParams, device) -> None:
+    def __init__(self, params: GenParams, device, suppress: list[int] = ()) -> None:
         import torch
 
-        self.t, self.top_p = params.temperature, params.top_p
+        self.t, self.top_p, self.suppress = params.temperature, params.top_p, list(suppress)
         self.gen = torch.Generator(device=device).manual_seed(params.seed) if self.t > 0 else None
 
     def __call__(self, logits) -> int:
         import torch
 
+        if self.suppress:  # the model's generation_config.suppress_tokens
+            logits = logits.clone()
+            logits[..., self.suppress] = float("-inf")
         if self.gen is None:
             return int(logits.argmax(-1))
         probs = torch.softmax(logits.float() / self.t, dim=-1)[0]
@@ -211,49 +299,130 @@ def _device(cfg: LLMConfig) -> str:
     return cfg.device
 
 
-def _load_kwargs(cfg: LLMConfig, device: str) -> dict:
+def _load_kwargs(cfg: LLMConfig, device: str, moe: bool) -> dict:
+    """from_pretrained arguments. bitsandbytes quantizes the linear layers (on CUDA, or with
+    its CPU backend); MoE models load on the CPU first: bitsandbytes leaves fused expert
+    tensors as they are, so engine/moe quantizes those to NF4 and places them (on the GPU,
+    or offloaded within --vram-gb) without full-precision experts ever filling the GPU."""
     import torch
 
     kwargs: dict = {"dtype": torch.float16 if device == "cuda" else torch.float32}
     if cfg.quantization != "none":
-        if device != "cuda":
-            raise Unavailable(f"{cfg.quantization} quantization needs a CUDA GPU", "set --quantization none")
         try:
             from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise Unavailable("bitsandbytes is not installed", "pip install '.[gpu]'") from None
+            raise Unavailable("bitsandbytes is not installed", "make install (or pip install bitsandbytes)") from None
+        skip = ["lm_head", "experts"] if moe else None  # our NF4 experts; bnb would split per-expert linears
         if cfg.quantization == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"],
+                llm_int8_skip_modules=skip)
         else:
+            if moe:
+                raise Unavailable("8-bit bitsandbytes layers cannot be moved by the expert cache",
+                                  "use --quantization 4bit for MoE models (4-bit layers, NF4 experts)")
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = "cuda"
+        kwargs["device_map"] = {"": "cpu" if moe else device}
     return kwargs
 
 
 def _load(source: ModelSource, cfg: LLMConfig, cache_dir: Path):
+    """(model, tokenizer, processor or None) from a manifest file, local dir, .gguf or cached hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.llm import omni
+
+    _quiet()
+    device = _device(cfg)
+    where = source.path
+    try:
+        if source.is_gguf:
+            where = _converted(source, cache_dir)
+        model_type, moe = omni.model_type_of(where, source.hub), omni.is_moe_config(where, source.hub)
+        kwargs = _load_kwargs(cfg, device, moe)
+        talker = None
+        if omni.is_omni(model_type):
+            model, proc = omni.load_omni(str(where), model_type, kwargs, talker=cfg.talker)
+            tokenizer = proc.tokenizer
+            if omni.has_talker(model):  # the whole Qwen2.5-Omni: our loop runs its thinker
+                model, talker = model.thinker, model
+        else:
+            tokenizer, proc = AutoTokenizer.from_pretrained(str(where)), None
+            model = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = ("download it first and point --llm at the local directory"
+                if source.hub else "check the files at " + str(source.path))
+        raise Unavailable(f"could not load {source.label}: {str(exc).splitlines()[0][:200]}", hint) from exc
+    if "device_map" not in kwargs and not moe:
+        model = model.to(device)  # (MoE models are placed by engine/moe once their experts are ready)
+        if talker is not None:
+            talker.to(device)
+    return model.eval(), tokenizer, proc, talker
+
+
+def _tiny(cfg: LLMConfig):
+    """A seeded random model of `cfg.model` (tests); quantized through the real load path."""
+    import tempfile
+
+    from engine.llm.tiny import build_tiny_model, build_tiny_moe
+    from engine.llm.tiny_omni import NAMES, build_tiny_vlm
+
+    proc = talker = None
+    if cfg.model == "tiny-omni" and cfg.talker:
+        from engine.speech.talker import build_tiny_omni
+
+        talker, proc = build_tiny_omni(cfg.seed)  # thinker + talker + token2wav
+        model, tokenizer = talker.thinker, proc.tokenizer
+        if cfg.quantization != "none":
+            raise Unavailable("the tiny talker model is not quantized", "set --quantization none")
+    elif cfg.model in NAMES:
+        model, proc = build_tiny_vlm(cfg.seed, NAMES[cfg.model])
+        tokenizer = proc.tokenizer
+    else:
+        model, tokenizer = (build_tiny_moe if cfg.model == "tiny-moe" else build_tiny_model)(cfg.seed)
+    moe = cfg.model.endswith("moe")
+    if cfg.quantization != "none":
+        from engine.llm import omni
+
+        _quiet()
+        with tempfile.TemporaryDirectory() as d:  # weights on disk -> bitsandbytes, as a real checkpoint
+            model.save_pretrained(d)
+            kwargs = _load_kwargs(cfg, _device(cfg), moe)
+            if proc is not None:
+                quantized = omni.load_omni(d, model.config.model_type, kwargs, proc)[0]
+            else:
+                from transformers import AutoModelForCausalLM
+
+                quantized = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+            quantized.generation_config = model.generation_config
+            model = quantized
+    elif not moe:
+        model = model.to(_device(cfg))
+    return model.eval(), tokenizer, proc, talker
+
+
+def _quiet() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the UI and the CLI show their own state
     hf_logging.set_verbosity_error()
 
-    device = _device(cfg)
-    kwargs = _load_kwargs(cfg, device)
-    where = source.path
-    try:
-        if source.is_gguf:
-            where = _converted(source, cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(str(where))
-        model = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
-    except (OSError, ValueError) as exc:
-        hint = ("download it first and point --llm at the local directory"
-                if source.hub else "check the files at " + str(source.path))
-        raise Unavailable(f"could not load {source.label}: {str(exc).splitlines()[0][:200]}", hint) from exc
-    if "device_map" not in kwargs:
-        model = model.to(device)
-    return model.eval(), tokenizer
+
+def _max_positions(config) -> int | None:
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+
+
+def _input_device(model):
+    """Where input ids go: the embedding's device."""
+    return model.get_input_embeddings().weight.device
+
+
+def torch_any(masks: list):
+    import torch
+
+    return torch.stack(masks).any(dim=0)
 
 
 def _converted(source: ModelSource, cache_dir: Path) -> Path:

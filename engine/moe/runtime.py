@@ -54,6 +54,8 @@ class MoERuntime:
                                   f"set --vram-gb {_gb(least)} or more")
             self.cache = offload_experts(model, device, budget, prefetch=prefetch)
             self.budget_bytes, self.expert_bytes = budget, experts
+        else:
+            model.to(device)  # everything on the device (MoE models are loaded on the CPU first)
         self.stats = RouterStats(layers)
 
     @classmethod
@@ -66,16 +68,13 @@ class MoERuntime:
             if cfg.vram_gb > 0:
                 raise Unavailable(f"--vram-gb offloads the experts of MoE models; {type(model).__name__} has none",
                                   "drop --vram-gb, or choose an MoE model (Qwen3-30B-A3B, OLMoE, Mixtral)")
-            if cfg.expert_quantization != "none":
-                raise Unavailable("llm.expert_quantization applies to MoE models", "set it back to none")
+            if cfg.expert_quantization == "nf4":
+                raise Unavailable("llm.expert_quantization applies to MoE models", "set it back to auto")
             return None
-        if cfg.vram_gb > 0 and cfg.quantization != "none":
-            # transformers will not move a bitsandbytes model piecewise; quantized experts in the
-            # CPU store are the next step (see bench/moe.py), until then say so plainly
-            raise Unavailable("expert offload (--vram-gb) of a bitsandbytes-quantized model is not supported",
-                              "use --quantization none --set llm.expert_quantization=nf4 with --vram-gb: "
-                              "4-bit experts that the cache moves")
-        return cls(model, layers, cfg.vram_gb, device, cfg.expert_prefetch, cfg.expert_quantization == "nf4")
+        # bitsandbytes quantizes the linear layers but not fused expert tensors: with --quantization,
+        # the experts are ours in NF4 ("auto"), moved by the cache like any tensor
+        nf4 = cfg.expert_quantization == "nf4" or (cfg.expert_quantization == "auto" and cfg.quantization != "none")
+        return cls(model, layers, cfg.vram_gb, device, cfg.expert_prefetch, nf4)
 
     def begin_turn(self) -> None:
         self.stats.reset()
