@@ -3,22 +3,20 @@
 Our loop (prefill, then one forward per token on the KV cache) instead of
 `model.generate` so that a CancelToken is checked before every step without
 a thread, and so that later features (constrained decoding) can edit logits.
-GGUF files are dequantized once by transformers and cached as safetensors
-under the data directory, so the second start loads in well under a second.
+Loading (GGUF conversion, bitsandbytes, omni checkpoints, tiny models) is in
+engine/llm/loading.py.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import time
 from pathlib import Path
 from typing import Sequence
 
 from engine.config import LLMConfig
-from engine.errors import Unavailable
 from engine.events import CancelToken, RouterStats, TextDelta
 from engine.llm.base import GenParams, LLMBackend, Message
-from engine.llm.sources import ModelSource, resolve
+from engine.llm.loading import device_of, load_model, load_tiny, max_positions
+from engine.llm.sources import resolve
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
@@ -30,13 +28,13 @@ class TransformersBackend(LLMBackend):
 
         self.cfg = cfg
         if cfg.model in ("tiny", "tiny-moe", *TINY_OMNI):
-            self.model, self.tokenizer, proc, self.talker_model = _tiny(cfg)
-            self.name, model_ctx = f"{cfg.model}-random", _max_positions(self.model.config)
+            self.model, self.tokenizer, proc, self.talker_model = load_tiny(cfg)
+            self.name, model_ctx = f"{cfg.model}-random", max_positions(self.model.config)
         else:
             source = resolve(cfg.model, cache_dir, cfg.sha256)
-            self.model, self.tokenizer, proc, self.talker_model = _load(source, cfg, cache_dir)
+            self.model, self.tokenizer, proc, self.talker_model = load_model(source, cfg, cache_dir)
             self.name = source.label
-            model_ctx = source.context_tokens or _max_positions(self.model.config)
+            model_ctx = source.context_tokens or max_positions(self.model.config)
         self.context_tokens = min(cfg.context_tokens, model_ctx or cfg.context_tokens)
         # an omni backbone (Qwen2.5-Omni, Qwen3-Omni, Qwen2.5-VL): images and video go in through its processor
         self.omni = OmniInputs(self.model, proc) if proc is not None else None
@@ -44,7 +42,7 @@ class TransformersBackend(LLMBackend):
         from engine.moe.runtime import MoERuntime
 
         # MoE models: experts offloaded within --vram-gb, router statistics every turn
-        self.moe = MoERuntime.attach(self.model, cfg, _device(cfg))
+        self.moe = MoERuntime.attach(self.model, cfg, device_of(cfg))
         self.device = _input_device(self.model)
         self._kept: tuple[list[int], object] = ([], None)  # (token ids, KV cache) of the last turn
         self._reused = 0
@@ -289,131 +287,6 @@ def _stop_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _device(cfg: LLMConfig) -> str:
-    import torch
-
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise Unavailable("llm.device is cuda but no CUDA GPU is visible", "use --device cpu or the cpu profile")
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
-def _load_kwargs(cfg: LLMConfig, device: str, moe: bool) -> dict:
-    """from_pretrained arguments. bitsandbytes quantizes the linear layers (on CUDA, or with
-    its CPU backend); MoE models load on the CPU first: bitsandbytes leaves fused expert
-    tensors as they are, so engine/moe quantizes those to NF4 and places them (on the GPU,
-    or offloaded within --vram-gb) without full-precision experts ever filling the GPU."""
-    import torch
-
-    kwargs: dict = {"dtype": torch.float16 if device == "cuda" else torch.float32}
-    if cfg.quantization != "none":
-        try:
-            from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise Unavailable("bitsandbytes is not installed", "make install (or pip install bitsandbytes)") from None
-        skip = ["lm_head", "experts"] if moe else None  # our NF4 experts; bnb would split per-expert linears
-        if cfg.quantization == "4bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"],
-                llm_int8_skip_modules=skip)
-        else:
-            if moe:
-                raise Unavailable("8-bit bitsandbytes layers cannot be moved by the expert cache",
-                                  "use --quantization 4bit for MoE models (4-bit layers, NF4 experts)")
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": "cpu" if moe else device}
-    return kwargs
-
-
-def _load(source: ModelSource, cfg: LLMConfig, cache_dir: Path):
-    """(model, tokenizer, processor or None) from a manifest file, local dir, .gguf or cached hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from engine.llm import omni
-
-    _quiet()
-    device = _device(cfg)
-    where = source.path
-    try:
-        if source.is_gguf:
-            where = _converted(source, cache_dir)
-        model_type, moe = omni.model_type_of(where, source.hub), omni.is_moe_config(where, source.hub)
-        kwargs = _load_kwargs(cfg, device, moe)
-        talker = None
-        if omni.is_omni(model_type):
-            model, proc = omni.load_omni(str(where), model_type, kwargs, talker=cfg.talker)
-            tokenizer = proc.tokenizer
-            if omni.has_talker(model):  # the whole Qwen2.5-Omni: our loop runs its thinker
-                model, talker = model.thinker, model
-        else:
-            tokenizer, proc = AutoTokenizer.from_pretrained(str(where)), None
-            model = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
-    except (OSError, ValueError) as exc:
-        hint = ("download it first and point --llm at the local directory"
-                if source.hub else "check the files at " + str(source.path))
-        raise Unavailable(f"could not load {source.label}: {str(exc).splitlines()[0][:200]}", hint) from exc
-    if "device_map" not in kwargs and not moe:
-        model = model.to(device)  # (MoE models are placed by engine/moe once their experts are ready)
-        if talker is not None:
-            talker.to(device)
-    return model.eval(), tokenizer, proc, talker
-
-
-def _tiny(cfg: LLMConfig):
-    """A seeded random model of `cfg.model` (tests); quantized through the real load path."""
-    import tempfile
-
-    from engine.llm.tiny import build_tiny_model, build_tiny_moe
-    from engine.llm.tiny_omni import NAMES, build_tiny_vlm
-
-    proc = talker = None
-    if cfg.model == "tiny-omni" and cfg.talker:
-        from engine.speech.talker import build_tiny_omni
-
-        talker, proc = build_tiny_omni(cfg.seed)  # thinker + talker + token2wav
-        model, tokenizer = talker.thinker, proc.tokenizer
-        if cfg.quantization != "none":
-            raise Unavailable("the tiny talker model is not quantized", "set --quantization none")
-    elif cfg.model in NAMES:
-        model, proc = build_tiny_vlm(cfg.seed, NAMES[cfg.model])
-        tokenizer = proc.tokenizer
-    else:
-        model, tokenizer = (build_tiny_moe if cfg.model == "tiny-moe" else build_tiny_model)(cfg.seed)
-    moe = cfg.model.endswith("moe")
-    if cfg.quantization != "none":
-        from engine.llm import omni
-
-        _quiet()
-        with tempfile.TemporaryDirectory() as d:  # weights on disk -> bitsandbytes, as a real checkpoint
-            model.save_pretrained(d)
-            kwargs = _load_kwargs(cfg, _device(cfg), moe)
-            if proc is not None:
-                quantized = omni.load_omni(d, model.config.model_type, kwargs, proc)[0]
-            else:
-                from transformers import AutoModelForCausalLM
-
-                quantized = AutoModelForCausalLM.from_pretrained(d, **kwargs)
-            quantized.generation_config = model.generation_config
-            model = quantized
-    elif not moe:
-        model = model.to(_device(cfg))
-    return model.eval(), tokenizer, proc, talker
-
-
-def _quiet() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the UI and the CLI show their own state
-    hf_logging.set_verbosity_error()
-
-
-def _max_positions(config) -> int | None:
-    text = getattr(config, "text_config", None) or config
-    return getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
-
-
 def _input_device(model):
     """Where input ids go: the embedding's device."""
     return model.get_input_embeddings().weight.device
@@ -423,32 +296,6 @@ def torch_any(masks: list):
     import torch
 
     return torch.stack(masks).any(dim=0)
-
-
-def _converted(source: ModelSource, cache_dir: Path) -> Path:
-    """Dequantize a GGUF once and keep it as safetensors; return the directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = cache_dir / f"{source.path.stem}-{source.cache_key[:16]}"
-    if (target / "READY").exists():
-        return target
-    started = time.monotonic()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    folder, name = str(source.path.parent), source.path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # the dequantized weights are plain tensors; drop the GGUF marker so they save
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "READY").write_text(f"converted from {source.path} in {time.monotonic() - started:.1f}s\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
 
 
 def _empty_cuda_cache() -> None:
