@@ -93,31 +93,43 @@ def perception_panel(engine: Engine, cid: str | None):
     return gr.Gallery(value=pictures or None), gr.Markdown(facts)
 
 
+ORDER = ("text", "image", "video", "audio", "other")
+
+
 def router_view(stats: dict | None):
-    """The last answer's MoE routing as a heatmap (rows: MoE layers, columns: experts,
-    brighter = chosen more often) and a line on the expert cache."""
+    """The last answer's MoE routing as a heatmap: one band per modality (text, image,
+    video, ...), in each a row per MoE layer, a column per expert, brighter = chosen more
+    often by that modality's tokens; and a line on the bands and the expert cache."""
     import numpy as np
     from PIL import Image
 
     if not stats:
         return None, "The language model is dense (no experts): nothing to show."
     layers = sorted(stats["layers"].items(), key=lambda kv: int(kv[0]))
-    grid = np.zeros((len(layers), stats["num_experts"]), np.float32)
-    for row, (_, mods) in enumerate(layers):
-        for name, m in mods.items():
-            if isinstance(m, dict) and "counts" in m:
-                grid[row] += np.asarray(m["counts"], np.float32)
-    grid /= max(1.0, float(grid.max()))
-    rgb = np.stack([grid ** 0.5 * 255, grid * 180, 60 + grid * 40], -1).astype(np.uint8)
+    found = {name for _, mods in layers for name, m in mods.items() if isinstance(m, dict) and "counts" in m}
+    modalities = sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    bands, tokens = [], {}
+    for name in modalities:
+        grid = np.zeros((len(layers), stats["num_experts"]), np.float32)
+        for row, (_, mods) in enumerate(layers):
+            if isinstance(mods.get(name), dict):
+                grid[row] = np.asarray(mods[name]["counts"], np.float32)
+                tokens[name] = mods[name]["tokens"]
+        bands += [grid / max(1.0, float(grid.max())), np.full((1, grid.shape[1]), -1.0, np.float32)]
+    grid = np.concatenate(bands[:-1]) if bands else np.zeros((1, stats["num_experts"]), np.float32)
+    rgb = np.stack([np.clip(grid, 0, 1) ** 0.5 * 255, np.clip(grid, 0, 1) * 180, 60 + np.clip(grid, 0, 1) * 40], -1)
+    rgb[grid < 0] = 255  # white lines between the bands
     scale = max(1, 512 // max(grid.shape))
-    image = Image.fromarray(rgb).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    modalities = sorted({name for _, mods in layers for name in mods if isinstance(mods[name], dict)})
-    line = f"{len(layers)} MoE layers x {stats['num_experts']} experts, top-{stats['top_k']}; tokens by modality: " \
-           + ", ".join(modalities)
+    image = Image.fromarray(rgb.astype(np.uint8)).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                                          Image.NEAREST)
+    line = f"{len(layers)} MoE layers x {stats['num_experts']} experts, top-{stats['top_k']}; bands from the top: " \
+        + ", ".join(f"{name} ({tokens.get(name, 0)} tokens)" for name in modalities)
     cache = stats.get("cache")
     if cache:
+        accuracy = cache.get("prefetch_accuracy")
         line += (f". Expert cache: hit rate {cache['hit_rate']:.0%}, {cache['resident_experts']} experts resident, "
-                 f"{cache['bytes_moved'] / 2**20:.1f} MiB moved, prefetch accuracy {cache['prefetch_accuracy']:.0%}")
+                 f"{cache['bytes_moved'] / 2**20:.1f} MiB moved"
+                 + (f", prefetch accuracy {accuracy:.0%}" if accuracy is not None else ""))
     else:
         line += ". All experts resident (no --vram-gb budget)"
     return image, line

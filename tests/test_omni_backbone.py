@@ -212,3 +212,16 @@ def test_talker_needs_the_transformers_backend():
 
     with pytest.raises(ConfigError, match="talker"):
         load_config("remote", overrides={"tts_backend": "talker"}, env={})
+
+
+def test_the_experts_panel_draws_one_band_per_modality(pictures, tmp_path):
+    from app.ui import router_view
+
+    b = backend("tiny-omni-moe", tmp_path)
+    _, usage, stats = run(b, [Rec("image", pictures[0])])
+    image, line = router_view(stats)
+    n_layers = len(stats["layers"])
+    rows = image.size[1] // (image.size[0] // stats["num_experts"])
+    assert rows == 2 * n_layers + 1  # text band, a white line, image band
+    assert f"image ({usage['media_tokens']['image']} tokens)" in line and line.index("text") < line.index("image")
+    assert "All experts resident" in line
