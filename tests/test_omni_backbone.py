@@ -225,3 +225,20 @@ def test_the_experts_panel_draws_one_band_per_modality(pictures, tmp_path):
     assert rows == 2 * n_layers + 1  # text band, a white line, image band
     assert f"image ({usage['media_tokens']['image']} tokens)" in line and line.index("text") < line.index("image")
     assert "All experts resident" in line
+
+
+@pytest.mark.gpu
+def test_on_cuda_4bit_moe_offload_and_the_diffusion_hand_off(pictures, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("bitsandbytes")
+    on_device = backend("tiny-omni-moe", tmp_path, quantization="4bit", device="cuda")
+    offloaded = backend("tiny-omni-moe", tmp_path, quantization="4bit", device="cuda", vram_gb=0.002)
+    a, _, _ = run(on_device, [Rec("image", pictures[0])])
+    b, _, stats = run(offloaded, [Rec("image", pictures[0])])
+    assert a == b and stats["cache"]["peak_bytes"] <= stats["cache"]["budget_bytes"]
+    dense = backend("tiny-omni", tmp_path, device="cuda")
+    before, _, _ = run(dense)
+    used = torch.cuda.memory_allocated()
+    assert dense.park() > 0 and torch.cuda.memory_allocated() < used
+    assert run(dense)[0] == before and next(dense.model.parameters()).is_cuda
