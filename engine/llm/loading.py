@@ -67,7 +67,8 @@ def load_model(source: ModelSource, cfg: LLMConfig, cache_dir: Path):
     try:
         if source.is_gguf:
             where = _converted(source, cache_dir)
-        model_type, moe = omni.model_type_of(where, source.hub), omni.is_moe_config(where, source.hub)
+        config = omni.read_config(where, source.hub)
+        model_type, moe = config.get("model_type", ""), omni.is_moe_config(config)
         kwargs = _load_kwargs(cfg, device, moe)
         talker = None
         if omni.is_omni(model_type):

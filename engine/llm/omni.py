@@ -25,16 +25,16 @@ MAX_IMAGES = 4
 MODALITY_TOKENS = {"image": ("image_token_id", "image_token_index"), "video": ("video_token_id", "video_token_index")}
 
 
-def model_type_of(where: Path, hub: bool) -> str:
-    """The checkpoint's model_type (read from config.json), or "" when it cannot be read."""
+def read_config(where: Path, hub: bool) -> dict:
+    """The checkpoint's config as a dict ({} when it cannot be read)."""
     try:
         if not hub:
-            return json.loads((Path(where) / "config.json").read_text()).get("model_type", "")
+            return json.loads((Path(where) / "config.json").read_text())
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(str(where), local_files_only=True).model_type
+        return AutoConfig.from_pretrained(str(where), local_files_only=True).to_dict()
     except (OSError, ValueError):
-        return ""
+        return {}
 
 
 def is_omni(model_type: str) -> bool:
@@ -43,26 +43,11 @@ def is_omni(model_type: str) -> bool:
     return model_type in ARCHS
 
 
-def is_moe_config(where: Path, hub: bool) -> bool:
-    """Whether the checkpoint's config names routed experts (at any nesting: thinker, text)."""
-    try:
-        if hub:
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(str(where), local_files_only=True).to_dict()
-        else:
-            cfg = json.loads((Path(where) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-    def walk(d) -> bool:
-        if not isinstance(d, dict):
-            return False
-        if any((d.get(k) or 0) > 1 for k in ("num_experts", "num_local_experts", "n_routed_experts")):
-            return True
-        return any(walk(v) for v in d.values() if isinstance(v, dict))
-
-    return walk(cfg)
+def is_moe_config(config: dict) -> bool:
+    """Whether a config names routed experts (at any nesting: thinker, text)."""
+    if any((config.get(k) or 0) > 1 for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return True
+    return any(is_moe_config(v) for v in config.values() if isinstance(v, dict))
 
 
 TALKERS = {"qwen2_5_omni": "Qwen2_5OmniForConditionalGeneration"}  # thinker + talker + token2wav
