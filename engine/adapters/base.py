@@ -38,6 +38,19 @@ def check(cancel) -> None:
         raise InterruptedError("cancelled")
 
 
+def stop_on_cancel(cancel):
+    """A transformers StoppingCriteria that raises InterruptedError between tokens once
+    `cancel` is set (for model.generate calls)."""
+    from transformers import StoppingCriteria
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            check(cancel)
+            return False
+
+    return Cancelled()
+
+
 def mmss(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.adapters.base import Perception, check, mmss
+from engine.adapters.base import Perception, check, mmss, stop_on_cancel
 from engine.errors import InputError, Unavailable
 
 SETTING = "perception.vl_model"  # the setting that names the model (shown when it is missing)
@@ -135,18 +135,6 @@ def video_inputs(proc, text: str, frames, times, duration) -> dict:
     return {"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm,
             "pixel_values_videos": pv, "video_grid_thw": torch.tensor([[g, gh, gw]]),
             "second_per_grid_ts": seconds, "video_second_per_grid": seconds}
-
-
-def _stopper(cancel):
-    """A StoppingCriteria that raises InterruptedError between tokens once cancel is set."""
-    from transformers import StoppingCriteria
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            check(cancel)
-            return False
-
-    return Cancelled()
 
 
 class VisionLanguageAdapter:
@@ -302,7 +290,7 @@ class VisionLanguageAdapter:
         t = time.perf_counter()
         with self._lock, torch.inference_mode():
             out = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                       num_beams=1, stopping_criteria=StoppingCriteriaList([_stopper(cancel)]))
+                                       num_beams=1, stopping_criteria=StoppingCriteriaList([stop_on_cancel(cancel)]))
         new = out[0, inputs["input_ids"].shape[1]:]
         text = " ".join(self._proc.tokenizer.decode(new, skip_special_tokens=True).split())
         text = text if len(text) <= MAX_CHARS else text[:MAX_CHARS].rsplit(" ", 1)[0] + " ..."

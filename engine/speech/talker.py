@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.adapters.base import check, stop_on_cancel
+
 SAMPLE_RATE = 24000
 _RATE_KWARGS = ("image_grid_thw", "video_grid_thw", "video_second_per_grid", "audio_feature_lengths")
 
@@ -74,23 +76,6 @@ class ThinkerTrace:
             self.reply_ids.append(int(token))
 
 
-def _stopper(cancel):
-    import torch
-    from transformers import StoppingCriteria
-
-    class Cancelled(StoppingCriteria):  # stops generate once cancel is set (talk then raises)
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), bool(cancel.cancelled), dtype=torch.bool,
-                              device=input_ids.device)
-
-    return Cancelled()
-
-
-def _check(cancel) -> None:
-    if cancel is not None and cancel.cancelled:
-        raise InterruptedError("speech cancelled")
-
-
 def talk(model, trace: ThinkerTrace, speaker: str = "Chelsie", max_new_tokens: int = 4096, do_sample: bool = True,
          seed: int | None = None, cancel=None, top_k: int = 40, top_p: float = 0.8, temperature: float = 0.9,
          repetition_penalty: float = 1.05, eos_token_id: list[int] | None = None,
@@ -105,7 +90,7 @@ def talk(model, trace: ThinkerTrace, speaker: str = "Chelsie", max_new_tokens: i
         raise ValueError("this Qwen2.5-Omni model has no talker: load it with enable_audio_output=True")
     if speaker not in model.speaker_map:
         raise ValueError(f"unknown speaker {speaker!r}; available speakers: {', '.join(sorted(model.speaker_map))}")
-    _check(cancel)
+    check(cancel)
     n = len(trace.reply_ids)
     if n < 2:  # HF cannot speak a reply this short (it would fail); nothing to say anyway
         return np.zeros(0, np.float32)
@@ -159,18 +144,18 @@ def talk(model, trace: ThinkerTrace, speaker: str = "Chelsie", max_new_tokens: i
                    temperature=temperature, eos_token_id=eos, pad_token_id=talker.codec_pad_token,
                    repetition_penalty=repetition_penalty, use_audio_in_video=trace.use_audio_in_video, **extra)
         if cancel is not None:
-            gen["stopping_criteria"] = [_stopper(cancel)]
+            gen["stopping_criteria"] = [stop_on_cancel(cancel)]
 
         wav_dev = next(model.token2wav.parameters()).device
         devices = [wav_dev.index or 0] if wav_dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            _check(cancel)
+            check(cancel)
             result = talker.generate(input_ids=talker_input_ids, input_text_ids=input_text_ids,
                                      thinker_reply_part=reply_part, inputs_embeds=inputs_embeds,
                                      attention_mask=attention_mask, suppress_tokens=[talker.codec_bos_token], **gen)
-            _check(cancel)
+            check(cancel)
             codes = result[:, talker_input_ids.shape[1]:]
             is_end = (codes.unsqueeze(-1) == torch.as_tensor(eos, device=codes.device).flatten()).any(dim=-1)
             length = int(torch.where(is_end, torch.arange(codes.shape[-1], device=codes.device),
