@@ -136,9 +136,7 @@ class TransformersBackend(LLMBackend):
                 if step + 1 == max_new:
                     break
                 nxt = torch.tensor([[token]], device=self.device)
-                out = self.model(input_ids=nxt, cache=out.cache, use_cache=True, output_hidden_states=trace is not None)
-                if trace is not None:
-                    trace.add(out.hidden_states)
+                out = self._forward(trace, input_ids=nxt, cache=out.cache, use_cache=True)
             self._kept = (seen[: out.cache.get_seq_length()], out.cache)
         if text := detok.flush():
             yield TextDelta(text)
@@ -162,19 +160,25 @@ class TransformersBackend(LLMBackend):
         params.trace.append(trace)
         return trace
 
+    def _forward(self, trace, **kwargs):
+        """One forward of the model; with a talker trace, its hidden states are recorded."""
+        out = self.model(**kwargs, output_hidden_states=trace is not None)
+        if trace is not None:
+            trace.add(out.hidden_states)
+        return out
+
     def _prefill_media(self, inputs: dict, masks: dict, trace=None):
         """The whole prompt with its images or video, through the model's vision tower;
         MoE router statistics split by the modality of each token."""
         self._kept, self._reused = ([], None), 0
+        import torch
+
         if self.moe is not None:
-            text = ~torch_any(list(masks.values()))
+            text = ~torch.stack(list(masks.values())).any(dim=0)
             self.moe.stats.set_modalities({"text": text, **masks})
         try:
-            out = self.model(**{k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()},
-                             use_cache=True, logits_to_keep=1, output_hidden_states=trace is not None)
-            if trace is not None:
-                trace.add(out.hidden_states)
-            return out
+            return self._forward(trace, **{k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()},
+                                 use_cache=True, logits_to_keep=1)
         finally:
             if self.moe is not None:
                 self.moe.stats.set_modalities(None)
@@ -200,11 +204,7 @@ class TransformersBackend(LLMBackend):
                 cache.crop(common - cache.get_seq_length())  # this API takes how many to drop
             self._reused = common
         ids = torch.tensor([prompt[self._reused:]], device=self.device)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1,
-                         output_hidden_states=trace is not None)
-        if trace is not None:
-            trace.add(out.hidden_states)
-        return out
+        return self._forward(trace, input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
 
     def close(self) -> None:
         self.model = None
@@ -290,12 +290,6 @@ def _stop_ids(model, tokenizer) -> set[int]:
 def _input_device(model):
     """Where input ids go: the embedding's device."""
     return model.get_input_embeddings().weight.device
-
-
-def torch_any(masks: list):
-    import torch
-
-    return torch.stack(masks).any(dim=0)
 
 
 def _empty_cuda_cache() -> None:
