@@ -169,6 +169,9 @@ def test_parked_weights_come_back_and_answer_the_same(tmp_path):
     assert b.park(force=True) > 0 and b.parked and b._kept == ([], None)
     after, _, _ = run(b)
     assert not b.parked and after == before
+    speaking = backend("tiny-omni", tmp_path, talker=True)  # the whole Qwen2.5-Omni moves, vocoder included
+    assert speaking.park(force=True) == speaking.talker_model.get_memory_footprint() \
+        > speaking.model.get_memory_footprint()
 
 
 def _engine(tmp_path, **over):
@@ -242,3 +245,8 @@ def test_on_cuda_4bit_moe_offload_and_the_diffusion_hand_off(pictures, tmp_path)
     used = torch.cuda.memory_allocated()
     assert dense.park() > 0 and torch.cuda.memory_allocated() < used
     assert run(dense)[0] == before and next(dense.model.parameters()).is_cuda
+    speaking = backend("tiny-omni", tmp_path, device="cuda", talker=True)
+    assert speaking.park() > 0
+    assert not any(p.is_cuda for p in speaking.talker_model.parameters())  # the talker and vocoder too
+    speaking.ready()
+    assert all(p.is_cuda for p in speaking.talker_model.parameters())

@@ -127,7 +127,7 @@ def load_tiny(cfg: LLMConfig):
             quantized.generation_config = model.generation_config
             model = quantized
     elif not moe:
-        model = model.to(device_of(cfg))
+        (talker or model).to(device_of(cfg))  # (the talker holds the thinker: both move)
     return model.eval(), tokenizer, proc, talker
 
 

@@ -63,19 +63,20 @@ class TransformersBackend(LLMBackend):
             return freed
         if self.parked or (self.device.type != "cuda" and not force):
             return 0
+        whole = self.talker_model or self.model  # (with a talker: thinker, talker and vocoder)
         try:
-            self.model.to("cpu")
+            whole.to("cpu")
         except ValueError:  # transformers refuses to move 8-bit bitsandbytes models
             return 0
         self._kept, self.parked = ([], None), True
         _empty_cuda_cache()
-        return self.model.get_memory_footprint()
+        return whole.get_memory_footprint()
 
     def ready(self) -> None:
         """Before any forward: weights back on the device after `park`, and (omni models) the
         multimodal rotary offsets of the last media prompt forgotten."""
         if self.parked:
-            self.model.to(self.device)
+            (self.talker_model or self.model).to(self.device)
             self.parked = False
         if self.omni is not None:
             from engine.llm.omni import reset_positions
