@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
 from typing import AsyncIterator, Callable, Iterator
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from engine.events import CancelToken, Done, Error, Event, Notice, TextDelta
@@ -44,8 +45,9 @@ async def iterate_in_thread(make: Callable[[], Iterator[Event]], cancel: CancelT
         try:
             for event in make():
                 put(event)
-        except Exception as exc:  # never lose the stream's end
-            put(Error(f"internal error: {exc}", recoverable=False))
+        except Exception as exc:  # never lose the stream's end; the detail goes to the log, not the client
+            logging.getLogger(__name__).exception("a turn failed")
+            put(Error(f"internal error ({type(exc).__name__}); the server log has the detail", recoverable=False))
         finally:
             put(None)
 
@@ -57,32 +59,74 @@ async def iterate_in_thread(make: Callable[[], Iterator[Event]], cancel: CancelT
         cancel.cancel("client disconnected")
 
 
-def _error(status_code: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status_code}}, status_code=status_code)
+def _error(status_code: int, message: str, kind: str = "invalid_request_error",
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status_code}}, status_code=status_code,
+                        headers=headers)
 
 
-def _data_part(kind: str, part: dict, i: int) -> tuple[str, bytes]:
-    """(file name, bytes) of an image_url / input_audio part sent inline (base64)."""
+def busy(engine: Engine) -> JSONResponse:
+    """429 while the model's queue is full: say so now rather than keep the client for minutes."""
+    return _error(429, f"the assistant is busy: {engine.model_lock.waiting} requests are waiting for the model; "
+                       "try again shortly", "rate_limit_error", {"retry-after": "10"})
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object; ValueError (a 400) for anything else, nesting bombs included.
+    Its size was bounded before a byte was read (app/security.Edge)."""
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ValueError("the JSON body is nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "m4a", "mp4", "webm", "aac", "mpeg")
+
+
+def _data_part(kind: str, part: dict, i: int, n: int, max_bytes: int) -> tuple[str, bytes]:
+    """(name to show, bytes) of an image_url / input_audio part sent inline (base64). The name is
+    ours (`image-3`, `audio-1.wav`): nothing the client sends reaches a path."""
     import base64
     import binascii
 
+    if kind == "image_url":
+        ref = part.get("image_url")
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str):
+            raise ValueError(f"messages[{i}]: image_url.url must be a string (a data: URL)")
+        if not url.startswith("data:"):
+            raise ValueError(f"messages[{i}]: send images inline as data: URLs (this app never fetches "
+                             "from the network)")
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ValueError(f"messages[{i}]: the image must be a base64 data: URL (data:image/png;base64,...)")
+        name = f"image-{n}"
+    else:
+        audio = part.get("input_audio")
+        if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+            raise ValueError(f"messages[{i}]: input_audio must be an object with 'data' (base64) and 'format'")
+        fmt = audio.get("format", "wav")
+        if not isinstance(fmt, str) or fmt.lower() not in AUDIO_FORMATS:
+            raise ValueError(f"messages[{i}]: input_audio.format must be one of {', '.join(AUDIO_FORMATS)}")
+        payload, name = audio["data"], f"audio-{n}.{fmt.lower()}"
+    if len(payload) // 4 * 3 > max_bytes:
+        raise ValueError(f"messages[{i}]: {name} is about {len(payload) * 0.75 / 1e6:.0f} MB; the limit is "
+                         f"{max_bytes / 1e6:.0f} MB")
     try:
-        if kind == "image_url":
-            url = (part.get("image_url") or {}).get("url", "") if isinstance(part.get("image_url"), dict) \
-                else str(part.get("image_url") or "")
-            if not url.startswith("data:"):
-                raise ValueError(f"messages[{i}]: send images inline as data: URLs (this app never fetches "
-                                 "from the network)")
-            return f"image-{i}", base64.b64decode(url.split(",", 1)[1], validate=True)
-        audio = part.get("input_audio") or {}
-        return f"audio-{i}.{audio.get('format', 'wav')}", base64.b64decode(audio.get("data", ""), validate=True)
-    except (binascii.Error, IndexError):
+        return name, base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
         raise ValueError(f"messages[{i}]: the {kind} part is not valid base64") from None
 
 
-def _messages(body: dict) -> tuple[list[dict], list[str], list[tuple[int, str, bytes]]]:
+def _messages(body: dict, max_bytes: int) -> tuple[list[dict], list[str], list[tuple[int, str, bytes]]]:
     """OpenAI messages -> engine messages (text), notes on parts that cannot be read,
-    and the inline media to look at: (message index, file name, bytes)."""
+    and the inline media to look at: (message index, name, bytes)."""
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise ValueError("'messages' must be a non-empty list")
@@ -95,23 +139,28 @@ def _messages(body: dict) -> tuple[list[dict], list[str], list[tuple[int, str, b
             texts = []
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
+                kind = kind if isinstance(kind, str) else repr(type(kind).__name__)
                 if kind == "text":
-                    texts.append(str(part.get("text", "")))
+                    if not isinstance(part.get("text", ""), str):
+                        raise ValueError(f"messages[{i}]: a text part's 'text' must be a string")
+                    texts.append(part.get("text", ""))
                 elif kind in ("image_url", "input_audio"):
-                    media.append((i, *_data_part(kind, part, i)))
+                    media.append((i, *_data_part(kind, part, i, len(media), max_bytes)))
                 elif kind in UNREADABLE_PART:
                     notes.append(UNREADABLE_PART[kind])
                 else:
-                    raise ValueError(f"messages[{i}] has a content part of unsupported type {kind!r}")
+                    raise ValueError(f"messages[{i}] has a content part of unsupported type {str(kind)[:40]!r}")
             content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{i}]: content must be a string or a list of parts")
         role = {"developer": "system", "tool": "user"}.get(msg["role"], msg["role"])
-        out.append({"role": role, "content": str(content)})
+        out.append({"role": role, "content": content})
     return out, sorted(set(notes)), media
 
 
 def _look(engine: Engine, messages: list[dict], media: list) -> list[str]:
     """Run the perception adapters on inline media; their facts join the message they came in.
-    Returns notes for what could not be read."""
+    Returns notes for what could not be read (no server paths in them)."""
     import tempfile
     from pathlib import Path
 
@@ -121,34 +170,45 @@ def _look(engine: Engine, messages: list[dict], media: list) -> list[str]:
 
     notes = []
     with tempfile.TemporaryDirectory(prefix="omni-api-") as tmp:
-        for i, name, data in media:
-            path = Path(tmp) / name
+        for n, (i, name, data) in enumerate(media):
+            path = Path(tmp) / f"part-{n}"
             path.write_bytes(data)
             try:
-                record = ingest(path, engine.media_dir, engine.config.max_upload_mb * 1_000_000)
+                record = ingest(path, engine.media_dir, engine.config.max_upload_mb * 1_000_000, name)
                 if not engine.perceiver.enabled:
                     raise InputError(engine.perceiver.status()[1])
                 facts = engine.perceiver.perceive(record).facts
             except InputError as exc:
-                notes.append(str(exc) if name in str(exc) else f"{name}: {exc}")
+                text = scrub(str(exc), {tmp: name, str(engine.config.data_path): "the data folder"})
+                notes.append(text if name in text else f"{name}: {text}")
                 continue
             messages[i]["content"] = with_facts(messages[i]["content"], {name: facts})
     return notes
 
 
-def bearer(engine: Engine) -> Callable[[Request], None]:
-    """The dependency every /v1 route has: the bearer token, when one is configured."""
-    def check_token(request: Request) -> None:
-        token = engine.config.auth_token
-        if token and request.headers.get("authorization", "") != f"Bearer {token}":
-            raise HTTPException(status_code=401, detail="missing or wrong bearer token")
+def scrub(message: str, paths: dict[str, str]) -> str:
+    """An error text without this server's paths: each of `paths` (and anything under it) is
+    replaced by what to call it."""
+    import re
 
-    return check_token
+    for path, shown in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+        message = re.sub(re.escape(path) + r"[^\s'\",:;)]*", shown, message)
+    return message
+
+
+def _number(body: dict, key: str, kind: type, *aliases: str):
+    for k in (key, *aliases):
+        value = body.get(k)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (kind is int and value != int(value)):
+                raise ValueError(f"{k} must be a{'n integer' if kind is int else ' number'}")
+            return kind(value)
+    return None
 
 
 def make_router(engine: Engine) -> APIRouter:
-    check_token = bearer(engine)
-    router = APIRouter(prefix="/v1", dependencies=[Depends(check_token)])
+    router = APIRouter(prefix="/v1")  # the token, when set, is checked in app/security.Edge
 
     def model_id() -> str:
         return engine.config.llm.model
@@ -161,24 +221,26 @@ def make_router(engine: Engine) -> APIRouter:
 
     @router.get("/status")
     def get_status() -> dict:
-        return status(engine)
+        lock = engine.model_lock
+        return {**status(engine), "queue": {"waiting": lock.waiting, "busy": lock.busy,
+                                            "max_waiting": lock.max_waiting}}
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-            messages, unreadable, media = _messages(body)
+            body = await read_json(request)
+            messages, unreadable, media = _messages(body, engine.config.max_upload_mb * 1_000_000)
             total = sum(len(m["content"]) for m in messages)
             if total > engine.config.max_prompt_chars:
                 raise ValueError(f"the messages hold {total:,} characters; the limit is "
                                  f"{engine.config.max_prompt_chars:,}")
-            params = engine.params(
-                body.get("max_completion_tokens") or body.get("max_tokens"),
-                body.get("temperature"), body.get("top_p"), body.get("seed"))
+            params = engine.params(_number(body, "max_completion_tokens", int, "max_tokens"),
+                                   _number(body, "temperature", float), _number(body, "top_p", float),
+                                   _number(body, "seed", int))
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
+        if engine.model_lock.full():
+            return busy(engine)
         cancel = CancelToken()
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         unread = await asyncio.to_thread(_look, engine, messages, media) if media else []
@@ -220,6 +282,8 @@ def make_router(engine: Engine) -> APIRouter:
                 notices.append(ev.message)
             elif isinstance(ev, Done):
                 done = ev
+        if done is None and errors and engine.model_lock.full():
+            return busy(engine)
         if errors and len(parts) == 1:
             return _error(503, " ".join(errors), "server_error")
         usage = done.usage if done else {}

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from engine.errors import InputError
@@ -27,8 +27,14 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
 
 
-def make_image_router(engine, check_token) -> APIRouter:
-    router = APIRouter(prefix="/v1/images", dependencies=[Depends(check_token)])
+def shown_name(filename: str | None, limit: int = 80) -> str:
+    """A client's file name as it may appear in a message: its last part, printable, bounded."""
+    name = "".join(c for c in Path(str(filename or "")).name if c.isprintable()).strip(" .") or "image"
+    return name if len(name) <= limit else name[:limit - 1] + "…"
+
+
+def make_image_router(engine) -> APIRouter:
+    router = APIRouter(prefix="/v1/images")  # the token, when set, is checked in app/security.Edge
 
     async def run(task: str, request: dict, inputs: list[Path]) -> JSONResponse:
         cancel = CancelToken()
@@ -56,10 +62,10 @@ def make_image_router(engine, check_token) -> APIRouter:
 
     @router.post("/generations")
     async def generations(request: Request):
+        from app.api import read_json
+
         try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
+            body = await read_json(request)
             if body.get("response_format", "b64_json") != "b64_json":
                 raise ValueError("only response_format b64_json is served (files stay on this machine)")
             if int(body.get("n", 1)) != 1:
@@ -87,9 +93,12 @@ def make_image_router(engine, check_token) -> APIRouter:
                 raise ValueError("send the image as a multipart file field named 'image'")
             args = validate(TOOLS["edit_image"]["schema"], {"instruction": str(prompt), "image": "upload"})
             with tempfile.TemporaryDirectory(prefix="omni-api-in-") as tmp:
-                src = Path(tmp) / (Path(upload.filename or "image").name or "image")
-                src.write_bytes(await upload.read())
-                record = media_mod.ingest(src, engine.media_dir, engine.config.max_upload_mb * 1_000_000)
+                src = Path(tmp) / "upload"  # the client's file name is shown, never used as a path
+                with open(src, "wb") as out:
+                    while block := await upload.read(1 << 20):
+                        out.write(block)
+                record = media_mod.ingest(src, engine.media_dir, engine.config.max_upload_mb * 1_000_000,
+                                          shown_name(upload.filename))
             if record.kind != "image":
                 raise ValueError(f"{record.name} is {record.kind}, not an image")
         except (ValueError, TypeError, RequestError, InputError) as exc:

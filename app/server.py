@@ -1,8 +1,12 @@
 """One server, one port: the Gradio UI at / and the OpenAI API at /v1."""
 from __future__ import annotations
 
+import hmac
+import secrets
+import sys
 import threading
 import time
+from dataclasses import replace
 
 from engine.config import Config
 from engine.engine import Engine
@@ -13,24 +17,32 @@ def build_app(engine: Engine):
     import gradio as gr
     from fastapi import FastAPI
 
-    from app.api import bearer, make_router
+    from app.api import make_router
     from app.images_api import make_image_router
+    from app.security import Edge, gradio_session
     from app.ui import ASSETS, build_ui
     from app.voice import make_voice_router
 
+    # the token (when set) guards /v1 and /voice in app/security.Edge, docs included
     api = FastAPI(title="Omni assistant", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     api.include_router(make_router(engine))
-    api.include_router(make_image_router(engine, bearer(engine)))
+    api.include_router(make_image_router(engine))
     api.include_router(make_voice_router(engine))
     demo = build_ui(engine)
     token = engine.config.auth_token
-    auth = (lambda user, password: password == token) if token else None
-    return gr.mount_gradio_app(api, demo, path="/", allowed_paths=[str(engine.media_dir)], auth=auth,
+    auth = (lambda user, password: hmac.compare_digest(str(password).encode(), token.encode())) if token else None
+    app = gr.mount_gradio_app(api, demo, path="/", allowed_paths=[str(engine.media_dir)], auth=auth,
                                auth_message="Enter any user name and the auth token." if token else None,
                                server_name=engine.config.host, server_port=engine.config.port,
                                max_file_size=engine.config.max_upload_mb * 1_000_000,
-                               footer_links=["api"], css_paths=[ASSETS / "ui.css"],
+                               footer_links=["api"], show_error=False,  # gr.Error texts only: no paths, no internals
+                               css_paths=[ASSETS / "ui.css"],
                                head=f"<script>{(ASSETS / 'voice.js').read_text()}</script>")
+    # Gradio checks that a file sent to an event was uploaded (not any path on this machine) only
+    # once `launch()` has run; mounted, it never does, so say it has: preprocessing then refuses
+    # every path outside Gradio's upload folder before copying anything.
+    demo.has_launched = True
+    return Edge(app, engine.config, gradio_session(app))
 
 
 class Server:
@@ -65,6 +77,10 @@ class Server:
 
 
 def serve(config: Config) -> int:
+    if config.auth_token == "auto":
+        config = replace(config, auth_token=secrets.token_urlsafe(24))
+        print(f"Auth token (the API's bearer token and the page's password): {config.auth_token}",
+              file=sys.stderr, flush=True)
     engine = Engine(config)
     engine.start_loading()
     server = Server(engine).start()

@@ -37,10 +37,8 @@ def make_voice_router(engine: Engine) -> APIRouter:
     async def voice(ws: WebSocket) -> None:
         from engine.speech.voice import VoiceSession
 
-        token = engine.config.auth_token
-        if token and ws.query_params.get("token") != token:
-            await ws.close(code=4401)
-            return
+        # Origin, Host and the token (when set: ?token=, or the page's login cookie) were checked
+        # in app/security.Edge before this socket was accepted
         await ws.accept()
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue = asyncio.Queue()
@@ -53,12 +51,16 @@ def make_voice_router(engine: Engine) -> APIRouter:
 
         try:
             start = json.loads(await ws.receive_text())
+            if not isinstance(start, dict):
+                raise ValueError("the first message must be a JSON object: {\"type\": \"start\", ...}")
             rate = int(start.get("sample_rate") or 48000)
             if not 8000 <= rate <= 192000:
                 raise ValueError(f"sample_rate {rate} is out of range")
             session = await asyncio.to_thread(VoiceSession, engine, send, start.get("conversation_id") or None)
-        except (Unavailable, InputError, ValueError, KeyError) as exc:
-            await ws.send_text(json.dumps({"type": "error", "message": f"Voice mode is unavailable: {exc}",
+        except (Unavailable, InputError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            why = f"{exc.why}" + (f"; {exc.what_to_set}" if exc.what_to_set else "") \
+                if isinstance(exc, Unavailable) else str(exc)
+            await ws.send_text(json.dumps({"type": "error", "message": f"Voice mode is unavailable: {why}",
                                            "recoverable": False}))
             await ws.close()
             return
@@ -84,9 +86,8 @@ def make_voice_router(engine: Engine) -> APIRouter:
                     break
                 if msg.get("bytes"):
                     await asyncio.to_thread(session.feed, msg["bytes"], rate)
-                elif msg.get("text"):
-                    if json.loads(msg["text"]).get("type") == "stop":
-                        session.interrupt("stopped by the user")
+                elif msg.get("text") and _is_stop(msg["text"]):
+                    session.interrupt("stopped by the user")
         except WebSocketDisconnect:
             pass
         finally:
@@ -95,3 +96,11 @@ def make_voice_router(engine: Engine) -> APIRouter:
             await asyncio.to_thread(session.close)
 
     return router
+
+
+def _is_stop(text: str) -> bool:
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(message, dict) and message.get("type") == "stop"

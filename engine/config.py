@@ -127,7 +127,12 @@ class Config:
     port: int = 7860
     max_upload_mb: int = 200
     max_prompt_chars: int = 100_000
-    auth_token: str = ""  # required when host is not loopback
+    max_request_mb: int = 64  # JSON request bodies (the API's inline media included); refused beyond, unread
+    max_queue: int = 16  # requests waiting for the model beyond this are refused (HTTP 429), not kept for minutes
+    auth_token: str = ""  # required when host is not loopback; "auto": a random one, printed at start
+    # Host headers served besides loopback and `host` (DNS rebinding guard); origins whose pages may call us
+    allowed_hosts: tuple = ()
+    allowed_origins: tuple = ()
 
     @property
     def data_path(self) -> Path:
@@ -205,6 +210,9 @@ OVERRIDES: dict[str, str] = {
     "speaking_rate": "tts.rate",
     "min_barge_in_ms": "vad.min_barge_in_ms",
     "auth_token": "auth_token",
+    "allowed_hosts": "allowed_hosts",
+    "allowed_origins": "allowed_origins",
+    "max_queue": "max_queue",
 }
 
 _HELP = {
@@ -220,7 +228,16 @@ _HELP = {
     "voice": "Piper voice: a name from assets/models.json or a path to a voice .onnx",
     "speaking_rate": "speaking rate, 1.0 normal (0.5 to 2.0)",
     "host": "bind address (default 127.0.0.1; anything else needs --auth-token)",
+    "auth_token": "bearer token for the API and password for the page (16+ characters off loopback; "
+                  "'auto' makes one and prints it)",
+    "allowed_hosts": "comma-separated host names the server answers to besides loopback and --host "
+                     "(e.g. a LAN name); other Host headers are refused",
+    "allowed_origins": "comma-separated web origins (https://app.example) whose pages may call the server",
+    "max_queue": "requests that may wait for the model; more are refused with HTTP 429 (default 16)",
 }
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MIN_TOKEN_CHARS = 16
 
 
 def _coerce(value: str, current: object, path: str) -> object:
@@ -310,8 +327,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError("perception.backend=neural needs perception.vl_model (a Qwen2.5-VL dir or hub id)")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port {cfg.port} out of range")
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.auth_token:
-        raise ConfigError(f"binding {cfg.host} exposes the assistant; set --auth-token (OMNI_AUTH_TOKEN) too")
+    token = cfg.auth_token
+    if token and (not token.strip() or token != token.strip() or any(c.isspace() for c in token)):
+        raise ConfigError("auth_token must not be blank or contain spaces; use --auth-token auto for a random one")
+    if cfg.host not in LOOPBACK:
+        if not token:
+            raise ConfigError(f"binding {cfg.host} exposes the assistant; set --auth-token (OMNI_AUTH_TOKEN) too, "
+                              "or --auth-token auto for a random one")
+        if token != "auto" and len(token) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"binding {cfg.host} needs an auth_token of at least {MIN_TOKEN_CHARS} characters "
+                              "(a guessable one is no protection); --auth-token auto makes one")
+    if cfg.max_queue < 0 or cfg.max_request_mb < 1:
+        raise ConfigError("max_queue must be 0 (no limit) or more, and max_request_mb at least 1")
 
 
 def add_arguments(parser) -> None:

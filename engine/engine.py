@@ -15,6 +15,7 @@ from engine.context import fit
 from engine.errors import Unavailable
 from engine.events import CancelToken, Done, Error, Event, Notice, RouterStats, TextDelta
 from engine.llm.base import GenParams, LLMBackend, Message
+from engine.queueing import FairLock, QueueFull
 from engine.roles import Role, build_roles
 from engine.store import Store
 
@@ -24,7 +25,8 @@ class Engine:
         self.config = config
         self.store = Store(config.data_path)
         self.roles: dict[str, Role] = build_roles(config)
-        self.model_lock = threading.Lock()  # one model, one turn at a time
+        # one model, one turn at a time, served in arrival order; beyond max_queue waiting, refused
+        self.model_lock = FairLock(config.max_queue)
         from engine.perception import Perceiver
         from engine.speech import speech_tool
         from engine.toolrun import Generators
@@ -112,10 +114,18 @@ class Engine:
         fitted = fit(messages, llm.count_tokens, budget)
         if fitted.dropped or fitted.truncated_chars:
             yield Notice(fitted.notice(llm.context_tokens))
-        while not self.model_lock.acquire(timeout=0.05):
-            if cancel.cancelled:
+        if self.model_lock.busy and not self.model_lock.full():
+            ahead = self.model_lock.waiting + 1
+            yield Notice(f"Waiting for the model: {ahead} request{'s' if ahead > 1 else ''} ahead of this one.")
+        try:
+            if not self.model_lock.acquire(cancelled=lambda: cancel.cancelled, refuse_when_full=True):
                 usage["finish_reason"] = "cancelled"
                 return "", usage, {}
+        except QueueFull:
+            usage["finish_reason"] = "busy"
+            yield Error(f"The assistant is busy: {self.model_lock.waiting} requests are waiting for the model. "
+                        "Try again in a minute.", recoverable=True)
+            return "", usage, {}
         parts: list[str] = []
         first = end = None
         queued = time.monotonic()
