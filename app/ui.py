@@ -4,6 +4,13 @@ Thin by design: it turns clicks into `Session.submit` calls and events into
 chat updates. Model work goes through one queue (concurrency_id "model");
 Stop sets the turn's CancelToken, so decoding stops within one token and
 the partial answer is stored as interrupted.
+
+Nothing of the store is in the page as built (the page is served before a
+login): the conversation list, the status and the panels are filled by
+demo.load and by every handler that changes the open conversation. Sidebar
+and settings handlers report what went wrong with gr.Warning and leave the
+page as it was; they run queued, which is what lets gr.Info/gr.Warning reach
+the browser.
 """
 from __future__ import annotations
 
@@ -12,13 +19,14 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.panels import NO_PERCEPTION, NamedFiles, media_content, panels, render
+from app.panels import router_view  # noqa: F401  (tests/test_moe_engine.py and test_omni_backbone.py import it here)
 from engine.events import CancelToken, Done, Error, MediaResult, Notice, Perceived, Progress, TextDelta, ToolCall
 from engine.engine import Engine
 from engine.session import Turn
 from engine.status import status, status_markdown
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-INTERRUPTED = "\n\n*(interrupted)*"
 
 
 class ActiveTurns:
@@ -48,113 +56,39 @@ class ActiveTurns:
                 del self._tokens[key]
 
 
-def render(engine: Engine, cid: str | None) -> list[dict]:
-    """Stored turns -> Chatbot messages (media first, then the text)."""
-    if not cid:
-        return []
-    out: list[dict] = []
-    for turn in engine.store.turns(cid):
-        for rec in turn.media:
-            out.append({"role": turn.role, "content": _media_content(rec.path, rec.kind, rec.mime, rec.name)})
-        text = turn.content
-        if turn.status == "interrupted":
-            text += INTERRUPTED
-        if turn.meta.get("error"):
-            text += f"\n\n⚠️ {turn.meta['error']}"
-        if text or not turn.media:
-            out.append({"role": turn.role, "content": text})
-    return out
-
-
-def _media_content(path: str, kind: str, mime: str = "", name: str = ""):
-    if kind == "model3d":  # a 3D viewer inside the chat
-        return gr.Model3D(value=path, label=name or "3D model", height=320)
-    return {"path": path, "mime_type": mime or None, "orig_name": name or Path(path).name}
-
-
-def media_panel(engine: Engine, cid: str | None):
-    """The conversation's media for the side panel: images, the latest 3D model, every file."""
-    records = [m for t in engine.store.turns(cid) for m in t.media if m.name != "answer.wav"] if cid else []
-    images = [(m.path, m.name) for m in records if m.kind == "image"]
-    models = [m.path for m in records if m.kind == "model3d"]
-    return (gr.Gallery(value=images or None), gr.Model3D(value=models[-1] if models else None),
-            gr.File(value=[m.path for m in records] or None))
-
-
-def perception_panel(engine: Engine, cid: str | None):
-    """What the perception tools found in the latest message with media: the annotated
-    images (text boxes, faces, keyframe sheets) and the facts the answer was grounded in."""
-    turns = [t for t in engine.store.turns(cid) if t.role == "user" and t.meta.get("perception")] if cid else []
-    if not turns:
-        return gr.Gallery(value=None), gr.Markdown("Nothing looked at yet: attach an image, audio or video.")
-    meta = turns[-1].meta
-    pictures = [(p, name) for name, paths in meta.get("overlays", {}).items() for p in paths if Path(p).is_file()]
-    facts = "\n\n".join(f"**{name}**: {text}" for name, text in meta["perception"].items())
-    return gr.Gallery(value=pictures or None), gr.Markdown(facts)
-
-
-ORDER = ("text", "image", "video", "audio", "other")
-
-
-def router_view(stats: dict | None):
-    """The last answer's MoE routing as a heatmap: one band per modality (text, image,
-    video, ...), in each a row per MoE layer, a column per expert, brighter = chosen more
-    often by that modality's tokens; and a line on the bands and the expert cache."""
-    import numpy as np
-    from PIL import Image
-
-    if not stats:
-        return None, "The language model is dense (no experts): nothing to show."
-    layers = sorted(stats["layers"].items(), key=lambda kv: int(kv[0]))
-    found = {name for _, mods in layers for name, m in mods.items() if isinstance(m, dict) and "counts" in m}
-    modalities = sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
-    bands, tokens = [], {}
-    for name in modalities:
-        grid = np.zeros((len(layers), stats["num_experts"]), np.float32)
-        for row, (_, mods) in enumerate(layers):
-            if isinstance(mods.get(name), dict):
-                grid[row] = np.asarray(mods[name]["counts"], np.float32)
-                tokens[name] = mods[name]["tokens"]
-        bands += [grid / max(1.0, float(grid.max())), np.full((1, grid.shape[1]), -1.0, np.float32)]
-    grid = np.concatenate(bands[:-1]) if bands else np.zeros((1, stats["num_experts"]), np.float32)
-    rgb = np.stack([np.clip(grid, 0, 1) ** 0.5 * 255, np.clip(grid, 0, 1) * 180, 60 + np.clip(grid, 0, 1) * 40], -1)
-    rgb[grid < 0] = 255  # white lines between the bands
-    scale = max(1, 512 // max(grid.shape))
-    image = Image.fromarray(rgb.astype(np.uint8)).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                                          Image.NEAREST)
-    line = f"{len(layers)} MoE layers x {stats['num_experts']} experts, top-{stats['top_k']}; bands from the top: " \
-        + ", ".join(f"{name} ({tokens.get(name, 0)} tokens)" for name in modalities)
-    cache = stats.get("cache")
-    if cache:
-        accuracy = cache.get("prefetch_accuracy")
-        line += (f". Expert cache: hit rate {cache['hit_rate']:.0%}, {cache['resident_experts']} experts resident, "
-                 f"{cache['bytes_moved'] / 2**20:.1f} MiB moved"
-                 + (f", prefetch accuracy {accuracy:.0%}" if accuracy is not None else ""))
-    else:
-        line += ". All experts resident (no --vram-gb budget)"
-    return image, line
-
-
 def voice_names() -> list[str]:
     from engine.packaged import names
 
     return names("tts")
 
 
+def voice_problem(voice: str) -> str | None:
+    """Why `voice` cannot be spoken with (None: it can): a packaged voice name, or the path of a
+    Piper .onnx voice with its .onnx.json beside it."""
+    voice, voices = (voice or "").strip(), voice_names()
+    path = Path(voice).expanduser()
+    if voice in voices or (path.suffix == ".onnx" and path.is_file() and Path(f"{path}.json").is_file()):
+        return None
+    return (f"There is no voice \u201c{voice}\u201d. The voices here: {', '.join(voices) or 'none installed'}; "
+            "or give the path of a Piper .onnx voice (with its .onnx.json beside it).")
+
+
 def conversation_choices(engine: Engine) -> list[tuple[str, str]]:
     return [(c["title"] or "New chat", c["id"]) for c in engine.store.list_conversations()]
 
 
-def _stats(done: Done) -> str:
+def turn_footer(done: Done, notices=()) -> str:
+    """The line under an answer: the notices, then tokens and speed when tokens were decoded
+    (a media reply decodes none: it says what it made in its text)."""
     n, t = done.usage.get("completion_tokens", 0), done.timings
-    bits = [f"{n} tokens"]
-    if t.get("decode_tok_s"):
+    bits = [f"{n} tokens"] if n else []
+    if n and t.get("decode_tok_s"):
         bits.append(f"{t['decode_tok_s']:.1f} tok/s")
-    if t.get("ttft_ms") is not None:
+    if n and t.get("ttft_ms") is not None:
         bits.append(f"first token {t['ttft_ms']:.0f} ms")
     if done.interrupted:
         bits.append("stopped")
-    return "<small>" + " · ".join(bits) + "</small>"
+    return " ".join([*notices, *(["<small>" + " · ".join(bits) + "</small>"] if bits else [])])
 
 
 def build_ui(engine: Engine) -> gr.Blocks:
@@ -188,7 +122,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
                     working = "perception"
                 elif isinstance(ev, MediaResult):
                     shown.insert(len(shown) - 1, {"role": "assistant",
-                                                  "content": _media_content(ev.path, ev.kind, name=ev.meta.get("name", ""))})
+                                                  "content": media_content(ev.path, ev.kind, name=ev.meta.get("name", ""))})
                 elif isinstance(ev, TextDelta):
                     if working:
                         answer["content"], working = "", None
@@ -208,9 +142,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
         if done is None or not done.turn_id:  # rejected before anything was stored: give the input back
             yield shown, gr.MultimodalTextbox(value=message), session.id, gr.update(), " ".join(errors), gr.update()
             return
-        footer = " ".join(notices + [_stats(done)])
         yield (render(engine, session.id), gr.update(), session.id,
-               gr.Radio(choices=conversation_choices(engine), value=session.id), footer, title_of(session.id))
+               gr.Radio(choices=conversation_choices(engine), value=session.id), turn_footer(done, notices),
+               title_of(session.id))
 
     def stop(request: gr.Request) -> None:
         active.stop(request.session_hash or "cli")
@@ -218,38 +152,56 @@ def build_ui(engine: Engine) -> gr.Blocks:
     def title_of(cid: str | None) -> str:
         return (engine.store.get_conversation(cid) or {}).get("title", "") if cid else ""
 
+    def listing(cid: str | None = None) -> gr.Radio:
+        return gr.Radio(choices=conversation_choices(engine), value=cid)
+
+    def page_load():
+        return listing(), refresh_status()
+
     def open_conversation(cid: str | None):
         return render(engine, cid), cid, title_of(cid), ""
 
     def new_chat():
-        return [], None, gr.Radio(choices=conversation_choices(engine), value=None), "", ""
+        return [], None, listing(), "", ""
 
     def rename(cid: str | None, title: str):
         if not cid:
-            raise gr.Error("Open a conversation first, then rename it.")
-        try:
-            engine.store.rename_conversation(cid, title)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
-        return gr.Radio(choices=conversation_choices(engine), value=cid)
+            gr.Warning("Open a conversation first, then rename it.")
+            return gr.skip()
+        if not " ".join((title or "").split()):
+            gr.Warning("A conversation title cannot be empty: type one in Title, then Rename.")
+            return gr.skip()
+        engine.store.rename_conversation(cid, title)
+        gr.Info(f"Renamed to \u201c{title_of(cid)}\u201d.")
+        return listing(cid)
 
-    def delete(cid: str | None):
-        if cid:
-            engine.store.delete_conversation(cid)
-        return [], None, gr.Radio(choices=conversation_choices(engine), value=None), "", ""
+    def delete(cid: str | None, confirmed: bool):
+        if not cid:
+            gr.Warning("No conversation is open: nothing to delete.")
+            return (gr.skip(),) * 5
+        if not confirmed:  # the browser asked, and the answer was no
+            return (gr.skip(),) * 5
+        title = title_of(cid)
+        engine.store.delete_conversation(cid)
+        gr.Info(f"Deleted \u201c{title}\u201d.")
+        return [], None, listing(), "", ""
 
     def voice_turn_done(conversation: str):
         """A voice turn was stored: show it, and follow the conversation it went to."""
         conversation = conversation or None
-        return (render(engine, conversation), conversation,
-                gr.Radio(choices=conversation_choices(engine), value=conversation), title_of(conversation))
+        return render(engine, conversation), conversation, listing(conversation), title_of(conversation)
 
-    def set_voice(voice: str, speaking_rate: float) -> str:
+    def set_voice(voice: str, speaking_rate: float):
+        problem = voice_problem(voice)
+        if problem:
+            gr.Warning(problem)
+            return gr.skip()
         try:
-            engine.set_speech(voice=voice, rate=speaking_rate)
+            engine.set_speech(voice=voice.strip(), rate=speaking_rate)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
-        gr.Info(f"Voice set to {voice} at {speaking_rate:.2f}x.")
+            gr.Warning(f"Not applied: {exc}")
+            return gr.skip()
+        gr.Info(f"Voice set to {voice.strip()} at {speaking_rate:.2f}x.")
         return refresh_status()
 
     def refresh_status() -> str:
@@ -257,20 +209,21 @@ def build_ui(engine: Engine) -> gr.Blocks:
 
     with gr.Blocks(title="Omni assistant") as demo:
         cid = gr.State(None)
-        with gr.Sidebar(label="Conversations", open=True):
+        with gr.Sidebar(label="Conversations", open=True, elem_id="sidebar"):
             new_btn = gr.Button("+ New chat", variant="primary", elem_id="new-chat")
-            conversations = gr.Radio(choices=conversation_choices(engine), value=None, show_label=False,
+            conversations = gr.Radio(choices=[], value=None, show_label=False,  # filled by demo.load
                                      elem_id="conversations", container=False)
             title_box = gr.Textbox(label="Title", placeholder="Rename this conversation", elem_id="title")
             with gr.Row():
                 rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
                 delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
+            confirmed = gr.Checkbox(True, visible="hidden", elem_id="delete-confirmed")  # the browser's answer
         gr.Markdown("## Omni assistant\nRuns on this machine. Type or talk; attach images, audio or video; "
                     "ask it to draw, edit, animate or model something (\"crop it to a square\", \"a 3D snowman\").")
         chatbot = gr.Chatbot(elem_id="chat", height=520, buttons=["copy"], feedback_options=None,
                              placeholder="Ask me anything.")
         footer = gr.Markdown(elem_id="turn-info")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_id="input-row"):
             box = gr.MultimodalTextbox(placeholder="Message the assistant...", file_count="multiple",
                                        file_types=["image", "audio", "video", ".glb"], show_label=False,
                                        elem_id="input", scale=8, autofocus=True)
@@ -289,40 +242,51 @@ def build_ui(engine: Engine) -> gr.Blocks:
                                  elem_id="voice-rate")
             apply_voice = gr.Button("Apply", size="sm", elem_id="voice-apply")
         with gr.Accordion("What I saw and heard", open=False, elem_id="perception-panel"):
-            seen_gallery = gr.Gallery(label="Found in your media", columns=3, height=240, elem_id="seen")
-            seen_facts = gr.Markdown(elem_id="seen-facts")
+            # whole pictures: a square cell per picture, the picture contained in it (fit_columns
+            # stretched one picture to the full width, a square cut short by the height)
+            seen_gallery = gr.Gallery(label="Found in your media", columns=3, fit_columns=False, height=320,
+                                      object_fit="contain", elem_id="seen")
+            seen_facts = gr.Markdown(NO_PERCEPTION, elem_id="seen-facts")
         with gr.Accordion("Media in this conversation", open=False, elem_id="media-panel"):
             with gr.Row():
-                gallery = gr.Gallery(label="Images", columns=4, height=240, elem_id="gallery")
+                gallery = gr.Gallery(label="Images", columns=4, fit_columns=False, height=240,
+                                     object_fit="contain", elem_id="gallery")
                 model3d = gr.Model3D(label="Latest 3D model", height=240, elem_id="model3d")
-            files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files")
+            files = NamedFiles(label="Download", file_count="multiple", interactive=False, elem_id="files")
         with gr.Accordion("Experts (MoE models)", open=False, elem_id="router-panel"):
-            router_image = gr.Image(label="Which experts the last answer used (rows: layers)", height=200,
-                                    interactive=False, elem_id="router-heatmap")
+            router_image = gr.Image(label="Which experts this conversation's last answer used (rows: layers)",
+                                    height=200, interactive=False, elem_id="router-heatmap")
             router_line = gr.Markdown(elem_id="router-line")
         with gr.Accordion("Status", open=False, elem_id="status-panel"):
-            status_md = gr.Markdown(refresh_status(), elem_id="status")
+            status_md = gr.Markdown(elem_id="status")  # filled by demo.load
             gr.Timer(5.0).tick(refresh_status, None, status_md, show_progress="hidden", queue=False)
 
-        panel = [gallery, model3d, files, seen_gallery, seen_facts, router_image, router_line]
+        def show_panels(c):
+            """The open conversation's panels, and its id for voice mode (voice.js reads #voice-cid)."""
+            return (*panels(engine, c), c or "")
 
-        def panels(c):
-            return (*media_panel(engine, c), *perception_panel(engine, c), *router_view(engine.last_router_stats))
+        # Every change of the open conversation ends here (a State's .change does not fire for all of them).
+        after = dict(fn=show_panels, inputs=cid, queue=False, show_progress="hidden", api_visibility="undocumented",
+                     outputs=[gallery, model3d, files, seen_gallery, seen_facts, router_image, router_line, voice_cid])
+        sidebar = [chatbot, cid, conversations, title_box, footer]
+        close_on_phone = "(...args) => { window.omniUI && window.omniUI.closeSidebarOnPhone(); return args; }"
 
         box.submit(respond, [box, cid], [chatbot, box, cid, conversations, footer, title_box],
-                   concurrency_id="model", concurrency_limit=1, show_progress="hidden").then(
-            panels, cid, panel, queue=False)
-        cid.change(panels, cid, panel, queue=False)
+                   concurrency_id="model", concurrency_limit=1, show_progress="hidden").then(**after)
         stop_btn.click(stop, None, None, concurrency_limit=None, show_progress="hidden", queue=False,
                        js="() => { window.omniVoice && window.omniVoice.interrupt(); }")
         voice_btn.click(None, None, None, js="() => { window.omniVoice.toggle(); }")
-        cid.change(lambda c: c or "", cid, voice_cid, queue=False)
-        voice_refresh.click(voice_turn_done, voice_cid, [chatbot, cid, conversations, title_box], queue=False)
-        apply_voice.click(set_voice, [voice_pick, rate], status_md, queue=False)
-        conversations.input(open_conversation, conversations, [chatbot, cid, title_box, footer], queue=False)
-        new_btn.click(new_chat, None, [chatbot, cid, conversations, title_box, footer], queue=False)
-        chatbot.clear(new_chat, None, [chatbot, cid, conversations, title_box, footer], queue=False)
-        rename_btn.click(rename, [cid, title_box], conversations, queue=False)
-        delete_btn.click(delete, cid, [chatbot, cid, conversations, title_box, footer], queue=False)
-        demo.load(lambda: gr.Radio(choices=conversation_choices(engine)), None, conversations, queue=False)
+        voice_refresh.click(voice_turn_done, voice_cid, [chatbot, cid, conversations, title_box],
+                            queue=False).then(**after)
+        apply_voice.click(set_voice, [voice_pick, rate], status_md, concurrency_limit=None)
+        conversations.input(open_conversation, conversations, [chatbot, cid, title_box, footer], queue=False,
+                            js="(c) => { window.omniUI && window.omniUI.closeSidebarOnPhone(); return c; }"
+                            ).then(**after)
+        new_btn.click(new_chat, None, sidebar, queue=False, js=close_on_phone).then(**after)
+        chatbot.clear(new_chat, None, sidebar, queue=False).then(**after)
+        rename_btn.click(rename, [cid, title_box], conversations, concurrency_limit=None, show_progress="hidden")
+        delete_btn.click(delete, [cid, confirmed], sidebar, concurrency_limit=None, show_progress="hidden",
+                         js="(c, ok) => [c, window.omniUI ? window.omniUI.confirmDelete() : true]").then(**after)
+        demo.load(page_load, None, [conversations, status_md], queue=False,
+                  js=(ASSETS / "ui.js").read_text()).then(**after)
     return demo

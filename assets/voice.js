@@ -12,7 +12,7 @@
     }
     registerProcessor("omni-capture", Capture);`;
 
-  const state = { ws: null, ctx: null, stream: null, node: null, playHead: 0, sources: [],
+  const state = { ws: null, ctx: null, stream: null, node: null, playHead: 0, sources: [], run: 0, opening: false,
                   stats: { audioChunks: 0, sentFrames: 0, states: [], transcripts: [], answer: "" } };
 
   const $ = (id) => document.getElementById(id);
@@ -100,56 +100,74 @@
     }
   }
 
+  // Each start() is one run; stop() ends it. Everything a run set up (socket, microphone,
+  // worklet) checks that it is still the current run before it acts, so nothing fires after
+  // stop(): a socket that opens late or a microphone frame already queued is dropped.
   async function start() {
-    if (state.ws) return;
-    setStatus("Opening the microphone…");
-    state.stream = await navigator.mediaDevices.getUserMedia({
-      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
-    });
-    state.ctx = new AudioContext();
-    await state.ctx.resume();
-    const url = URL.createObjectURL(new Blob([WORKLET], { type: "application/javascript" }));
-    await state.ctx.audioWorklet.addModule(url);
-    const source = state.ctx.createMediaStreamSource(state.stream);
-    state.node = new AudioWorkletNode(state.ctx, "omni-capture");
-    const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${proto}//${location.host}/voice/ws`);
-    ws.binaryType = "arraybuffer";
-    state.ws = ws;
-    ws.onopen = () => {
-      ws.send(JSON.stringify({ type: "start", sample_rate: state.ctx.sampleRate,
-                               conversation_id: currentConversation() }));
-      let pending = [];
-      let count = 0;
-      state.node.port.onmessage = (e) => {
-        pending.push(e.data);
-        count += e.data.length;
-        if (count < state.ctx.sampleRate * 0.02 || ws.readyState !== 1) return; // ~20 ms frames
-        const out = new Int16Array(count);
-        let o = 0;
-        for (const f of pending) for (let i = 0; i < f.length; i++) {
-          out[o++] = Math.max(-32768, Math.min(32767, Math.round(f[i] * 32767)));
-        }
-        pending = []; count = 0;
-        ws.send(out.buffer);
-        state.stats.sentFrames += 1;
+    if (state.ws || state.opening) return;
+    const run = ++state.run;
+    state.opening = true;
+    try {
+      setStatus("Opening the microphone…");
+      const stream = await navigator.mediaDevices.getUserMedia({
+        audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+      });
+      if (run !== state.run) { stream.getTracks().forEach((t) => t.stop()); return; }
+      state.stream = stream;
+      const ctx = (state.ctx = new AudioContext());
+      await ctx.resume();
+      const url = URL.createObjectURL(new Blob([WORKLET], { type: "application/javascript" }));
+      await ctx.audioWorklet.addModule(url);
+      if (run !== state.run) return; // stop() has closed the stream and the context
+      const source = ctx.createMediaStreamSource(stream);
+      const node = (state.node = new AudioWorkletNode(ctx, "omni-capture"));
+      const proto = location.protocol === "https:" ? "wss:" : "ws:";
+      const ws = new WebSocket(`${proto}//${location.host}/voice/ws`);
+      ws.binaryType = "arraybuffer";
+      state.ws = ws;
+      ws.onopen = () => {
+        if (state.ws !== ws) return;
+        ws.send(JSON.stringify({ type: "start", sample_rate: ctx.sampleRate,
+                                 conversation_id: currentConversation() }));
+        let pending = [];
+        let count = 0;
+        node.port.onmessage = (e) => {
+          if (state.ws !== ws) return;
+          pending.push(e.data);
+          count += e.data.length;
+          if (count < ctx.sampleRate * 0.02 || ws.readyState !== 1) return; // ~20 ms frames
+          const out = new Int16Array(count);
+          let o = 0;
+          for (const f of pending) for (let i = 0; i < f.length; i++) {
+            out[o++] = Math.max(-32768, Math.min(32767, Math.round(f[i] * 32767)));
+          }
+          pending = []; count = 0;
+          ws.send(out.buffer);
+          state.stats.sentFrames += 1;
+        };
+        source.connect(node);
       };
-      source.connect(state.node);
-    };
-    ws.onmessage = (e) => {
-      if (typeof e.data === "string") onEvent(JSON.parse(e.data));
-      else play(e.data);
-    };
-    ws.onclose = () => { if (state.ws === ws) stop(); };
-    const btn = $("voice-btn");
-    if (btn) btn.classList.add("voice-on");
+      ws.onmessage = (e) => {
+        if (state.ws !== ws) return;
+        if (typeof e.data === "string") onEvent(JSON.parse(e.data));
+        else play(e.data);
+      };
+      ws.onclose = () => { if (state.ws === ws) stop(); };
+      const btn = $("voice-btn");
+      if (btn) btn.classList.add("voice-on");
+    } finally {
+      if (run === state.run) state.opening = false;
+    }
   }
 
   function stop() {
     const ws = state.ws;
+    state.run += 1;
     state.ws = null;
+    state.opening = false;
     stopPlayback();
-    if (ws && ws.readyState === 1) ws.close();
+    if (ws && ws.readyState <= 1) ws.close(); // connecting or open
+    if (state.node) { state.node.port.onmessage = null; state.node.disconnect(); }
     if (state.stream) state.stream.getTracks().forEach((t) => t.stop());
     if (state.ctx) state.ctx.close();
     state.stream = state.ctx = state.node = null;
@@ -160,7 +178,7 @@
 
   window.omniVoice = {
     start, stop, stats: state.stats,
-    toggle: () => (state.ws ? stop() : start().catch((err) => {
+    toggle: () => (state.ws || state.opening ? stop() : start().catch((err) => {
       stop();
       state.stats.error = String(err);
       setStatus("Voice mode could not start: " + err);

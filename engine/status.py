@@ -1,6 +1,7 @@
 """What the status panel and /v1/status show: profile, each role, memory."""
 from __future__ import annotations
 
+import html
 import os
 
 from engine.config import Config
@@ -37,11 +38,13 @@ def status(engine) -> dict:
 
 
 def status_markdown(report: dict) -> str:
+    """The report as Markdown. Details are HTML-escaped: Markdown takes "<local dir or hub id>"
+    for a tag and drops it, which cut the setup hints short."""
     lines = [f"**Profile:** `{report['profile']}`  ·  **Memory:** {report['memory']['rss_mb']} MB RSS",
              "", "| role | state | detail |", "|---|---|---|"]
     icons = {"ready": "✅ ready", "loading": "⏳ loading", "unavailable": "⚠️ unavailable", "not loaded": "… not loaded"}
     for role, info in report["roles"].items():
-        detail = info["detail"].replace("|", "\\|")
+        detail = html.escape(info["detail"], quote=False).replace("|", "\\|")
         lines.append(f"| {role} | {icons.get(info['state'], info['state'])} | {detail} |")
     lines.append(f"\nData directory: `{report['data_dir']}`")
     return "\n".join(lines)

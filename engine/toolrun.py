@@ -7,7 +7,9 @@ turn ends with a clear message and the conversation and its media are intact.
 """
 from __future__ import annotations
 
+import logging
 import queue
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -23,6 +25,7 @@ from generators.tools import TOOLS
 MODEL_FIELDS = {"image": "image_model", "edit_image": "edit_model", "video": "video_model", "3d": "model3d_model",
                 "audio": "audio_model"}
 KIND_NAMES = {"image": "image", "video": "video", "model3d": "3D model", "audio": "sound"}
+log = logging.getLogger(__name__)
 
 
 class Generators:
@@ -69,13 +72,24 @@ class Generators:
             return True, ", ".join(e.name for e in ready)
         return False, "; ".join(reasons) or f"no {registry.TASKS.get(task, task)} backend is built in"
 
+    def setup_hint(self, task: str) -> str:
+        """One plain sentence on what `task` is missing here and the one thing that adds it
+        (the detail is the status panel's)."""
+        from generators.diffusion import DiffusionBackend
+
+        for entry in [e for e in self.extras if e.task == task] + registry.entries(task):
+            if isinstance(entry.factory, type) and issubclass(entry.factory, DiffusionBackend):
+                return entry.factory.setup_hint(self._options(entry).get("model"))
+        return f"{registry.TASKS[task].capitalize()} is not available here; the Status panel says what to set."
+
     def pick(self, task: str, request: dict, inputs: list):
         """The backend for this request: the first available one that says it can do it,
-        else the first available one (its error then says what it can do)."""
+        else the first available one (its error then says what it can do). None available:
+        RequestError with a plain sentence for the user; the detail goes to the log."""
         ready, reasons = self._scan(task)
         if not ready:
-            raise RequestError(f"No backend can do {registry.TASKS[task]} here: " + ("; ".join(reasons) or
-                               "none is built in") + ".")
+            log.warning("no %s backend: %s", registry.TASKS[task], "; ".join(reasons) or "none is built in")
+            raise RequestError(self.setup_hint(task))
         for entry in ready:
             backend = self.get(entry)
             can_do = getattr(backend, "can_do", None)
@@ -113,7 +127,7 @@ def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, 
     try:
         backend = engine.generators.pick(task, plan.arguments, plan.inputs)
     except GenerationError as exc:
-        return str(exc), [], "error"
+        return _without_paths(str(exc)), [], "error"
     engine.generators.only(backend)
     if hasattr(backend, "unload"):
         make_room_for_diffusion(engine)
@@ -140,10 +154,10 @@ def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, 
         result = outcome["result"]
         paths = [result.path, *[p for p in result.meta.get("frames", []) if p != result.path]]
         records = []
+        stem = readable_name(plan, result.meta)
         for i, path in enumerate(paths):
             number = f"-{i + 1}" if len(paths) > 1 else ""
-            name = f"{plan.name.replace('_', '-')}-{backend.name}{number}{Path(path).suffix}"
-            records.append(media_mod.ingest(path, engine.media_dir, 1 << 34, name))
+            records.append(media_mod.ingest(path, engine.media_dir, 1 << 34, f"{stem}{number}{Path(path).suffix}"))
     meta = {k: v for k, v in result.meta.items() if k != "frames"}
     for rec in records:
         yield MediaResult(rec.kind, rec.path, {**meta, "backend": backend.name, "name": rec.name,
@@ -152,6 +166,34 @@ def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, 
     detail = _describe(meta)
     count = f"{len(records)} {what}s" if len(records) > 1 else f"the {what}"
     return f"Here is {count}, made with {backend.name}{f' ({detail})' if detail else ''}.", records, "complete"
+
+
+# words that name no subject: left out of file names made from a prompt
+FILLER = {"an", "the", "me", "my", "please", "some", "it", "its", "this", "that", "make", "draw", "paint", "create",
+          "generate", "show", "give", "picture", "image", "photo", "video", "clip", "model", "3d", "can", "you",
+          "could", "would", "want", "like", "now"}
+
+
+def readable_name(plan, made: dict | None = None) -> str:
+    """A file name (without extension) for what `plan` makes, from the request: the input's
+    name and what was done to it ("lighthouse-crop"), else the prompt's words
+    ("lighthouse-at-dusk"); the tool's name when the request has no words to use. `made`:
+    the result's meta, whose operations say what was done when the request was in words."""
+    args, made = plan.arguments, made or {}
+    ops = made.get("operations") or args.get("operations") or []
+    done = [str(op["op"]) for op in ops if isinstance(op, dict) and op.get("op")]
+    done = done or [str(args.get("operation") or made.get("operation") or "")]
+    done = [d for d in done if d]
+    prompt = str(args.get("prompt") or args.get("instruction") or "").lower().replace("_", " ")
+    words = [w for w in re.findall(r"[a-z0-9]+", prompt) if w not in FILLER and len(w) > 1]
+    source = [Path(plan.inputs[0].name).stem.lower()] if plan.inputs else []
+    parts = re.findall(r"[a-z0-9]+", " ".join([*source, *(dict.fromkeys(done) or words)]).replace("_", " "))
+    name = ""
+    for part in parts:  # whole words, at most 60 characters
+        if len(name) + len(part) + 1 > 60:
+            break
+        name = f"{name}-{part}" if name else part
+    return name or plan.name.replace("_", "-")
 
 
 def make_room_for_diffusion(engine) -> int:
@@ -184,6 +226,17 @@ def _describe(meta: dict) -> str:
 
 
 def _failure(exc: BaseException, backend: str) -> str:
+    """The chat's sentence for a failed run: the reason without server paths (the log has it whole)."""
+    log.warning("the %s generator failed", backend, exc_info=exc)
+    return _without_paths(_reason(exc, backend))
+
+
+def _without_paths(text: str) -> str:
+    """"/root/.cache/x/model.bin" -> "model.bin": a chat message never shows where the server keeps things."""
+    return re.sub(r"(?<![\w.:/~])(?:/[\w.@+-]+)+/?", lambda m: Path(m.group(0)).name or "/", text)
+
+
+def _reason(exc: BaseException, backend: str) -> str:
     if isinstance(exc, Cancelled):
         return "Stopped: the generation was cancelled; nothing was made."
     if isinstance(exc, RequestError):

@@ -186,6 +186,26 @@ class DiffusionBackend:
         return f"set --set generators.{cls.config_field}=<local dir or hub id> (or {cls.env_var()})"
 
     @classmethod
+    def setup_hint(cls, model: str | None = None) -> str:
+        """One plain sentence for the chat: what is missing and the one thing that adds it (the
+        detail, with paths, is in `available()` for the status panel and the log)."""
+        from generators.registry import TASKS
+
+        model = cls.configured_model() if model is None else model
+        task, setting = TASKS[cls.task].capitalize(), f"--set generators.{cls.config_field}"
+        local = f"or start with {setting}=FOLDER (a local model folder)"
+        if not model:
+            return f"{task} needs a diffusion model: start with {setting}=FOLDER (a local model folder) " \
+                   "or a downloaded hub id."
+        if model and _HUB_ID.match(model) and not Path(model).expanduser().exists():
+            if model == cls.default_model:
+                return f"{task} needs a diffusion model, and none is on this machine: get one with " \
+                       f"`hf download {model}`, {local}."
+            return f"{task} needs the diffusion model {model}, which is not on this machine: get it with " \
+                   f"`hf download {model}`, {local}."
+        return f"{task} needs a diffusion model, and the folder set in {setting} holds none: {local[3:]}."
+
+    @classmethod
     def available(cls, model: str | None = None) -> tuple[bool, str]:
         """(ok, why not): cheap, reads no weights; `model` None means the env var or the default."""
         model = cls.configured_model() if model is None else model

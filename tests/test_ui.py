@@ -31,7 +31,7 @@ def test_attachment_shown_and_bad_file_gives_input_back(server, png, tmp_path):
     client = Client(server.url + "/", verbose=False)
     out = client.predict({"text": "what is this", "files": [handle_file(str(png))]}, api_name="/respond")
     chat = out[0]
-    from app.ui import perception_panel
+    from app.panels import perception_panel
 
     assert any(p.get("type") == "file" for m in chat if m["role"] == "user" for p in m["content"])
     assert _assistant_text(chat)
@@ -88,7 +88,7 @@ def test_conversations_new_reopen_rename_delete(server):
 
 
 def test_media_tools_show_results_inline(server, png):
-    from app.ui import media_panel
+    from app.panels import media_panel
 
     client = Client(server.url + "/", verbose=False)
     outputs = list(client.submit({"text": "crop it to a square", "files": [handle_file(str(png))]},
@@ -105,3 +105,96 @@ def test_media_tools_show_results_inline(server, png):
     gallery, model, files = media_panel(server.engine, cid)
     assert len(gallery.value) == 2 and ".glb" in str(model.value) and len(files.value) == 3
     client.close()
+
+
+def test_page_names_no_conversation_before_login(tmp_path):
+    """With a token set, the page served before login holds nothing of the store: the
+    conversation list and the status are filled by demo.load, after the login."""
+    import httpx
+
+    from tests.conftest import running_server
+
+    from engine.store import Store
+
+    store = Store(tmp_path / "data")  # a conversation from an earlier run
+    cid = store.create_conversation("my private topic")
+    store.close()
+    with running_server(tmp_path / "data", auth_token="a-long-enough-secret-token") as srv:
+        html = httpx.get(srv.url + "/", timeout=30).text
+        assert cid not in html and "my private topic" not in html
+        assert str(srv.engine.config.data_path) not in html
+
+
+def test_panels_and_experts_follow_the_conversation(engine, png):
+    """Each panel reads the conversation it is given; the Experts panel reads that
+    conversation's last answer, never the engine's last answer of any conversation."""
+    from app.panels import media_panel, perception_panel, router_panel
+    from engine.events import CancelToken
+    from engine.session import Turn
+
+    seen = engine.session(None)
+    list(seen.submit(Turn("crop it to a square", (str(png),)), CancelToken()))
+    plain = engine.session(None)
+    list(plain.submit(Turn("hello"), CancelToken()))
+    engine.last_router_stats = {"layers": {"0": {"text": {"counts": [1, 2], "tokens": 3}}}, "num_experts": 2,
+                                "top_k": 1}  # another conversation's answer
+    gallery, model, files = media_panel(engine, plain.id)
+    assert not gallery.value and not model.value and not files.value
+    assert not perception_panel(engine, plain.id)[0].value
+    image, line = router_panel(engine, plain.id)
+    assert image is None and "3 tokens" not in line
+    gallery, _, files = media_panel(engine, seen.id)
+    assert len(gallery.value) == 2
+    names = [f["orig_name"] for f in files.value]
+    assert names == ["photo.png", "photo-crop.png"]  # downloads named from the request, not by hash
+    stored = {"layers": {"0": {"text": {"counts": [4, 0], "tokens": 4}}}, "num_experts": 2, "top_k": 1}
+    engine.store.add_turn(seen.id, "assistant", "an MoE answer", meta={"router_stats": stored})
+    image, line = router_panel(engine, seen.id)
+    assert image is not None and "text (4 tokens)" in line
+
+
+def test_setup_hint_is_one_plain_sentence(tmp_path, monkeypatch):
+    """No diffusion model configured: the chat gets what is missing and the one setting that
+    adds it; the detail (and any server path) goes to the status panel, shown whole."""
+    from engine.config import load_config
+    from engine.engine import Engine
+    from engine.events import CancelToken, TextDelta
+    from engine.session import Turn
+    from engine.status import status, status_markdown
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.delenv("OMNI_GEN_IMAGE_MODEL", raising=False)
+    eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path / "data"), "generators.image_model": ""},
+                             env={}))
+    try:
+        events = list(eng.session(None).submit(Turn("draw a lighthouse at dusk"), CancelToken()))
+        answer = "".join(e.text for e in events if isinstance(e, TextDelta))
+        assert answer == ("Text-to-image needs a diffusion model, and none is on this machine: get one with "
+                          "`hf download stabilityai/sdxl-turbo`, or start with --set generators.image_model=FOLDER "
+                          "(a local model folder).")
+        markdown = status_markdown(status(eng))
+        row = next(line for line in markdown.splitlines() if line.startswith("| generator:image "))
+        assert "generators.image_model=&lt;local dir or hub id&gt;" in row and "empty-hub-cache" in row
+    finally:
+        eng.close()
+
+
+def test_voice_settings_refuse_a_voice_that_does_not_exist(server):
+    from app.ui import voice_problem
+
+    assert voice_problem("joe-us") is None
+    problem = voice_problem("no-such-voice")
+    assert "no-such-voice" in problem and "joe-us" in problem and "unavailable" not in problem
+    client = Client(server.url + "/", verbose=False)
+    before = server.engine.config.tts.voice
+    client.predict("no-such-voice", 1.0, api_name="/set_voice")
+    assert server.engine.config.tts.voice == before
+    client.close()
+
+
+def test_media_replies_show_no_token_count():
+    from app.ui import turn_footer
+    from engine.events import Done
+
+    assert "tokens" not in turn_footer(Done({}, {}))
+    assert "12 tokens" in turn_footer(Done({"completion_tokens": 12}, {"decode_tok_s": 3.0}))

@@ -1,0 +1,132 @@
+"""What the page shows of one conversation: its chat, its media, what was looked at, its experts.
+
+Every function takes the conversation id and reads the store, never the shared
+engine's last result, so the panels always show the open conversation's own
+(after a switch, a new chat, a delete or a reload alike).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+from gradio.data_classes import FileData, ListFiles
+
+INTERRUPTED = "\n\n*(interrupted)*"
+ORDER = ("text", "image", "video", "audio", "other")
+NO_PERCEPTION = "Nothing looked at yet: attach an image, audio or video."
+
+
+class NamedFiles(gr.File):
+    """A download list whose files carry the media record's name ("lighthouse-crop.png"):
+    gr.File names a file by its path, which in the store is a content hash."""
+
+    def get_block_name(self) -> str:
+        return "file"  # the frontend's File component
+
+    def postprocess(self, value):
+        if isinstance(value, list) and value and isinstance(value[0], tuple):
+            return ListFiles(root=[FileData(path=path, orig_name=name, size=Path(path).stat().st_size)
+                                   for path, name in value])
+        return super().postprocess(value)
+
+
+def render(engine, cid: str | None) -> list[dict]:
+    """Stored turns -> Chatbot messages (media first, then the text)."""
+    if not cid:
+        return []
+    out: list[dict] = []
+    for turn in engine.store.turns(cid):
+        for rec in turn.media:
+            out.append({"role": turn.role, "content": media_content(rec.path, rec.kind, rec.mime, rec.name)})
+        text = turn.content
+        if turn.status == "interrupted":
+            text += INTERRUPTED
+        if turn.meta.get("error") and turn.meta["error"] not in text:
+            text += f"\n\n⚠️ {turn.meta['error']}"
+        if text or not turn.media:
+            out.append({"role": turn.role, "content": text})
+    return out
+
+
+def media_content(path: str, kind: str, mime: str = "", name: str = ""):
+    if kind == "model3d":  # a 3D viewer inside the chat
+        return gr.Model3D(value=path, label=name or "3D model", height=320)
+    return {"path": path, "mime_type": mime or None, "orig_name": name or Path(path).name}
+
+
+def media_panel(engine, cid: str | None):
+    """The conversation's media for the side panel: images, the latest 3D model, every file
+    (downloaded under its own name)."""
+    records = [m for t in engine.store.turns(cid) for m in t.media if m.name != "answer.wav"] if cid else []
+    images = [(m.path, m.name) for m in records if m.kind == "image"]
+    models = [m.path for m in records if m.kind == "model3d"]
+    return (gr.Gallery(value=images or None), gr.Model3D(value=models[-1] if models else None),
+            NamedFiles(value=[(m.path, m.name) for m in records] or None))
+
+
+def perception_panel(engine, cid: str | None):
+    """What the perception tools found in the latest message with media: the annotated
+    images (text boxes, faces, keyframe sheets) and the facts the answer was grounded in."""
+    turns = [t for t in engine.store.turns(cid) if t.role == "user" and t.meta.get("perception")] if cid else []
+    if not turns:
+        return gr.Gallery(value=None), gr.Markdown(NO_PERCEPTION)
+    meta = turns[-1].meta
+    pictures = [(p, name) for name, paths in meta.get("overlays", {}).items() for p in paths if Path(p).is_file()]
+    facts = "\n\n".join(f"**{name}**: {text}" for name, text in meta["perception"].items())
+    return gr.Gallery(value=pictures or None), gr.Markdown(facts)
+
+
+def router_panel(engine, cid: str | None):
+    """The Experts panel for this conversation: the routing of its last answer, as stored
+    with that answer (turn meta "router_stats"); nothing when none was stored."""
+    answers = [t for t in engine.store.turns(cid) if t.role == "assistant"] if cid else []
+    if not answers:
+        return None, "Nothing answered yet in this conversation."
+    stats = answers[-1].meta.get("router_stats")
+    if not stats:
+        return None, "No expert routing was recorded with this conversation's last answer (dense models have none)."
+    return router_view(stats)
+
+
+def router_view(stats: dict | None):
+    """An answer's MoE routing as a heatmap: one band per modality (text, image,
+    video, ...), in each a row per MoE layer, a column per expert, brighter = chosen more
+    often by that modality's tokens; and a line on the bands and the expert cache."""
+    import numpy as np
+    from PIL import Image
+
+    if not stats:
+        return None, "The language model is dense (no experts): nothing to show."
+    layers = sorted(stats["layers"].items(), key=lambda kv: int(kv[0]))
+    found = {name for _, mods in layers for name, m in mods.items() if isinstance(m, dict) and "counts" in m}
+    modalities = sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    bands, tokens = [], {}
+    for name in modalities:
+        grid = np.zeros((len(layers), stats["num_experts"]), np.float32)
+        for row, (_, mods) in enumerate(layers):
+            if isinstance(mods.get(name), dict):
+                grid[row] = np.asarray(mods[name]["counts"], np.float32)
+                tokens[name] = mods[name]["tokens"]
+        bands += [grid / max(1.0, float(grid.max())), np.full((1, grid.shape[1]), -1.0, np.float32)]
+    grid = np.concatenate(bands[:-1]) if bands else np.zeros((1, stats["num_experts"]), np.float32)
+    rgb = np.stack([np.clip(grid, 0, 1) ** 0.5 * 255, np.clip(grid, 0, 1) * 180, 60 + np.clip(grid, 0, 1) * 40], -1)
+    rgb[grid < 0] = 255  # white lines between the bands
+    scale = max(1, 512 // max(grid.shape))
+    image = Image.fromarray(rgb.astype(np.uint8)).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                                          Image.NEAREST)
+    line = f"{len(layers)} MoE layers x {stats['num_experts']} experts, top-{stats['top_k']}; bands from the top: " \
+        + ", ".join(f"{name} ({tokens.get(name, 0)} tokens)" for name in modalities)
+    cache = stats.get("cache")
+    if cache:
+        accuracy = cache.get("prefetch_accuracy")
+        line += (f". Expert cache: hit rate {cache['hit_rate']:.0%}, {cache['resident_experts']} experts resident, "
+                 f"{cache['bytes_moved'] / 2**20:.1f} MiB moved"
+                 + (f", prefetch accuracy {accuracy:.0%}" if accuracy is not None else ""))
+    else:
+        line += ". All experts resident (no --vram-gb budget)"
+    return image, line
+
+
+def panels(engine, cid: str | None) -> tuple:
+    """Every side panel for `cid`, in the order of the page's panel outputs."""
+    return (*media_panel(engine, cid), *perception_panel(engine, cid), *router_panel(engine, cid))
