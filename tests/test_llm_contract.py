@@ -79,6 +79,17 @@ class TestTransformersBackend(LLMContract):
         b, _ = run(backend, p)
         assert [e.text for e in a] == [e.text for e in b]
 
+    def test_one_seed_draws_afresh_for_each_prompt(self, backend):
+        """The seed is the same every turn (config llm.seed); were it used as is, every
+        answer would take the same random draws, and a near-flat distribution gives
+        the same tokens whatever the prompt (the answer to one question repeated as
+        the next one's). Mixed with the prompt, another prompt draws afresh."""
+        flat = GenParams(max_new_tokens=16, temperature=1000.0, top_p=1.0, seed=3)
+        other = [MSGS[0], {"role": "user", "content": "What is 2 + 2?"}]
+        a, _ = run(backend, flat)
+        b, _ = run(backend, flat, messages=other)
+        assert "".join(e.text for e in a) != "".join(e.text for e in b)
+
     def test_next_turn_reuses_the_kv_cache_and_answers_the_same(self, backend, tmp_path):
         first, _ = run(backend, GenParams(max_new_tokens=12, temperature=0.0))
         follow = MSGS + [{"role": "assistant", "content": "".join(e.text for e in first)},

@@ -11,7 +11,7 @@ from typing import Sequence
 from engine.config import LLMConfig
 from engine.errors import Unavailable
 from engine.events import CancelToken, TextDelta
-from engine.llm.base import GenParams, LLMBackend, Message
+from engine.llm.base import GenParams, LLMBackend, Message, answer_seed
 from engine.llm.sources import resolve
 
 
@@ -37,7 +37,8 @@ class LlamaCppBackend(LLMBackend):
         usage = {"prompt_tokens": self.count_tokens(messages), "completion_tokens": 0, "finish_reason": "length"}
         stream = self.llm.create_chat_completion(
             messages=list(messages), stream=True, max_tokens=params.max_new_tokens,
-            temperature=params.temperature, top_p=params.top_p, seed=params.seed)
+            temperature=params.temperature, top_p=params.top_p,
+            seed=answer_seed(params.seed, repr(list(messages)).encode()))
         for chunk in stream:
             choice = chunk["choices"][0]
             if text := choice["delta"].get("content"):

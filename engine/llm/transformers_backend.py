@@ -14,7 +14,7 @@ from typing import Sequence
 
 from engine.config import LLMConfig
 from engine.events import CancelToken, RouterStats, TextDelta
-from engine.llm.base import GenParams, LLMBackend, Message
+from engine.llm.base import GenParams, LLMBackend, Message, answer_seed
 from engine.llm.loading import device_of, load_model, load_tiny, max_positions
 from engine.llm.sources import resolve
 
@@ -102,7 +102,7 @@ class TransformersBackend(LLMBackend):
             media_note = f" ({sum(int(m.sum()) for m in masks.values())} of them for the media)" if masks else ""
             raise ValueError(f"prompt is {len(prompt)} tokens{media_note}; the context holds {self.context_tokens}")
         max_new = min(params.max_new_tokens, budget)
-        sampler = _Sampler(params, self.device, self.suppress)
+        sampler = _Sampler(params, self.device, self.suppress, prompt)
         detok = _Detokenizer(self.tokenizer)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "finish_reason": "length"}
         if masks:
@@ -223,14 +223,17 @@ class TransformersBackend(LLMBackend):
 
 
 class _Sampler:
-    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling, seeded per turn;
-    the model's suppressed tokens never come out."""
+    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling, seeded per answer
+    by the seed and the prompt (base.answer_seed); the model's suppressed tokens never come out."""
 
-    def __init__(self, params: GenParams, device, suppress: list[int] = ()) -> None:
+    def __init__(self, params: GenParams, device, suppress: list[int] = (), prompt: Sequence[int] = ()) -> None:
         import torch
 
         self.t, self.top_p, self.suppress = params.temperature, params.top_p, list(suppress)
-        self.gen = torch.Generator(device=device).manual_seed(params.seed) if self.t > 0 else None
+        self.gen = None
+        if self.t > 0:
+            seed = answer_seed(params.seed, repr(list(prompt)).encode())
+            self.gen = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits) -> int:
         import torch
