@@ -164,14 +164,23 @@ def build_ui(engine: Engine) -> gr.Blocks:
     def new_chat():
         return [], None, listing(), "", ""
 
+    def gone(cid: str | None) -> bool:
+        if cid and engine.store.get_conversation(cid) is None:
+            gr.Warning("This conversation no longer exists (deleted in another tab?): pick another one.")
+            return True
+        return False
+
     def rename(cid: str | None, title: str):
         if not cid:
             gr.Warning("Open a conversation first, then rename it.")
             return gr.skip()
-        if not " ".join((title or "").split()):
-            gr.Warning("A conversation title cannot be empty: type one in Title, then Rename.")
+        if gone(cid):
+            return listing()
+        try:
+            engine.store.rename_conversation(cid, title or "")
+        except ValueError as exc:  # an empty title
+            gr.Warning(f"Not renamed: {exc}; type one in Title, then Rename.")
             return gr.skip()
-        engine.store.rename_conversation(cid, title)
         gr.Info(f"Renamed to \u201c{title_of(cid)}\u201d.")
         return listing(cid)
 
@@ -179,6 +188,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
         if not cid:
             gr.Warning("No conversation is open: nothing to delete.")
             return (gr.skip(),) * 5
+        if gone(cid):
+            return [], None, listing(), "", ""
         if not confirmed:  # the browser asked, and the answer was no
             return (gr.skip(),) * 5
         title = title_of(cid)
