@@ -32,6 +32,7 @@ def test_files_never_uploaded_cannot_be_attached_through_the_gradio_api(server, 
     secret = tmp_path / "secret.png"
     img = Image.new("RGB", (320, 80), "white")
     ImageDraw.Draw(img).text((10, 30), "TOP SECRET", fill="black")
+    img.putpixel((0, 0), tuple(__import__("os").urandom(3)))  # bytes of this run only: no old copy matches
     img.save(secret)
     before = {c["id"] for c in server.engine.store.list_conversations()}
     for path in (str(secret), "/etc/passwd", str(server.engine.store.data_dir / "conversations.sqlite3")):
