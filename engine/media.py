@@ -1,6 +1,9 @@
 """Attachments: type sniffed from content, size-limited, decoded once to prove
 they are sound, stored by content hash. Every rejection is an InputError
-whose message names the file, what was wrong, and what is accepted.
+whose message names the file (the user's name, never a server path), what was
+wrong, and what is accepted. Hostile files are the normal case: every header
+field that sizes an allocation (pixels, video frame size, channels, sample
+rate, duration, a GLB's JSON length and nesting) is checked before decoding.
 """
 from __future__ import annotations
 
@@ -11,11 +14,34 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.adapters.base import printable, public_message
 from engine.errors import InputError
 
 ACCEPTED = "images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3) or video (MP4, MOV, WebM, MKV, AVI) or 3D models (GLB)"
-MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs
+MAX_PIXELS = 64_000_000  # larger images and video frames are refused as decompression bombs
 MAX_VIDEO_SECONDS = 3 * 60 * 60
+MAX_AUDIO_SECONDS = 4 * 60 * 60  # what the audio adapter reads (AudioPerception.max_seconds)
+SAMPLE_RATES = (1_000, 768_000)  # 1 Hz audio of 3 kB would be 26 minutes at 16 kHz to analyse
+MAX_CHANNELS = 64
+MAX_GLB_JSON = 8_000_000  # a glTF JSON chunk of 8 MB is already a very large scene
+
+# what each sniffed type is called in messages; and the types file name extensions claim
+LABELS = {"image/png": "PNG image", "image/jpeg": "JPEG image", "image/gif": "GIF image", "image/webp": "WebP image",
+          "image/bmp": "BMP image", "audio/wav": "WAV audio file", "audio/flac": "FLAC audio file",
+          "audio/ogg": "OGG audio file", "audio/mpeg": "MP3 audio file", "audio/mp4": "M4A audio file",
+          "video/mp4": "MP4 video", "video/quicktime": "MOV video", "video/webm": "WebM video",
+          "video/x-matroska": "MKV video", "video/x-msvideo": "AVI video", "model/gltf-binary": "GLB 3D model"}
+EXTENSIONS = {".png": "image/png", ".apng": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+              ".jpe": "image/jpeg", ".jfif": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp",
+              ".bmp": "image/bmp", ".dib": "image/bmp", ".wav": "audio/wav", ".wave": "audio/wav",
+              ".flac": "audio/flac", ".ogg": "audio/ogg", ".oga": "audio/ogg", ".opus": "audio/ogg",
+              ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "video/mp4", ".m4v": "video/mp4",
+              ".mov": "video/quicktime", ".qt": "video/quicktime", ".webm": "video/webm", ".mkv": "video/x-matroska",
+              ".avi": "video/x-msvideo", ".glb": "model/gltf-binary"}
+# magic numbers long enough that a file cut inside them is recognisably that type
+MAGICS = {b"\x89PNG\r\n\x1a\n": "image/png", b"GIF89a": "image/gif", b"GIF87a": "image/gif",
+          b"\xff\xd8\xff": "image/jpeg", b"fLaC": "audio/flac", b"OggS": "audio/ogg", b"glTF": "model/gltf-binary",
+          b"\x1aE\xdf\xa3": "video/x-matroska"}
 
 
 @dataclass(frozen=True)
@@ -66,24 +92,37 @@ def sniff(head: bytes) -> tuple[str, str, str] | None:
 
 
 def ingest(src: str | os.PathLike, media_dir: Path, max_bytes: int, name: str | None = None) -> MediaRecord:
-    """Validate `src` and store a copy under media_dir/<sha[:2]>/<sha><ext>."""
+    """Validate `src` and store a copy under media_dir/<sha[:2]>/<sha><ext>. Whatever a decoder
+    says goes out with `src`'s path replaced by the user's `name`."""
     path = Path(src)
     name = name or path.name
+    try:
+        return _ingest(path, media_dir, max_bytes, name, printable(name))
+    except InputError as exc:
+        raise InputError(public_message(str(exc), path, name)) from None
+
+
+def _ingest(path: Path, media_dir: Path, max_bytes: int, name: str, shown: str) -> MediaRecord:
     if not path.is_file():
-        raise InputError(f"{name}: file not found")
+        raise InputError(f"{shown}: file not found")
     size = path.stat().st_size
     if size == 0:
-        raise InputError(f"{name}: the file is empty")
+        raise InputError(f"{shown}: the file is empty")
     if size > max_bytes:
-        raise InputError(f"{name} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB "
+        raise InputError(f"{shown} is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB "
                          "(raise it with --max-upload-mb)")
     with open(path, "rb") as f:
         head = f.read(64)
     sniffed = sniff(head)
     if sniffed is None:
-        raise InputError(f"{name}: unsupported file type; attach {ACCEPTED}")
+        raise InputError(_unrecognised(shown, head, size))
     kind, mime, ext = sniffed
-    meta = _VALIDATORS[kind](path, name, mime)
+    try:
+        meta = _VALIDATORS[kind](path, shown, mime)
+    except InputError:
+        if _weak(head, mime) and EXTENSIONS.get(os.path.splitext(shown)[1].lower(), mime) != mime:
+            raise InputError(_unrecognised(shown, b"", size)) from None  # random bytes, named as what they are not
+        raise
     digest = _sha256(path)
     dest = media_dir / digest[:2] / f"{digest}{ext}"
     if not dest.exists():
@@ -93,6 +132,27 @@ def ingest(src: str | os.PathLike, media_dir: Path, max_bytes: int, name: str | 
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)
     return MediaRecord(digest, kind, mime, str(dest), size, name, meta)
+
+
+def _unrecognised(shown: str, head: bytes, size: int) -> str:
+    """Why content that matches no format is refused: cut inside a known magic number
+    (damaged), claimed by its extension (damaged or mislabelled), or simply not media."""
+    for magic, mime in MAGICS.items():
+        if 2 <= len(head) < len(magic) and magic.startswith(head):
+            return damaged(shown, mime)
+    claimed = EXTENSIONS.get(os.path.splitext(shown)[1].lower())
+    if claimed:
+        return f"{shown} is not a valid {LABELS[claimed]} (damaged or mislabelled): its content matches no format read here"
+    return f"{shown}: unsupported file type; attach {ACCEPTED}"
+
+
+def _weak(head: bytes, mime: str) -> bool:
+    """An MP3 frame sync is 11 bits: one file of random bytes in ~700 has it."""
+    return mime == "audio/mpeg" and not head.startswith(b"ID3")
+
+
+def damaged(shown: str, mime: str) -> str:
+    return f"{shown}: the {LABELS.get(mime, 'file')} is damaged or truncated and cannot be read"
 
 
 def _sha256(path: Path) -> str:
@@ -121,36 +181,60 @@ def _image(path: Path, name: str, mime: str) -> dict:
                 im.load()  # verify() misses truncated pixel data; a full decode does not
     except InputError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
         raise InputError(f"{name}: image too large to decode safely (decompression bomb)") from None
-    except Exception as exc:
-        raise InputError(f"{name}: not a valid {mime.split('/')[1].upper()} image ({_short(exc)})") from None
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad data (and quotes the path)
+        raise InputError(damaged(name, mime)) from None
+    if width < 1 or height < 1:
+        raise InputError(damaged(name, mime))
     return {"width": width, "height": height}
 
 
 def _audio(path: Path, name: str, mime: str) -> dict:
+    """The header's sample rate, channels and length are checked before a sample is read:
+    the analysis resamples to 16 kHz mono, so each of them multiplies the work."""
     import soundfile as sf
 
+    if mime == "audio/mp4":
+        raise InputError(f"{name}: M4A/AAC audio is not read here; attach {ACCEPTED}")
     try:
         info = sf.info(str(path))
-        with sf.SoundFile(str(path)) as f:
-            f.read(frames=min(f.frames, 4096) or 1)
-    except Exception as exc:
-        raise InputError(f"{name}: not a readable {mime.split('/')[1].upper()} audio file ({_short(exc)})") from None
-    if info.frames <= 0 or info.samplerate <= 0:
+    except Exception:  # noqa: BLE001 - libsndfile's message quotes the path
+        raise InputError(damaged(name, mime)) from None
+    low, high = SAMPLE_RATES
+    if not low <= info.samplerate <= high:
+        raise InputError(f"{name}: the audio claims a sample rate of {info.samplerate:,} Hz; "
+                         f"accepted rates are {low:,}-{high:,} Hz")
+    if not 1 <= info.channels <= MAX_CHANNELS:
+        raise InputError(f"{name}: the audio claims {info.channels} channels; the limit is {MAX_CHANNELS}")
+    if info.frames <= 0:
         raise InputError(f"{name}: the audio holds no samples")
-    return {"duration_s": round(info.frames / info.samplerate, 3), "sample_rate": info.samplerate,
-            "channels": info.channels}
+    duration = info.frames / info.samplerate
+    if duration > MAX_AUDIO_SECONDS:
+        raise InputError(f"{name} is {duration / 3600:.1f} hours long; the limit is {MAX_AUDIO_SECONDS // 3600} hours")
+    try:
+        with sf.SoundFile(str(path)) as f:
+            f.read(frames=min(info.frames, 1024), dtype="int16")
+    except Exception:  # noqa: BLE001
+        raise InputError(damaged(name, mime)) from None
+    return {"duration_s": round(duration, 3), "sample_rate": info.samplerate, "channels": info.channels}
 
 
 def _video(path: Path, name: str, mime: str) -> dict:
+    """The frame size comes from the container and codec headers (OpenCV reads them on open
+    without decoding a picture) and is held to the image pixel budget before the first
+    frame is decoded; the decoded frame is checked again (a header may lie)."""
     import cv2
 
     cap = cv2.VideoCapture(str(path))
     try:
-        ok, frame = cap.read() if cap.isOpened() else (False, None)
+        if not cap.isOpened():
+            raise InputError(damaged(name, mime))
+        _check_frame(name, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        ok, frame = cap.read()
         if not ok or frame is None:
-            raise InputError(f"{name}: not a readable video (no frame could be decoded)")
+            raise InputError(f"{damaged(name, mime)} (no frame could be decoded)")
+        _check_frame(name, frame.shape[1], frame.shape[0])
         fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
         frames = cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0
     finally:
@@ -162,28 +246,50 @@ def _video(path: Path, name: str, mime: str) -> dict:
             "duration_s": round(duration, 3)}
 
 
+def _check_frame(name: str, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{name} has video frames of {width}x{height} pixels; the limit is "
+                         f"{MAX_PIXELS // 1_000_000} megapixels a frame")
+
+
 def _model3d(path: Path, name: str, mime: str) -> dict:
-    """A binary glTF 2.0 (.glb): header, declared length, and a JSON chunk that parses."""
+    """A binary glTF 2.0 (.glb): header, declared lengths, and a JSON chunk that parses to an
+    object. The JSON is capped in size (json.loads of 8 MB of `[]` is ~150 MB of lists) and
+    its nesting by the parser's recursion limit."""
     import json
     import struct
 
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(20)
         if len(head) < 20:
-            raise InputError(f"{name}: not a valid .glb model (truncated header)")
+            raise InputError(f"{damaged(name, mime)} (the header is cut short)")
         _, version, length = struct.unpack("<4sII", head[:12])
         chunk_len, chunk_type = struct.unpack("<II", head[12:20])
-        if version != 2 or length != path.stat().st_size or chunk_type != 0x4E4F534A:
-            raise InputError(f"{name}: not a valid glTF 2.0 binary (.glb)")
+        what = f"{name}: the GLB 3D model"
+        if version != 2:
+            raise InputError(f"{what} is glTF version {version}; only glTF 2.0 binaries are read")
+        if length != size:
+            raise InputError(f"{what}'s header says {length:,} bytes but the file has {size:,} (damaged or truncated)")
+        if chunk_type != 0x4E4F534A:
+            raise InputError(f"{what} does not start with its JSON chunk (damaged)")
+        if chunk_len > size - 20:
+            raise InputError(f"{what}'s JSON chunk length ({chunk_len:,} bytes) is larger than the file")
+        if chunk_len > MAX_GLB_JSON:
+            raise InputError(f"{what}'s JSON chunk is {chunk_len / 1e6:.1f} MB; the limit is {MAX_GLB_JSON // 1_000_000} MB")
         try:
             doc = json.loads(f.read(chunk_len))
+        except RecursionError:
+            raise InputError(f"{what}'s JSON chunk is nested too deeply") from None
         except ValueError:
-            raise InputError(f"{name}: the .glb's JSON chunk is corrupt") from None
+            raise InputError(f"{what}'s JSON chunk is corrupt") from None
+    if not isinstance(doc, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(doc), "a number")
+        raise InputError(f"{what}'s JSON chunk is {kind}, not an object")
+    for key in ("meshes", "nodes"):
+        if not isinstance(doc.get(key, []), list):
+            raise InputError(f"{what}'s JSON chunk is not valid glTF: '{key}' is not a list")
     return {"meshes": len(doc.get("meshes", [])), "nodes": len(doc.get("nodes", []))}
-
-
-def _short(exc: Exception) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
 
 
 _VALIDATORS = {"image": _image, "audio": _audio, "video": _video, "model3d": _model3d}

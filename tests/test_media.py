@@ -27,15 +27,19 @@ def test_type_comes_from_content_not_the_name(tmp_path, png):
     assert ingest(disguised, tmp_path / "m", 10**6).mime == "image/png"
     fake = tmp_path / "photo.png"
     fake.write_text("just some text, not an image")
-    with pytest.raises(InputError, match="unsupported file type; attach images"):
+    with pytest.raises(InputError, match=r"photo.png is not a valid PNG image \(damaged or mislabelled\)"):
         ingest(fake, tmp_path / "m", 10**6)
+    text = tmp_path / "notes.txt"
+    text.write_text("just some text")
+    with pytest.raises(InputError, match="unsupported file type; attach images"):
+        ingest(text, tmp_path / "m", 10**6)
 
 
 @pytest.mark.parametrize("name, data, needle", [
-    ("trunc.png", None, "not a valid PNG"),
-    ("bad.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 64, "not a valid JPEG"),
-    ("bad.wav", b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 40, "not a readable WAV"),
-    ("bad.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200, "not a readable video"),
+    ("trunc.png", None, "the PNG image is damaged or truncated"),
+    ("bad.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 64, "the JPEG image is damaged or truncated"),
+    ("bad.wav", b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 40, "the WAV audio file is damaged or truncated"),
+    ("bad.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200, "the MP4 video is damaged or truncated"),
     ("empty.png", b"", "empty"),
 ])
 def test_corrupt_files_get_a_clear_error(tmp_path, png, name, data, needle):

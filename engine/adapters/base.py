@@ -14,7 +14,9 @@ InterruptedError. Memory and time stay bounded for any input size.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 
@@ -55,3 +57,28 @@ def mmss(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
         else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_DIGEST = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?:\.[a-z0-9]{2,4})?(?![0-9a-f])")
+_ABS_PATH = re.compile(r"(?<![\w.:/\\])(?:/[^\s/'\"<>|:]+)+/(?P<base>[^\s/'\"<>|:,;]+)")
+
+
+def printable(name: str) -> str:
+    """A user's file name as it is safe to print in a message: control and bidi-override
+    characters escaped (a name may hold a newline or a terminal escape), so an error
+    stays one line and cannot repaint the user's terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), name)
+
+
+def public_message(text: str, path, name: str) -> str:
+    """An error text as the user may see it: the file the server holds (`path`: a temp upload
+    or the stored <sha256> copy) is called by the user's `name`, any other absolute path (a
+    decoder's message quotes it) by its last part, and the text is one line."""
+    shown, path = printable(name), Path(path)
+    text = text.replace(str(path), "\0")
+    if path.name:
+        text = re.sub(rf"(?<![\w.-]){re.escape(path.name)}(?![\w-])", "\0", text)
+    text = _ABS_PATH.sub(lambda m: m.group("base"), _DIGEST.sub("\0", text))
+    text = " / ".join(line.strip() for line in text.splitlines() if line.strip())
+    return printable(text).replace("\\x00", shown)

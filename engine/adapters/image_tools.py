@@ -26,6 +26,10 @@ from engine.adapters.base import Perception, check
 from engine.errors import InputError
 
 MAX_PIXELS = 64_000_000
+MAX_WORK_SIDE = 4096  # the longest side any model sees, whatever max_side is configured to
+OCR_MAX_SIDE = 2000  # rapidocr's own cap (Global.max_side_len)
+OCR_MAX_ASPECT = 4  # thinner strips are padded to this: rapidocr scales the SHORT side up to 736 px
+MIN_TEXT_SIDE, MIN_FACE_SIDE = 8, 16  # thinner images cannot hold a legible line or a face
 OCR_MIN_SCORE = 0.5
 SHORT_MIN_SCORE = 0.8  # for lines of one or two characters
 FACE_MIN_SCORE = 0.4
@@ -175,6 +179,19 @@ def load_image(path: Path, max_side: int):
                          f"({type(e).__name__}); try another file") from None
 
 
+def pad_to_aspect(img: np.ndarray, max_aspect: float) -> np.ndarray:
+    """`img` (H, W, C) padded at the right or bottom with its median colour so that neither side
+    is more than max_aspect times the other; the origin stays where it was."""
+    h, w = img.shape[:2]
+    need_h, need_w = -(-w // max_aspect), -(-h // max_aspect)
+    if h >= need_h and w >= need_w:
+        return img
+    out = np.empty((max(h, int(need_h)), max(w, int(need_w)), img.shape[2]), img.dtype)
+    out[:] = np.median(img.reshape(-1, img.shape[2]), axis=0).astype(img.dtype)
+    out[:h, :w] = img
+    return out
+
+
 def describe_size(w: int, h: int) -> tuple[str, str]:
     orientation = "square" if abs(w - h) <= 0.03 * max(w, h) else "landscape" if w > h else "portrait"
     g = gcd(w, h)
@@ -192,7 +209,8 @@ class ImagePerception:
     kind = "image"
 
     def __init__(self, ocr: bool = True, faces: bool = True, labels: bool = False, max_side: int = 2048):
-        self.ocr, self.faces, self.labels, self.max_side = ocr, faces, labels, int(max_side)
+        self.ocr, self.faces, self.labels = ocr, faces, labels
+        self.max_side = max(64, min(int(max_side), MAX_WORK_SIDE))
         self._lock = threading.Lock()
         self._models: dict[str, object] = {}  # name -> model, or an Exception/str saying why not
         self._run_locks = {n: threading.Lock() for n in ("ocr", "faces", "labels")}
@@ -242,8 +260,20 @@ class ImagePerception:
 
     # ---- stages ---------------------------------------------------------------------------
     def _run_ocr(self, model, bgr, scale):
+        """rapidocr scales an image's short side up to 736 px for text detection: a 1999x1
+        strip became a 46000x736 float tensor (8-24 GB) and a 1x3000 one raised ResizeImgError.
+        So it sees the image capped at OCR_MAX_SIDE and padded (right/bottom, in the image's
+        median colour) to at most OCR_MAX_ASPECT:1; boxes are clipped back to the picture."""
+        h, w = bgr.shape[:2]
+        right, bottom = w * scale[0], h * scale[1]  # the picture's extent in original pixels
+        f = OCR_MAX_SIDE / max(h, w)
+        if f < 1.0:
+            import cv2
+
+            bgr = cv2.resize(bgr, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+            scale = (right / bgr.shape[1], bottom / bgr.shape[0])
         with self._run_locks["ocr"]:
-            res = model(bgr)
+            res = model(pad_to_aspect(bgr, OCR_MAX_ASPECT))
         if res.boxes is None or res.txts is None:
             return []
         items = []
@@ -253,7 +283,10 @@ class ImagePerception:
             q = np.asarray(quad, np.float64)
             box = [int(q[:, 0].min() * scale[0]), int(q[:, 1].min() * scale[1]),
                    int(np.ceil(q[:, 0].max() * scale[0])), int(np.ceil(q[:, 1].max() * scale[1]))]
-            items.append({"text": str(text).strip(), "box": box, "score": round(float(score), 3)})
+            box = [min(max(0, box[0]), int(right)), min(max(0, box[1]), int(bottom)),
+                   min(box[2], int(np.ceil(right))), min(box[3], int(np.ceil(bottom)))]
+            if box[2] > box[0] and box[3] > box[1]:  # not wholly in the padding
+                items.append({"text": str(text).strip(), "box": box, "score": round(float(score), 3)})
         # one or two characters alone are where OCR hallucinates on photos: ask more of them
         return [x for x in merge_lines(items) if len(x["text"].replace(" ", "")) > 2 or x["score"] >= SHORT_MIN_SCORE]
 
@@ -327,6 +360,11 @@ class ImagePerception:
             if not enabled:
                 skipped[name] = f"not enabled ({name}=False)"
                 continue
+            thin = min(rgb.shape[:2])
+            if name != "labels" and thin < (MIN_TEXT_SIDE if name == "ocr" else MIN_FACE_SIDE):
+                what = "text" if name == "ocr" else "a face"
+                skipped[name] = f"the image is too thin to hold {what} ({thin} px across at {rgb.shape[1]}x{rgb.shape[0]})"
+                continue
             model = self._model(name, timings)
             if isinstance(model, str):
                 skipped[name] = model if name == "labels" else f"{name} unavailable: {model}"
@@ -351,8 +389,9 @@ class ImagePerception:
     def _facts(name: str, data: dict, max_lines: int = 30, max_chars: int = 1500) -> str:
         w, h = data["size"]
         parts = [f"Image {name}, {w}x{h} ({data['orientation']}, {data['brightness']['label']})."]
+        thin = {k: "too thin" in v for k, v in data.get("skipped", {}).items()}
         if data["ocr"] is None:
-            parts.append("Text: not checked.")
+            parts.append("Text: none (the image is too thin to hold any)." if thin.get("ocr") else "Text: not checked.")
         elif not data["ocr"]:
             parts.append("Text read (OCR): none found.")
         else:
@@ -367,7 +406,7 @@ class ImagePerception:
             parts.append("Text read (OCR, top to bottom): " + " | ".join(quoted)
                          + (f" (+{more} more lines)." if more else "."))
         if data["faces"] is None:
-            parts.append("Faces: not checked.")
+            parts.append("Faces: none (the image is too thin to hold one)." if thin.get("faces") else "Faces: not checked.")
         else:
             parts.append(f"Faces: {len(data['faces']) or 'none found'}.")
         if data["colors"]:

@@ -29,15 +29,25 @@ CUT = 0.2  # Bhattacharyya distance between consecutive samples that starts a sc
 SAMPLE_FPS = 4.0
 MAX_SAMPLES = 7200  # fewer samples a second for long videos
 KEEP_PER_BIN = 3
-THUMB = 640  # stored candidate keyframes are at most this wide
+THUMB = 640  # stored candidate keyframes are at most this on their longest side
 FACTS_LIMIT = 2500
 
 _COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 _HUE_EDGES = (8, 20, 33, 80, 98, 130, 150, 170)  # OpenCV hue (0-180) upper edges of _COLOURS; red again after
 
 
+def fit(frame: np.ndarray, side: int, interpolation=cv2.INTER_AREA) -> np.ndarray:
+    """`frame` scaled so that its longest side is at most `side` (never up, never to 0 px). Sizes
+    follow the longest side, not the width: a 1x60000 frame made 160 px wide was 4.6 GB."""
+    h, w = frame.shape[:2]
+    if max(h, w) <= side:
+        return frame
+    f = side / max(h, w)
+    return cv2.resize(frame, (max(1, round(w * f)), max(1, round(h * f))), interpolation=interpolation)
+
+
 def _hist(frame: np.ndarray) -> np.ndarray:
-    small = cv2.resize(frame, (160, max(1, 160 * frame.shape[0] // frame.shape[1])), interpolation=cv2.INTER_AREA)
+    small = fit(frame, 160)
     hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
     h = cv2.calcHist([hsv], [0, 1, 2], None, [16, 8, 8], [0, 180, 0, 256, 0, 256])
     return cv2.normalize(h, h, 1.0, 0.0, cv2.NORM_L1).flatten()
@@ -55,6 +65,14 @@ def colour_summary(frame: np.ndarray) -> tuple[str, dict]:
     colours = [[str(found[i]), round(float(counts[i]) / len(names), 2)] for i in order if counts[i] / len(names) >= 0.1]
     text = f"{w}x{h}, colours: " + ", ".join(f"{n} {s:.0%}" for n, s in colours)
     return text, {"size": [w, h], "colours": colours, "brightness": round(float(val.mean()) / 255, 2)}
+
+
+def _check_frame(path: Path, width: int, height: int) -> None:
+    from engine.media import MAX_PIXELS
+
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{path.name} has video frames of {width}x{height} pixels; the limit is "
+                         f"{MAX_PIXELS // 1_000_000} megapixels a frame")
 
 
 class VideoPerception:
@@ -136,6 +154,7 @@ class VideoPerception:
         try:
             if not cap.isOpened():
                 raise InputError(f"could not read the video {path.name}: its codec is not supported")
+            _check_frame(path, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
             fps = cap.get(cv2.CAP_PROP_FPS) or info["fps"] or 25.0
             if not 0 < fps <= 1000:
                 fps = info["fps"] or 25.0
@@ -156,6 +175,7 @@ class VideoPerception:
                 ok, frame = cap.retrieve()
                 if not ok or frame is None:
                     continue
+                _check_frame(path, frame.shape[1], frame.shape[0])  # MJPEG frames may grow mid-stream
                 msec = cap.get(cv2.CAP_PROP_POS_MSEC)
                 t = msec / 1000 if msec and msec > 0 else index / fps
                 size = (frame.shape[1], frame.shape[0])
@@ -187,17 +207,19 @@ class VideoPerception:
 
     @staticmethod
     def _thumb(frame: np.ndarray) -> np.ndarray:
-        h, w = frame.shape[:2]
-        return frame.copy() if w <= THUMB else cv2.resize(frame, (THUMB, h * THUMB // w), interpolation=cv2.INTER_AREA)
+        small = fit(frame, THUMB)
+        return small.copy() if small is frame else small
 
     @staticmethod
     def _contact_sheet(frames: list, dest: Path, width: int = 240, cols: int = 4) -> Path:
         thumbs = []
-        for t, f in frames:
-            h = max(1, f.shape[0] * width // f.shape[1])
-            th = cv2.copyMakeBorder(cv2.resize(f, (width, h), interpolation=cv2.INTER_AREA), 0, 24, 0, 0,
-                                    cv2.BORDER_CONSTANT, value=(32, 32, 32))
-            cv2.putText(th, mmss(t), (6, h + 17), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1, cv2.LINE_AA)
+        for t, f in frames:  # each fits a width x 1.5 width cell, whatever the frame's shape
+            h, w = f.shape[:2]
+            s = min(width / w, 1.5 * width / h)
+            small = cv2.resize(f, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+            th = cv2.copyMakeBorder(small, 0, 24, 0, width - small.shape[1], cv2.BORDER_CONSTANT, value=(32, 32, 32))
+            cv2.putText(th, mmss(t), (6, small.shape[0] + 17), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1,
+                        cv2.LINE_AA)
             thumbs.append(th)
         cell_h = max(t.shape[0] for t in thumbs)
         rows = [thumbs[i:i + cols] for i in range(0, len(thumbs), cols)]
