@@ -16,18 +16,23 @@ ORDER = ("text", "image", "video", "audio", "other")
 NO_PERCEPTION = "Nothing looked at yet: attach an image, audio or video."
 
 
-class NamedFiles(gr.File):
+def named_files(**kwargs) -> gr.File:
     """A download list whose files carry the media record's name ("lighthouse-crop.png"):
-    gr.File names a file by its path, which in the store is a content hash."""
+    its value is (path, name) pairs, where gr.File names a file by its path (a content hash
+    in the store). A hook on the instance, not a subclass: Gradio writes a .pyi stub beside
+    the source of every component subclass. Handlers return plain pairs (not gr.File(...)),
+    so that this instance's postprocess is the one that runs."""
+    files = gr.File(**kwargs)
+    plain = files.postprocess
 
-    def get_block_name(self) -> str:
-        return "file"  # the frontend's File component
-
-    def postprocess(self, value):
+    def postprocess(value):
         if isinstance(value, list) and value and isinstance(value[0], tuple):
             return ListFiles(root=[FileData(path=path, orig_name=name, size=Path(path).stat().st_size)
                                    for path, name in value])
-        return super().postprocess(value)
+        return plain(value)
+
+    files.postprocess = postprocess
+    return files
 
 
 def render(engine, cid: str | None) -> list[dict]:
@@ -55,13 +60,13 @@ def media_content(path: str, kind: str, mime: str = "", name: str = ""):
 
 
 def media_panel(engine, cid: str | None):
-    """The conversation's media for the side panel: images, the latest 3D model, every file
-    (downloaded under its own name)."""
+    """The conversation's media for the side panel: images, the latest 3D model, and every
+    file as (path, name) for `named_files` (downloaded under its own name)."""
     records = [m for t in engine.store.turns(cid) for m in t.media if m.name != "answer.wav"] if cid else []
     images = [(m.path, m.name) for m in records if m.kind == "image"]
     models = [m.path for m in records if m.kind == "model3d"]
     return (gr.Gallery(value=images or None), gr.Model3D(value=models[-1] if models else None),
-            NamedFiles(value=[(m.path, m.name) for m in records] or None))
+            [(m.path, m.name) for m in records] or None)
 
 
 def perception_panel(engine, cid: str | None):

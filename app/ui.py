@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.panels import NO_PERCEPTION, NamedFiles, media_content, panels, render
+from app.panels import NO_PERCEPTION, media_content, named_files, panels, render
 from app.panels import router_view  # noqa: F401  (tests/test_moe_engine.py and test_omni_backbone.py import it here)
 from engine.events import CancelToken, Done, Error, MediaResult, Notice, Perceived, Progress, TextDelta, ToolCall
 from engine.engine import Engine
@@ -263,7 +263,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 gallery = gr.Gallery(label="Images", columns=4, fit_columns=False, height=240,
                                      object_fit="contain", elem_id="gallery")
                 model3d = gr.Model3D(label="Latest 3D model", height=240, elem_id="model3d")
-            files = NamedFiles(label="Download", file_count="multiple", interactive=False, elem_id="files")
+            files = named_files(label="Download", file_count="multiple", interactive=False, elem_id="files")
         with gr.Accordion("Experts (MoE models)", open=False, elem_id="router-panel"):
             router_image = gr.Image(label="Which experts this conversation's last answer used (rows: layers)",
                                     height=200, interactive=False, elem_id="router-heatmap")

@@ -103,7 +103,7 @@ def test_media_tools_show_results_inline(server, png):
     assert "model3d" in [str(k).lower() for k in kinds], kinds
     cid = server.engine.store.list_conversations()[0]["id"]
     gallery, model, files = media_panel(server.engine, cid)
-    assert len(gallery.value) == 2 and ".glb" in str(model.value) and len(files.value) == 3
+    assert len(gallery.value) == 2 and ".glb" in str(model.value) and len(files) == 3
     client.close()
 
 
@@ -128,7 +128,7 @@ def test_page_names_no_conversation_before_login(tmp_path):
 def test_panels_and_experts_follow_the_conversation(engine, png):
     """Each panel reads the conversation it is given; the Experts panel reads that
     conversation's last answer, never the engine's last answer of any conversation."""
-    from app.panels import media_panel, perception_panel, router_panel
+    from app.panels import media_panel, named_files, perception_panel, router_panel
     from engine.events import CancelToken
     from engine.session import Turn
 
@@ -139,14 +139,14 @@ def test_panels_and_experts_follow_the_conversation(engine, png):
     engine.last_router_stats = {"layers": {"0": {"text": {"counts": [1, 2], "tokens": 3}}}, "num_experts": 2,
                                 "top_k": 1}  # another conversation's answer
     gallery, model, files = media_panel(engine, plain.id)
-    assert not gallery.value and not model.value and not files.value
+    assert not gallery.value and not model.value and not files
     assert not perception_panel(engine, plain.id)[0].value
     image, line = router_panel(engine, plain.id)
     assert image is None and "3 tokens" not in line
     gallery, _, files = media_panel(engine, seen.id)
     assert len(gallery.value) == 2
-    names = [f["orig_name"] for f in files.value]
-    assert names == ["photo.png", "photo-crop.png"]  # downloads named from the request, not by hash
+    shown = named_files().postprocess(files).root
+    assert [f.orig_name for f in shown] == ["photo.png", "photo-crop.png"]  # named from the request, not by hash
     stored = {"layers": {"0": {"text": {"counts": [4, 0], "tokens": 4}}}, "num_experts": 2, "top_k": 1}
     engine.store.add_turn(seen.id, "assistant", "an MoE answer", meta={"router_stats": stored})
     image, line = router_panel(engine, seen.id)
