@@ -20,7 +20,6 @@ from pathlib import Path
 import gradio as gr
 
 from app.panels import NO_PERCEPTION, media_content, named_files, panels, render
-from app.panels import router_view  # noqa: F401  (tests/test_moe_engine.py and test_omni_backbone.py import it here)
 from engine.events import CancelToken, Done, Error, MediaResult, Notice, Perceived, Progress, TextDelta, ToolCall
 from engine.engine import Engine
 from engine.session import Turn

@@ -75,7 +75,7 @@ def test_gpu_profile_without_cuda_is_a_clear_error(tmp_path):
 
 
 def test_router_heatmap_image(tmp_path):
-    from app.ui import router_view
+    from app.panels import router_view
 
     events = _run(tmp_path, vram_gb="0.0004")
     stats = [e for e in events if e.type == "router_stats"][-1].experts

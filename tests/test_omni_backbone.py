@@ -218,7 +218,7 @@ def test_talker_needs_the_transformers_backend():
 
 
 def test_the_experts_panel_draws_one_band_per_modality(pictures, tmp_path):
-    from app.ui import router_view
+    from app.panels import router_view
 
     b = backend("tiny-omni-moe", tmp_path)
     _, usage, stats = run(b, [Rec("image", pictures[0])])
