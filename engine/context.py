@@ -1,8 +1,11 @@
-"""Fit a conversation into the model's context window.
+"""The conversation as the model reads it, fitted into its context window.
 
-Drop the oldest turns first (the system prompt always stays); if the newest
-message alone is still too long, keep its end (where the question usually
-is) and mark the cut. Never raises on a long prompt.
+`as_message`: a stored turn as an LLM message. What the user was shown is stored
+as it was; what the model reads of it differs for two kinds of answer: a tool's
+reply becomes a short note of what was made, and a stopped answer is marked.
+`fit`: drop the oldest turns first (the system prompt always stays); if the newest
+message alone is still too long, keep its end (where the question usually is)
+and mark the cut. Never raises on a long prompt.
 """
 from __future__ import annotations
 
@@ -11,6 +14,53 @@ from typing import Callable, Sequence
 
 Message = dict
 CUT_MARK = "[...earlier text cut to fit the context...] "
+STOPPED_MARK = " [interrupted by the user]"
+REFERENCES = ("image", "video", "audio")  # the tool arguments that name a file of the conversation
+SPOKEN = "answer.wav"  # (the spoken answer stored with a turn: not something a tool made)
+
+
+def as_message(turn) -> Message:
+    """One stored turn (store.StoredTurn) as the LLM reads it.
+
+    A tool's reply ("Here is the video, made with ffmpeg (trim, 64x48, 2.0 s).") read
+    as an answer is a sentence a small model copies as its next answer ("thanks!" ->
+    "Here is the video, made with ffmpeg..."); as a note of what was made it is not.
+    A stopped answer is kept (the user saw it) but marked, so that the model does not
+    take its unfinished story for the answer to go on with."""
+    from engine.understand import with_facts
+
+    if turn.role == "assistant" and "tool" in turn.meta:
+        kinds = [m.kind for m in turn.media if m.name != SPOKEN]
+        return {"role": "assistant", "content": tool_note(turn.meta["tool"], kinds, turn.status)}
+    content = with_facts(turn.content, turn.meta.get("perception", {}))
+    if turn.role == "assistant" and turn.status == "interrupted":
+        content += STOPPED_MARK
+    return {"role": turn.role, "content": content}
+
+
+def tool_note(tool: dict, kinds: Sequence[str], status: str) -> str:
+    """"[video made: trim of clip.mp4]": what a tool turn made (`kinds`: the media kinds
+    of its results), from what, in a few words."""
+    from engine.toolrun import KIND_NAMES
+
+    args, name = tool.get("arguments") or {}, tool.get("name", "tool")
+    sources = ", ".join(str(args[f]) for f in REFERENCES if args.get(f))
+    how = str(args.get("operation") or "").replace("_", " ")
+    if how:
+        how += f" of {sources}" if sources else ""
+    else:
+        how = " ".join(str(args.get("instruction") or args.get("prompt") or "").split())
+        how = _clip(how or name.replace("_", " "), 80) + (f" (from {sources})" if sources else "")
+    if not kinds:
+        done = "stopped" if status == "interrupted" else "done"
+        return f"[{name.replace('_', ' ')} {done}, nothing made: {how}]"
+    what = KIND_NAMES.get(kinds[0], kinds[0])
+    count = f"{len(kinds)} {what}s" if len(kinds) > 1 else what
+    return f"[{count} made: {how}]"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3].rsplit(" ", 1)[0] + "..."
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import numpy as np
 
 from engine import media as media_mod
 from engine import router
+from engine.context import as_message
 from engine.engine import Engine
 from engine.errors import InputError, Unavailable
 from engine.events import AudioChunk, CancelToken, Done, Error, Event, Notice, TextDelta
@@ -68,12 +69,13 @@ class Session:
         if conversation_id and engine.store.get_conversation(conversation_id) is None:
             raise InputError(f"no conversation {conversation_id!r}")
 
-    def history(self) -> list[Message]:
-        """Stored turns as LLM messages (errors and empty answers left out)."""
+    def history(self, before: int | None = None) -> list[Message]:
+        """The stored turns as the LLM reads them (context.as_message; errors and empty
+        answers left out); with `before`, only the turns stored before the turn of that id."""
         if not self.id:
             return []
-        return [{"role": t.role, "content": with_facts(t.content, t.meta.get("perception", {}))}
-                for t in self.engine.store.turns(self.id) if t.content and t.status != "error"]
+        return [as_message(t) for t in self.engine.store.turns(self.id)
+                if t.content and t.status != "error" and (before is None or t.id < before)]
 
     def submit(self, turn: Turn, cancel: CancelToken | None = None, gate: Gate | None = None) -> Iterator[Event]:
         """Run one turn. With a `gate`, the user turn is stored only once the gate opens

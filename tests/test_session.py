@@ -36,10 +36,10 @@ def test_cancel_mid_stream_keeps_partial_answer_marked_interrupted(engine):
     partial = "".join(e.text for e in seen if isinstance(e, TextDelta))
     answer = engine.store.turns(session.id)[-1]
     assert answer.status == "interrupted" and answer.content == partial and partial
-    # the next message works and sees the partial answer in its history
+    # the next message works and sees the partial answer in its history, marked as stopped
     events = collect(session.submit(Turn("go on")))
     assert isinstance(events[-1], Done) and not events[-1].interrupted
-    assert {"role": "assistant", "content": partial} in session.history()
+    assert {"role": "assistant", "content": partial + " [interrupted by the user]"} in session.history()
 
 
 def test_stop_from_another_thread(engine):
