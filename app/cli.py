@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from engine.adapters.base import printable
 from engine.config import Config
 from engine.errors import InputError
 from engine.events import AudioChunk, CancelToken, Done, Error, MediaResult, Notice, Perceived, TextDelta, Transcript
@@ -31,13 +32,15 @@ def chat(config: Config, message: str, attach: list[str], as_json: bool,
             sys.stdout.write(event.text)
             sys.stdout.flush()
         elif isinstance(event, Transcript):
-            print(f"[heard{' in ' + event.source if event.source else ''}] {event.text}", file=sys.stderr, flush=True)
-        elif isinstance(event, Perceived):
-            print(f"[seen in {event.name}] {event.facts}", file=sys.stderr, flush=True)
+            source = f" in {printable(event.source)}" if event.source else ""
+            print(f"[heard{source}] {event.text}", file=sys.stderr, flush=True)
+        elif isinstance(event, Perceived):  # a file's name may hold a newline or a terminal escape
+            print(f"[seen in {printable(event.name)}] {printable(event.facts)}", file=sys.stderr, flush=True)
         elif isinstance(event, MediaResult):
             print(f"\n[{event.kind}] {event.path}", flush=True)
         elif isinstance(event, (Notice, Error)):
-            print(f"\n{'note' if isinstance(event, Notice) else 'error'}: {event.message}", file=sys.stderr, flush=True)
+            print(f"\n{'note' if isinstance(event, Notice) else 'error'}: {printable(event.message)}", file=sys.stderr,
+                  flush=True)
         elif isinstance(event, Done):
             if event.interrupted:
                 print("\n[interrupted]", file=sys.stderr)

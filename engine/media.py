@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.adapters.base import printable, public_message
+from engine.adapters.base import printable, public_message, release_memory
 from engine.errors import InputError
 
 ACCEPTED = "images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3) or video (MP4, MOV, WebM, MKV, AVI) or 3D models (GLB)"
@@ -100,6 +100,8 @@ def ingest(src: str | os.PathLike, media_dir: Path, max_bytes: int, name: str | 
         return _ingest(path, media_dir, max_bytes, name, printable(name))
     except InputError as exc:
         raise InputError(public_message(str(exc), path, name)) from None
+    finally:
+        release_memory()  # a 64 MP image was just decoded in full to prove it sound
 
 
 def _ingest(path: Path, media_dir: Path, max_bytes: int, name: str, shown: str) -> MediaRecord:
@@ -141,6 +143,8 @@ def _unrecognised(shown: str, head: bytes, size: int) -> str:
         if 2 <= len(head) < len(magic) and magic.startswith(head):
             return damaged(shown, mime)
     claimed = EXTENSIONS.get(os.path.splitext(shown)[1].lower())
+    if head[:4] == b"RIFF" and len(head) < 12:  # cut before it says WAVE, AVI or WEBP
+        return damaged(shown, claimed if claimed in ("audio/wav", "video/x-msvideo", "image/webp") else "")
     if claimed:
         return f"{shown} is not a valid {LABELS[claimed]} (damaged or mislabelled): its content matches no format read here"
     return f"{shown}: unsupported file type; attach {ACCEPTED}"
@@ -231,7 +235,10 @@ def _video(path: Path, name: str, mime: str) -> dict:
         if not cap.isOpened():
             raise InputError(damaged(name, mime))
         _check_frame(name, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-        ok, frame = cap.read()
+        try:
+            ok, frame = cap.read()
+        except cv2.error:
+            ok, frame = False, None
         if not ok or frame is None:
             raise InputError(f"{damaged(name, mime)} (no frame could be decoded)")
         _check_frame(name, frame.shape[1], frame.shape[0])

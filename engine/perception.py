@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from engine.adapters.base import Perception, printable, public_message
+from engine.adapters.base import Perception, printable, public_message, release_memory
 from engine.errors import InputError, Unavailable
 
 CACHE = 64  # perceptions kept in memory
@@ -151,22 +151,3 @@ class Perceiver:
             return "ready", f"{tools}; images and video also described by {self.cfg.vl_model}"
         return "ready", tools
 
-
-def release_memory() -> None:
-    """Give freed heap back to the system after a file is looked at. Decoders allocate tens of
-    MB per file in many sizes from several threads; glibc keeps what they free in per-thread
-    arenas, so a server that reads 300 bad files grew from 0.9 to 2.1 GB without holding any
-    of it. malloc_trim returns those pages (a no-op where glibc is not the allocator)."""
-    global _trim
-    if _trim is None:
-        try:
-            import ctypes
-
-            _trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _trim = False
-    if _trim:
-        _trim(0)
-
-
-_trim = None

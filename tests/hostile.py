@@ -73,8 +73,8 @@ def video(fourcc: str, ext: str, w: int = 32, h: int = 24, frames: int = 6) -> b
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"v{ext}")
         out = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), 5, (w, h))
-        for i in range(frames):
-            out.write(np.full((h, w, 3), (i * 40) % 256, np.uint8))
+        for i in range(frames):  # two scenes: each keyframe costs an OCR run in the perceiver
+            out.write(np.full((h, w, 3), 60 if i < frames // 2 else 200, np.uint8))
         out.release()
         return Path(path).read_bytes()
 

@@ -82,3 +82,25 @@ def public_message(text: str, path, name: str) -> str:
     text = _ABS_PATH.sub(lambda m: m.group("base"), _DIGEST.sub("\0", text))
     text = " / ".join(line.strip() for line in text.splitlines() if line.strip())
     return printable(text).replace("\\x00", shown)
+
+
+def release_memory() -> None:
+    """Give the heap that a decoder freed back to the system once a file has been looked at.
+    Decoding an 8000x8000 picture or a big video frame allocates hundreds of MB in pieces;
+    glibc keeps what is freed in the (per-thread) arenas, so a server that had read a few
+    such files stayed hundreds of MB larger for good (tests/test_fuzz.py: 782 -> 1079 MB
+    over the hostile set; with this, 696 -> 713 MB). malloc_trim(0) takes well under a
+    millisecond; without glibc it is not called."""
+    global _trim
+    if _trim is None:
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
