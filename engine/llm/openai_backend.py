@@ -12,7 +12,7 @@ from typing import Sequence
 from engine.config import LLMConfig
 from engine.errors import Unavailable
 from engine.events import CancelToken, TextDelta
-from engine.llm.base import GenParams, LLMBackend, Message
+from engine.llm.base import GenParams, LLMBackend, Message, answer_seed
 
 
 class OpenAIBackend(LLMBackend):
@@ -53,7 +53,8 @@ class OpenAIBackend(LLMBackend):
             stream = self.client.chat.completions.create(
                 model=self.model, messages=list(messages), stream=True,
                 max_tokens=params.max_new_tokens, temperature=params.temperature,
-                top_p=params.top_p, seed=params.seed, stream_options={"include_usage": True},
+                top_p=params.top_p, seed=answer_seed(params.seed, repr(list(messages)).encode()),
+                stream_options={"include_usage": True},
             )
         except self._errors as exc:
             raise RuntimeError(f"the LLM server at {self.cfg.base_url} failed: {exc}") from exc
