@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 
-.PHONY: run test install install-dev browser bench qwen whisper-base llamacpp clean
+.PHONY: run test install install-dev browser bench qwen whisper-base llamacpp gpu-wheels gpu-check clean
 
 run: install
 	$(PY) run_app.py --profile cpu $(ARGS)
@@ -78,6 +78,18 @@ whisper-base: install
 # optional llama.cpp backend (compiles for ~10 minutes on 2 cores)
 llamacpp: install
 	$(PIP) install llama-cpp-python
+
+# The gpu checks (issue 16), for a session that is lent a GPU (see README, "GPU"):
+# `make gpu-wheels` here downloads what that machine lacks into the ignored .whl/;
+# there, `python3 bench/gpu_check.py --out $OUT` (carry .whl) installs them offline and
+# runs every check. `make gpu-check` runs the same script here: without CUDA, a dry run
+# that skips each CUDA step (the .venv's Python when there is one, else python3).
+gpu-wheels:
+	$(PYTHON) bench/gpu_wheels.py
+
+GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py $(if $(OUT),--out $(OUT)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
