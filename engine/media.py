@@ -99,9 +99,10 @@ def ingest(src: str | os.PathLike, media_dir: Path, max_bytes: int, name: str | 
     try:
         return _ingest(path, media_dir, max_bytes, name, printable(name))
     except InputError as exc:
-        raise InputError(public_message(str(exc), path, name)) from None
-    finally:
-        release_memory()  # a 64 MP image was just decoded in full to prove it sound
+        error = InputError(public_message(str(exc), path, name))  # raised below, without the decoder's traceback
+    finally:  # runs after the except clause, when a refusal's frames (and the pixels in them) are gone
+        release_memory()  # a 64 MP image or a video frame was just decoded in full to prove it sound
+    raise error
 
 
 def _ingest(path: Path, media_dir: Path, max_bytes: int, name: str, shown: str) -> MediaRecord:

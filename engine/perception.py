@@ -106,15 +106,17 @@ class Perceiver:
         try:
             p = self._adapter(record.kind).perceive(Path(record.path), self._out(record), cancel)
         except InputError as exc:
-            raise InputError(public_message(str(exc), record.path, record.name)) from None
+            error = InputError(public_message(str(exc), record.path, record.name))
         except (InterruptedError, Unavailable):
             raise
         except Exception as exc:  # a decoder's bug on hostile bytes: the user's turn goes on without it
             log.exception("perceiving %s (%s) failed", record.name, record.sha256)
-            raise InputError(f"{printable(record.name)}: the {record.kind} could not be read "
-                             f"({type(exc).__name__})") from None
-        finally:
-            release_memory()
+            error = InputError(f"{printable(record.name)}: the {record.kind} could not be read ({type(exc).__name__})")
+        else:
+            error = None
+        release_memory()  # after the except clauses: a failure's frames (decoded pixels) are freed by then
+        if error is not None:
+            raise error
         p.facts = p.facts.replace(Path(record.path).name, record.name)  # the user's name, not the stored one
         p.name = record.name
         p.timings_ms.setdefault("total", round((time.perf_counter() - started) * 1000, 1))

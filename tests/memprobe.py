@@ -7,7 +7,8 @@ reported as "killed" and ends the child):
 
     python tests/memprobe.py DATA_DIR LIMIT_MB FILE[::NAME] ...
 
-From a test: `probe(files, tmp_path)` -> [dict(name, outcome, message, facts, data, peak_mb)],
+From a test: `probe(files, tmp_path)` -> [dict(name, outcome, message, facts, data, peak_mb, rss_mb,
+warm_rss_mb)] (each file in a fresh thread, as the server's workers run them),
 `run_guarded(cmd, limit_mb)` -> a subprocess result with the peak RSS of the child.
 """
 from __future__ import annotations
@@ -37,13 +38,19 @@ class Peak:
         threading.Thread(target=self._run, daemon=True).start()
 
     def rss(self) -> int:
+        """The process's RSS plus its children's (ffmpeg decodes in a child); raises
+        psutil.NoSuchProcess once the process itself has gone."""
         import psutil
 
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
+        total = self.proc.memory_info().rss
+        try:
+            children = self.proc.children(recursive=True)
+        except psutil.Error:
+            children = []
+        for p in children:
             try:
                 total += p.memory_info().rss
-            except psutil.Error:
+            except psutil.Error:  # ended between the listing and the reading
                 pass
         return total
 
@@ -55,11 +62,15 @@ class Peak:
         return (self.high - self.start) / 1e6
 
     def _run(self) -> None:
+        import psutil
+
         while not self._stop.wait(0.005):
             try:
                 self.high = max(self.high, self.rss())
-            except Exception:  # noqa: BLE001 - the process has gone
+            except psutil.NoSuchProcess:
                 return
+            except psutil.Error:  # a zombie, a transient read error: sample again
+                continue
             if self.limit is not None and self.peak_mb > self.limit and self.on_limit:
                 self.on_limit()
                 return
@@ -112,7 +123,6 @@ def main(argv: list[str]) -> int:
     data_dir, limit = argv[0], float(argv[1])
     from engine.config import load_config
     from engine.engine import Engine
-    from engine.errors import InputError
     from engine.media import ingest
 
     engine = Engine(load_config("tiny", overrides={"data_dir": data_dir}, env={}))
@@ -131,26 +141,37 @@ def main(argv: list[str]) -> int:
         (warm / name).write_bytes(data)  # load the models before measuring
         engine.perceiver.perceive(ingest(warm / name, engine.media_dir, 10**8))
     peak = Peak(limit_mb=limit, on_limit=over)
+    warm_rss = peak.rss()
     for spec in argv[2:]:
         path, _, name = spec.partition("::")
         current["name"] = name
         peak.reset()
         row: dict = {"name": name}
         t = time.perf_counter()
-        try:
-            rec = ingest(path, engine.media_dir, 10**8, name)
-            row.update(outcome="ok", kind=rec.kind, meta=rec.meta)
-            if rec.kind in ("image", "audio", "video"):
-                p = engine.perceiver.perceive(rec)
-                row.update(facts=p.facts, data=_plain(p.data))
-        except InputError as exc:
-            row.update(outcome="input_error", message=str(exc))
-        except Exception as exc:  # noqa: BLE001 - what the test is looking for
-            row.update(outcome="crash", message=f"{type(exc).__name__}: {exc}"[:500])
-        row.update(peak_mb=round(peak.peak_mb, 1), seconds=round(time.perf_counter() - t, 2))
+        worker = threading.Thread(target=_look, args=(engine, path, name, row))  # as the server's workers do
+        worker.start()
+        worker.join()
+        row.update(peak_mb=round(peak.peak_mb, 1), seconds=round(time.perf_counter() - t, 2),
+                   rss_mb=round(peak.rss() / 1e6, 1), warm_rss_mb=round(warm_rss / 1e6, 1))
         print(json.dumps(row, ensure_ascii=False, default=str), flush=True)
     engine.close()
     return 0
+
+
+def _look(engine, path: str, name: str, row: dict) -> None:
+    from engine.errors import InputError
+    from engine.media import ingest
+
+    try:
+        rec = ingest(path, engine.media_dir, 10**8, name)
+        row.update(outcome="ok", kind=rec.kind, meta=rec.meta)
+        if rec.kind in ("image", "audio", "video"):
+            p = engine.perceiver.perceive(rec)
+            row.update(facts=p.facts, data=_plain(p.data))
+    except InputError as exc:
+        row.update(outcome="input_error", message=str(exc))
+    except Exception as exc:  # noqa: BLE001 - what the test is looking for
+        row.update(outcome="crash", message=f"{type(exc).__name__}: {exc}"[:500])
 
 
 def _plain(data: dict) -> dict:

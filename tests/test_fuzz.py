@@ -50,44 +50,6 @@ def test_the_set_is_big_and_varied():
     assert {"truncated", "empty", "random", "renamed", "extreme", "bomb", "names"} <= families
 
 
-def test_every_file_through_ingest_and_perception(server, files, caplog):
-    """As a turn does it: ingest each file (InputError = refused with a message), then
-    understand() the records, which perceives them and turns what cannot be read into a
-    Notice. Any other exception fails here; the perceiver's last-resort net must not fire."""
-    engine = server.engine
-    outcomes = {"refused": 0, "seen": 0, "not read": 0, "3d": 0}
-    for case, path in files:
-        shown = printable(case.name)
-        try:
-            rec = ingest(path, engine.media_dir, engine.config.max_upload_mb * 1_000_000, case.name)
-        except InputError as exc:
-            msg = str(exc)
-            assert shown in msg and "\n" not in msg and not leaks(msg, path.parent, engine.media_dir), (case.name, msg)
-            outcomes["refused"] += 1
-            continue
-        if rec.kind == "model3d":
-            outcomes["3d"] += 1
-            continue
-        events = list(_drain(understand(engine, [rec], spoken=False)))
-        notes = [e.message for e in events if isinstance(e, Notice)]
-        seen = [e for e in events if isinstance(e, Perceived)]
-        assert len(notes) + len(seen) == 1, (case.name, events)
-        for msg in notes:
-            assert shown in msg and not leaks(msg, path.parent, engine.media_dir), (case.name, msg)
-        outcomes["not read" if notes else "seen"] += 1
-    assert not [r for r in caplog.records if r.name == "engine.perception" and r.levelname == "ERROR"], \
-        "the perceiver's last-resort net caught a crash: fix it at its cause"
-    assert outcomes["refused"] > 100 and outcomes["seen"] > 30, outcomes
-
-
-def _drain(gen):
-    try:
-        while True:
-            yield next(gen)
-    except StopIteration:
-        return
-
-
 def _part(case: hostile.Case) -> dict:
     data = base64.b64encode(case.data).decode()
     ext = Path(case.name).suffix.lower()
@@ -139,6 +101,45 @@ def test_every_file_through_the_api_and_memory_comes_back(server):
         {"role": "user", "content": "still there?"}]}, timeout=120)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     assert end < 1.2 * start, f"RSS {start / 1e6:.0f} MB -> {end / 1e6:.0f} MB"
+
+
+# after the API test: that one measures memory from a fresh server's warm-up
+def test_every_file_through_ingest_and_perception(server, files, caplog):
+    """As a turn does it: ingest each file (InputError = refused with a message), then
+    understand() the records, which perceives them and turns what cannot be read into a
+    Notice. Any other exception fails here; the perceiver's last-resort net must not fire."""
+    engine = server.engine
+    outcomes = {"refused": 0, "seen": 0, "not read": 0, "3d": 0}
+    for case, path in files:
+        shown = printable(case.name)
+        try:
+            rec = ingest(path, engine.media_dir, engine.config.max_upload_mb * 1_000_000, case.name)
+        except InputError as exc:
+            msg = str(exc)
+            assert shown in msg and "\n" not in msg and not leaks(msg, path.parent, engine.media_dir), (case.name, msg)
+            outcomes["refused"] += 1
+            continue
+        if rec.kind == "model3d":
+            outcomes["3d"] += 1
+            continue
+        events = list(_drain(understand(engine, [rec], spoken=False)))
+        notes = [e.message for e in events if isinstance(e, Notice)]
+        seen = [e for e in events if isinstance(e, Perceived)]
+        assert len(notes) + len(seen) == 1, (case.name, events)
+        for msg in notes:
+            assert shown in msg and not leaks(msg, path.parent, engine.media_dir), (case.name, msg)
+        outcomes["not read" if notes else "seen"] += 1
+    assert not [r for r in caplog.records if r.name == "engine.perception" and r.levelname == "ERROR"], \
+        "the perceiver's last-resort net caught a crash: fix it at its cause"
+    assert outcomes["refused"] > 100 and outcomes["seen"] > 30, outcomes
+
+
+def _drain(gen):
+    try:
+        while True:
+            yield next(gen)
+    except StopIteration:
+        return
 
 
 def test_a_sample_through_the_cli(files, tmp_path):
