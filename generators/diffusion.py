@@ -301,6 +301,7 @@ class DiffusionBackend:
         """Drop the pipeline and give its memory back (the LLM may need the GPU next)."""
         with self._lock:
             pipe, self._pipe, self._placed = self._pipe, None, False
+            self._steps = None  # the last run's step counter holds the pipeline too
         del pipe
         self._free_cache()
 

@@ -267,6 +267,20 @@ def test_tiny_pipelines_are_seeded():
         tiny_pipeline("smell")
 
 
+def test_unload_lets_the_pipeline_go(tmp_path, png):
+    """After a run, nothing of the backend keeps the pipeline alive: on a GPU its memory is what
+    the LLM takes back (the CPU half of the gpu test below)."""
+    import gc
+    import weakref
+
+    backend = CASES[0].backend()
+    run(CASES[0], backend, tmp_path, png)
+    gone = weakref.ref(backend._pipe)
+    backend.unload()
+    gc.collect()
+    assert gone() is None
+
+
 @pytest.mark.gpu
 def test_fp16_on_cuda_and_unload_gives_the_memory_back(tmp_path, png):
     torch = pytest.importorskip("torch")
