@@ -232,6 +232,31 @@ def test_memory_comes_back_after_big_decodes(tmp_path):
     assert rows[-1]["rss_mb"] < 1.2 * rows[-1]["warm_rss_mb"], [(r["name"], r["rss_mb"]) for r in rows]
 
 
+def test_the_fast_transcription_path_streams_and_caps(engine, tmp_path, monkeypatch):
+    """Voice turns and perception=none read attached audio whole: 5 minutes of 8-channel 48 kHz
+    silence is a small FLAC and 460 MB as float32 (22 GB for the 4 hours ingest allows)."""
+    import soundfile as sf
+    from types import SimpleNamespace
+
+    import engine.understand as understand
+
+    path = tmp_path / "quiet.flac"
+    with sf.SoundFile(str(path), "w", 48000, 8, format="FLAC") as f:
+        for _ in range(300):
+            f.write(np.zeros((48000, 8), np.float32))
+    rec = ingest(path, engine.media_dir, 10**8)
+    heard = []
+    asr = SimpleNamespace(transcribe=lambda a, lang: heard.append(len(a)) or SimpleNamespace(
+        text="", language="en", duration_s=len(a) / 16000))
+    monkeypatch.setattr(engine.roles["asr"], "get", lambda: asr)
+    monkeypatch.setattr(understand, "HEARD_MAX_S", 120)
+    peak = memprobe.Peak()
+    events = list(understand.transcribe(engine, [rec]))
+    peak.stop()
+    assert heard == [120 * 16000] and peak.peak_mb < 150, (heard, peak.peak_mb)
+    assert any("first 2:00 of quiet.flac" in getattr(e, "message", "") for e in events), events
+
+
 # ---- audio headers --------------------------------------------------------------------------
 @pytest.mark.parametrize("name, data, needle", [
     ("slow.wav", hostile.wav_header(rate=1), "sample rate of 1 Hz"),
