@@ -103,7 +103,22 @@ def test_every_file_through_the_api_and_memory_comes_back(server):
     assert end < 1.2 * start, f"RSS {start / 1e6:.0f} MB -> {end / 1e6:.0f} MB"
 
 
-# after the API test: that one measures memory from a fresh server's warm-up
+REPORTED = [("1x60000.png", hostile.png(1, 60000), ""), ("60000x1.png", hostile.png(60000, 1), ""),  # looked at
+            ("list.glb", hostile.glb(b"[]"), "JSON chunk is a list, not an object"),
+            ("null.glb", hostile.glb(b"null"), "JSON chunk is null, not an object"),
+            ("deep.glb", hostile.glb(hostile.deep_json(100_000)), "JSON chunk is nested too deeply")]
+
+
+@pytest.mark.parametrize("name, data, says", REPORTED, ids=[r[0] for r in REPORTED])
+def test_the_reported_500s(server, name, data, says):
+    """These were HTTP 500s (rapidocr's ResizeImgError, AttributeError / RecursionError on the GLB)."""
+    r = _ask(server, hostile.Case(name, data, "reported"))
+    assert r.status_code in (200, 400), r.text[:500]
+    text = r.json()["error"]["message"] if r.status_code == 400 else r.json()["choices"][0]["message"]["content"]
+    assert says in text and (says or r.status_code == 200), text[:500]
+
+
+# after the API tests: the first one measures memory from a fresh server's warm-up
 def test_every_file_through_ingest_and_perception(server, files, caplog):
     """As a turn does it: ingest each file (InputError = refused with a message), then
     understand() the records, which perceives them and turns what cannot be read into a

@@ -114,7 +114,7 @@ def test_keyframe_thumbnails_are_bounded_by_the_longest_side():
     ("chunk.glb", hostile.glb(hostile.GLB_DOC, chunk_len=0xFFFFFFF0), "chunk length .* is larger than the file"),
     ("huge.glb", hostile.glb(b'{"asset": {"version": "2.0"}, "x": [' + b"0," * 5_000_000 + b"0]}"),
      "JSON chunk is 10.0 MB; the limit is"),
-])
+], ids=lambda v: v if isinstance(v, str) and re.fullmatch(r"[\w.]+", v) else "")
 def test_malformed_glb_is_an_input_error_that_says_what_is_wrong(tmp_path, name, data, needle):
     path = tmp_path / name
     path.write_bytes(data)
@@ -162,7 +162,7 @@ def test_cli_says_one_line_for_a_glb_list_and_a_thin_png(tmp_path):
     ("notes.mp4", b"just some text", "notes.mp4 is not a valid MP4 video (damaged or mislabelled)"),
     ("voice.ogg", b"\x00" * 100, "voice.ogg is not a valid OGG audio file (damaged or mislabelled)"),
     ("notes.txt", b"just some text", "notes.txt: unsupported file type; attach images"),
-])
+], ids=lambda v: v if isinstance(v, str) and re.fullmatch(r"[\w.]+", v) else "")
 def test_damaged_and_mislabelled_files_are_told_apart(tmp_path, name, data, message):
     path = tmp_path / name
     path.write_bytes(data)
@@ -261,7 +261,7 @@ def test_the_fast_transcription_path_streams_and_caps(engine, tmp_path, monkeypa
 @pytest.mark.parametrize("name, data, needle", [
     ("slow.wav", hostile.wav_header(rate=1), "sample rate of 1 Hz"),
     ("many.wav", hostile.wav_header(channels=300, payload=b"\0" * 6000), "300 channels"),
-])
+], ids=lambda v: v if isinstance(v, str) and re.fullmatch(r"[\w.]+", v) else "")
 def test_absurd_audio_headers_are_refused(tmp_path, name, data, needle):
     path = tmp_path / name
     path.write_bytes(data)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.adapters.image_tools import ImagePerception, color_name, merge_lines
+from engine.adapters.colors import color_name
+from engine.adapters.image_tools import ImagePerception, merge_lines
 from engine.errors import InputError
 
 pytest.importorskip("rapidocr", reason="rapidocr is not installed")
