@@ -215,6 +215,27 @@ def test_ffmpeg_errors_are_scrubbed(tmp_path):
         "Error opening 'z.bin': bad"
 
 
+def test_a_sound_track_that_cannot_be_read_is_described_without_its_path(tmp_path):
+    """The video's facts quote why its sound could not be analysed: ffmpeg names the file by path."""
+    from generators.ffmpeg import mux_audio
+
+    from engine.adapters.video_tools import VideoPerception
+
+    silent = tmp_path / "silent.mp4"
+    silent.write_bytes(hostile.originals()[".mp4"])
+    wav = hostile.write_wav(tmp_path / "a.wav")
+    clip = tmp_path / ("ab" * 32 + ".mp4")
+    mux_audio(silent, wav, clip)
+
+    class Deaf:
+        def perceive(self, path, out_dir, cancel=None):
+            raise InputError(f"could not decode the audio of {path.name}: {path}: Invalid data found")
+
+    p = VideoPerception(audio=Deaf()).perceive(clip, tmp_path / "out")
+    assert f"Audio: could not be analysed: could not decode the audio of {clip.name}: {clip.name}: Invalid" in p.facts
+    assert str(tmp_path) not in p.facts
+
+
 # ---- 6. memory comes back -----------------------------------------------------------------
 def test_memory_comes_back_after_big_decodes(tmp_path):
     """Truncated 7900x7900 PNGs (decoded, then refused) and 7000x7000 video frames (decoded, then

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engine.adapters.base import Perception, check, mmss
+from engine.adapters.base import Perception, check, mmss, public_message
 from engine.errors import InputError
 
 CUT = 0.2  # Bhattacharyya distance between consecutive samples that starts a scene, and 3x the recent mean
@@ -121,8 +121,8 @@ class VideoPerception:
                 ap = self.audio.perceive(path, out_dir, cancel)
                 audio_data = ap.data
                 audio_text = self._audio_text(ap)
-            except InputError as exc:
-                audio_text = f"could not be analysed: {exc}"
+            except InputError as exc:  # ffmpeg's reason quotes the file's path: the facts must not
+                audio_text = f"could not be analysed: {public_message(str(exc), path, path.name)}"
         t4 = time.perf_counter()
         shown = f"{n_scenes} scene{'s' * (n_scenes != 1)}"
         shown += f" (the {len(picked)} strongest shown)" if n_scenes > len(picked) else ""
