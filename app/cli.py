@@ -15,7 +15,7 @@ from engine.config import Config
 from engine.errors import InputError
 from engine.events import AudioChunk, CancelToken, Done, Error, MediaResult, Notice, Perceived, TextDelta, Transcript
 from engine.engine import Engine
-from engine.session import Turn
+from engine.session import Session, Turn
 
 
 def chat(config: Config, message: str, attach: list[str], as_json: bool,
@@ -48,7 +48,7 @@ def chat(config: Config, message: str, attach: list[str], as_json: bool,
             print(f"conversation: {event.conversation_id}", file=sys.stderr)
 
     try:
-        session = engine.session(conversation)
+        session = Session(engine, conversation)
         events = session.submit(Turn(message, tuple(attach), speak=bool(speak_to)), cancel)
         try:
             for event in events:

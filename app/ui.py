@@ -22,7 +22,7 @@ import gradio as gr
 from app.panels import NO_PERCEPTION, media_content, named_files, panels, render
 from engine.events import CancelToken, Done, Error, MediaResult, Notice, Perceived, Progress, TextDelta, ToolCall
 from engine.engine import Engine
-from engine.session import Turn
+from engine.session import Session, Turn
 from engine.status import status, status_markdown
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -107,7 +107,7 @@ def build_ui(engine: Engine) -> gr.Blocks:
 
         key = request.session_hash or "cli"
         cancel = active.start(key)
-        session = engine.session(cid)
+        session = Session(engine, cid)
         notices, errors, done, working = [], [], None, None
         try:
             for ev in session.submit(Turn(text, tuple(paths)), cancel):

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from engine.events import AudioChunk, CancelToken, Done, Error, Event, VoiceState
-from engine.session import Gate
+from engine.session import Gate, Session
 from engine.speech.audio import WHISPER_RATE, StreamResampler, resample, to_mono_float32, write_wav
 
 LEAD_S = 0.25  # audio sent ahead of the playback clock: the most a barge-in can leave playing
@@ -90,7 +90,7 @@ class VoiceSession:
 
         self._d = duplex
         self.engine, self.send, self.clock = engine, send, clock
-        self.session = engine.session(conversation_id)
+        self.session = Session(engine, conversation_id)
         for role in ("vad", "asr", "tts", "llm"):
             engine.roles[role].get()  # raises Unavailable, with what to set, before the mic opens
         self.duplex = duplex.Duplex(engine.roles["vad"].get(), engine.config.vad)
