@@ -306,16 +306,29 @@ def run_accelerate(shape, dtype, experts, device, total, inputs, runs, build_dev
 
 
 def main() -> None:
+    global DECODE_STEPS
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cuda, cpu")
     ap.add_argument("--shape", default="auto", choices=["auto", "full", "scaled"])
     ap.add_argument("--expert-dtype", default="auto", choices=["auto", "nf4", "bf16", "fp16", "fp32"])
     ap.add_argument("--runs", type=int, default=None, help="measured turns per configuration (default 5 CPU, 2 CUDA)")
     ap.add_argument("--decode-inputs", default="random", choices=["random", "greedy"])
+    ap.add_argument("--decode-steps", type=int, default=DECODE_STEPS, help="decode steps per turn (bench/gpu_check.py: 16)")
     ap.add_argument("--skip-accelerate", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "moe.json"))
     args = ap.parse_args()
     started = time.perf_counter()
+    DECODE_STEPS = args.decode_steps
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial: dict = {"bench": "moe", "partial": True, "decode_steps": DECODE_STEPS}
+
+    def progress(name: str, res: dict) -> None:
+        """One JSON line per configuration, and the JSON so far: a run stopped at a time limit keeps it."""
+        print(f"{name}: {json.dumps(res)}", file=sys.stderr, flush=True)
+        partial[name] = res
+        partial["wall_s"] = round(time.perf_counter() - started, 1)
+        out.write_text(json.dumps(partial, indent=2) + "\n")
 
     import accelerate
     import transformers
@@ -385,11 +398,11 @@ def main() -> None:
             acc[key] = run_accelerate(shape, dense_dtype, experts, device, totals[key], inputs, runs, device, host_bytes)
         except Exception as exc:  # noqa: BLE001 - report, don't lose the other columns
             acc[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-        print(f"{name}: {acc[key]}", file=sys.stderr)
+        progress(name, acc[key])
 
     ours = run_ours(model, device, budgets, inputs, runs, info)
     for key, res in ours.items():
-        print(f"ours_{key}: {res}", file=sys.stderr)
+        progress(f"ours_{key}", res)
 
     release(device)
     need = exp_bytes + kv_bytes + WORKSPACE  # the non-expert weights are already there
@@ -400,7 +413,7 @@ def main() -> None:
         model.to(device)
         no_off = measure(model, device, inputs, runs)
         no_off["fast_tier_weights_mb"] = round(total_bytes / MiB, 1)
-    print(f"no_offload: {no_off}", file=sys.stderr)
+    progress("no_offload", no_off)
     del model
     release(device)
 
@@ -472,8 +485,6 @@ def main() -> None:
             "every forward; ours copies only routed experts that miss the cache, from pinned memory.",
         ]
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
