@@ -268,6 +268,8 @@ def main() -> int:
             for name in CAPS:
                 if only and name not in only:
                     record(name, {"status": "skipped", "reason": "not in --only"})
+                elif name == "install" and not env_info.get("torch"):
+                    record(name, {"status": "skipped", "reason": no_cuda})  # the wheels import torch
                 elif name == "install":
                     record(name, install(Path(args.wheels), site, env, cap(name), log))
                 elif no_cuda and not args.force_cpu:

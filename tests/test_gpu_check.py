@@ -34,7 +34,8 @@ def test_the_dry_run_skips_every_cuda_step_with_its_reason(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["steps"]) == STEPS
     assert summary["counts"] == {"ok": 0, "failed": 0, "timed_out": 0, "skipped": 5}
-    assert "make gpu-wheels" in summary["steps"]["install"]["reason"]
+    install = summary["steps"]["install"]["reason"]
+    assert "make gpu-wheels" in install or "torch is not importable" in install
     for name in STEPS[1:]:
         reason = summary["steps"][name]["reason"]
         assert "no CUDA device" in reason or "torch is not importable" in reason
