@@ -3,7 +3,7 @@
 
 A Qwen2.5-Omni-3B-shaped thinker with RANDOM weights (speed and memory are honest,
 answers are not), built in code: text model hidden 2048, 36 layers, 16 heads / 2 KV
-heads, MLP 11008, vocabulary 151936, tied embeddings; vision tower 32 blocks of 1280
+heads, MLP 11008, vocabulary 151936 (an untied fp16 lm_head); vision tower 32 blocks of 1280
 into 2048; audio encoder 32 layers of 1280. It is written as a Qwen2.5-Omni checkpoint
 (qwen2_5_omni config, thinker.* weights in fp16, tokenizer, Qwen2-VL image processor
 with its real pixel limits) and loaded the way the gpu profile loads a downloaded one:
@@ -53,7 +53,7 @@ MiB = 1 << 20
 VOCAB = 151936
 FULL = {  # Qwen/Qwen2.5-Omni-3B's thinker
     "text": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                 num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
+                 num_key_value_heads=2, max_position_embeddings=32768,
                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
     "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
                    window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
@@ -62,7 +62,7 @@ FULL = {  # Qwen/Qwen2.5-Omni-3B's thinker
 }
 SCALED = {
     "text": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+                 num_key_value_heads=2, max_position_embeddings=4096,
                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}),
     "vision": dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=256,
                    window_size=112, fullatt_block_indexes=[1]),
@@ -132,8 +132,11 @@ def write_checkpoint(where: Path, shape: dict, device, dtype) -> dict:
     gen.eos_token_id, gen.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
     gen.suppress_tokens = [ids[t] for t in SPECIALS]  # every answer decodes all its tokens, all visible text
     gen.save_pretrained(where)
-    state = {f"thinker.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()
-             if not k.startswith("lm_head.")}  # tied to the embeddings
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # (a tied tensor is saved once, as safetensors wants)
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            state[f"thinker.{k}"] = v.detach().to("cpu", torch.float16).contiguous()
     del model
     release()
     save_file(state, str(where / "model.safetensors"), metadata={"format": "pt"})
