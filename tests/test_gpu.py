@@ -56,27 +56,29 @@ def test_bitsandbytes_4bit_forward_equals_fp16_within_nf4_error():
     from bitsandbytes.functional import dequantize_4bit
 
     torch.manual_seed(0)
-    dense = torch.nn.Linear(1024, 1024, bias=True).half().cuda()
+    dense = torch.nn.Linear(1024, 1024, bias=True).half()
     q = bnb.nn.Linear4bit(1024, 1024, bias=True, compute_dtype=torch.float16, quant_type="nf4")
-    q.load_state_dict(dense.state_dict())
-    q = q.cuda()  # quantizes
+    q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    dense, q = dense.cuda(), q.cuda()  # moving the Params4bit to CUDA quantizes it
     x = torch.randn(16, 1024, dtype=torch.float16, device="cuda")
     with torch.no_grad():
         got, want = q(x), dense(x)
         exact = torch.nn.functional.linear(x, dequantize_4bit(q.weight.data, q.weight.quant_state), dense.bias)
     assert torch.allclose(got, exact, atol=2e-2, rtol=1e-2)  # the kernel computes with the NF4 weights
     rel = ((got - want).float().norm() / want.float().norm()).item()
-    assert rel < 0.15, f"NF4 layer is {rel:.3f} away from fp16 (relative)"  # NF4 rounding: ~0.1 on N(0, s) weights
+    assert rel < 0.15, f"NF4 layer is {rel:.3f} away from fp16 (relative)"  # NF4 rounding: 0.09 on these weights
 
 
-def test_4bit_llm_logits_stay_close_to_fp16_on_cuda(tmp_path):
+def test_4bit_llm_logits_stay_close_to_full_precision_on_cuda(tmp_path):
+    """The engine's load path: the tiny model as built (float32) against the same weights through
+    from_pretrained with 4-bit bitsandbytes layers and fp16 compute, both on the GPU."""
     pytest.importorskip("bitsandbytes")
     from engine.config import LLMConfig
     from engine.llm import load_backend
 
     full = load_backend(LLMConfig(model="tiny", temperature=0.0, device="cuda"), tmp_path)
     quant = load_backend(LLMConfig(model="tiny", temperature=0.0, device="cuda", quantization="4bit"), tmp_path)
-    assert next(full.model.parameters()).dtype == torch.float16
     assert any(type(m).__name__ == "Linear4bit" for m in quant.model.modules())
     prompt = torch.tensor([full._encode([{"role": "user", "content": "Hello there, how are you?"}])], device="cuda")
     with torch.inference_mode():
