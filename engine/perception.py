@@ -81,6 +81,12 @@ class Perceiver:
         except (Unavailable, InputError) as exc:
             p.facts += f" (No model description: {public_message(str(exc), record.path, record.name)}.)"
             return p
+        except InterruptedError:
+            raise
+        except Exception as exc:  # the model failed on this file: the tools' facts still stand
+            log.exception("the vision-language model failed on %s (%s)", record.name, record.sha256)
+            p.facts += f" (No model description: the model failed ({type(exc).__name__}).)"
+            return p
         p.facts += f" Model description ({v.data.get('model', 'VLM')}): {v.data.get('description', v.facts)}"
         p.data["vlm"] = v.data
         p.timings_ms.update({f"vlm_{k}": ms for k, ms in v.timings_ms.items()})

@@ -290,7 +290,8 @@ def jpeg_flat(w: int, h: int) -> bytes:
     dht = seg(0xC4, b"\x00" + b"\1" + b"\0" * 15 + b"\0" + b"\x10" + b"\1" + b"\0" * 15 + b"\0")
     sos = seg(0xDA, b"\1\1\0\0\x3f\0")
     blocks = -(-w // 8) * -(-h // 8)
-    data = b"\0" * (blocks * 2 // 8) + (b"\x3f" if blocks * 2 % 8 else b"")  # '00' per block, 1-padded
+    rest = blocks * 2 % 8
+    data = b"\0" * (blocks * 2 // 8) + (bytes([(1 << (8 - rest)) - 1]) if rest else b"")  # '00' per block, 1-padded
     return b"\xff\xd8" + dqt + sof + dht + sos + data + b"\xff\xd9"
 
 

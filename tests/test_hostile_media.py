@@ -69,6 +69,19 @@ def test_ocr_pads_a_long_strip_instead_of_blowing_it_up(tmp_path):
     assert 0 <= x0 < x1 <= 1900 and 0 <= y0 < y1 <= 40
 
 
+def test_the_vision_language_model_sees_thin_images_padded(tmp_path):
+    """Qwen2-VL's processor refuses an aspect ratio over 200 with a ValueError (a crash on the
+    neural path); images and video frames reach it padded to at most 50:1."""
+    from engine.adapters.neural import VisionLanguageAdapter
+
+    vlm = VisionLanguageAdapter("tiny", max_new_tokens=2)
+    for name, data in (("line.png", hostile.png(1999, 1)), ("tall.png", hostile.png(1, 60000)),
+                       ("tall.avi", hostile.avi_mjpeg([hostile.jpeg_flat(1, 60000)] * 3, 1, 60000))):
+        (tmp_path / name).write_bytes(data)
+        p = vlm.perceive(tmp_path / name, tmp_path / "out")
+        assert p.data["vision_tokens"] > 0 and name in p.facts
+
+
 # ---- 2. video frames share the pixel budget ------------------------------------------------
 def test_a_16000px_video_is_refused_before_a_frame_is_decoded(tmp_path):
     big = tmp_path / "big.avi"

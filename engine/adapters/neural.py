@@ -35,6 +35,7 @@ VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", 
 MAX_FRAMES = 8
 IMAGE_MAX_PIXELS = 1280 * 28 * 28  # <= 1280 vision tokens, as qwen-vl-utils allows an image
 FRAME_MAX_PIXELS = 360 * 420  # per video frame
+MAX_ASPECT = 50  # thinner pictures are padded: the processor's limit is 200:1, and a strip is few tokens
 MAX_CHARS = 2000  # of the description kept in the facts
 DEFAULT_PROMPT = "Describe this image in detail, and quote any text you can read."
 VIDEO_PROMPT = "Describe this video in detail: what happens, in order, and quote any text you can read."
@@ -72,7 +73,17 @@ def frames_processor(tokenizer, image_processor, start, image, video, end):
 
 
 def _cap(im, max_pixels: int):
-    """The PIL image scaled down (aspect kept) to at most max_pixels."""
+    """The PIL image scaled down (aspect kept) to at most max_pixels, and padded to at most
+    MAX_ASPECT:1 first: Qwen2-VL's processor raises ValueError beyond 200:1 (a 1999x1 PNG)."""
+    if max(im.size) > MAX_ASPECT * min(im.size):  # scaled to fit max_pixels once padded, then padded
+        from PIL import Image
+
+        from engine.adapters.image_tools import pad_to_aspect
+
+        s = min(1.0, (max_pixels * MAX_ASPECT) ** 0.5 / max(im.size))
+        if s < 1.0:
+            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), 3)
+        im = Image.fromarray(pad_to_aspect(np.asarray(im.convert("RGB")), MAX_ASPECT))
     if im.width * im.height <= max_pixels:
         return im
     s = (max_pixels / (im.width * im.height)) ** 0.5
