@@ -70,22 +70,38 @@ def test_bitsandbytes_4bit_forward_equals_fp16_within_nf4_error():
     assert rel < 0.15, f"NF4 layer is {rel:.3f} away from fp16 (relative)"  # NF4 rounding: 0.09 on these weights
 
 
-def test_4bit_llm_logits_stay_close_to_full_precision_on_cuda(tmp_path):
-    """The engine's load path: the tiny model as built (float32) against the same weights through
-    from_pretrained with 4-bit bitsandbytes layers and fp16 compute, both on the GPU."""
+def test_4bit_llm_logits_stay_close_to_fp16_on_cuda(tmp_path):
+    """The gpu profile's load path for a local model directory: fp16 on the GPU against 4-bit
+    bitsandbytes layers (fp16 compute) of the same checkpoint. A 4-layer Llama 1024 wide with
+    transformers' own init: NF4 keeps every position's logits within cosine 0.85 (0.91-0.93 in
+    float32 on a CPU) at an eighth of the linear layers' memory."""
     pytest.importorskip("bitsandbytes")
     from engine.config import LLMConfig
     from engine.llm import load_backend
+    from engine.llm.tiny import build_tiny_tokenizer
 
-    full = load_backend(LLMConfig(model="tiny", temperature=0.0, device="cuda"), tmp_path)
-    quant = load_backend(LLMConfig(model="tiny", temperature=0.0, device="cuda", quantization="4bit"), tmp_path)
-    assert any(type(m).__name__ == "Linear4bit" for m in quant.model.modules())
-    prompt = torch.tensor([full._encode([{"role": "user", "content": "Hello there, how are you?"}])], device="cuda")
+    tok = build_tiny_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2816,
+                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                                      max_position_embeddings=2048, tie_word_embeddings=False,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    full = load_backend(LLMConfig(model=str(tmp_path / "llama"), temperature=0.0, device="cuda"), tmp_path)
+    quant = load_backend(LLMConfig(model=str(tmp_path / "llama"), temperature=0.0, device="cuda",
+                                   quantization="4bit"), tmp_path)
+    assert next(full.model.parameters()).dtype == torch.float16
+    assert sum(type(m).__name__ == "Linear4bit" for m in quant.model.modules()) == 4 * 7
+    prompt = torch.tensor([full._encode([{"role": "user", "content": "Tell me about a lighthouse at dusk."}])],
+                          device="cuda")
     with torch.inference_mode():
-        a, b = full.model(input_ids=prompt).logits[0, -1].float(), quant.model(input_ids=prompt).logits[0, -1].float()
+        a, b = full.model(input_ids=prompt).logits[0].float(), quant.model(input_ids=prompt).logits[0].float()
     assert torch.isfinite(b).all()
-    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
-    assert quant.model.get_memory_footprint() < full.model.get_memory_footprint() / 2
+    rows = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert rows.min() > 0.85 and rows.mean() > 0.9, f"cosine per position: min {rows.min():.3f}, mean {rows.mean():.3f}"
+    assert quant.model.get_memory_footprint() < full.model.get_memory_footprint() / 3
 
 
 def test_nf4_experts_offloaded_give_the_on_device_tokens():
