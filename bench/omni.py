@@ -78,16 +78,22 @@ class Rec:  # what the engine passes for an attachment: a stored MediaRecord's k
         self.kind, self.path, self.name = kind, str(path), path.name
 
 
+# Qwen2.5-Omni's own special tokens, so the checkpoint loads the way a downloaded one does whether
+# AutoProcessor builds Qwen2_5OmniProcessor (torchvision installed) or the engine falls back to its
+# frames processor (no torchvision)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>",
+            "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<unk>"]
+
+
 def processor(vocab_size: int):
-    """The tiny omni processor's char-level tokenizer, filled up to `vocab_size` with visible
-    filler tokens, and a Qwen2-VL image processor with the real pixel limits."""
+    """The tiny omni processor's char-level tokenizer with Qwen2.5-Omni's specials, filled up to
+    `vocab_size` with visible filler tokens, and a Qwen2-VL image processor with real pixel limits."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from engine.adapters.neural import TEMPLATE, frames_processor
     from engine.llm.tiny import _byte_of
-    from engine.llm.tiny_omni import SPECIALS
 
     keep = sorted(c for c in pre_tokenizers.ByteLevel.alphabet() if _byte_of(c) in set(range(32, 127)) | {10})
     names = SPECIALS + keep
@@ -98,17 +104,16 @@ def processor(vocab_size: int):
     tok.add_special_tokens(SPECIALS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", unk_token="<unk>",
                                    pad_token="<|endoftext|>")
-    fast.chat_template = TEMPLATE
+    fast.chat_template = TEMPLATE.replace("<|vision_start|>", "<|vision_bos|>").replace(
+        "<|vision_end|>", "<|vision_eos|>").replace("<|image_pad|>", "<|IMAGE|>").replace("<|video_pad|>", "<|VIDEO|>")
     images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
-    return frames_processor(fast, images, "<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
+    return frames_processor(fast, images, "<|vision_bos|>", "<|IMAGE|>", "<|VIDEO|>", "<|vision_eos|>")
 
 
 def write_checkpoint(where: Path, shape: dict, device, dtype) -> dict:
     """A random Qwen2.5-Omni thinker of `shape`, saved as the checkpoints ship (thinker.* weights)."""
     import transformers
     from safetensors.torch import save_file
-
-    from engine.llm.tiny_omni import SPECIALS
 
     proc = processor(VOCAB)
     tok = proc.tokenizer
@@ -117,10 +122,10 @@ def write_checkpoint(where: Path, shape: dict, device, dtype) -> dict:
         text_config=dict(shape["text"], vocab_size=VOCAB, eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
         vision_config=shape["vision"], audio_config=shape["audio"],
-        image_token_index=ids["<|image_pad|>"], video_token_index=ids["<|video_pad|>"], audio_token_index=ids["<unk>"],
-        audio_start_token_id=ids["<unk>"], audio_end_token_id=ids["<unk>"],
+        image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"], audio_token_index=ids["<|AUDIO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
         user_token_id=tok.convert_tokens_to_ids("u"),
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
         position_id_per_seconds=25)
     t0 = time.perf_counter()
     model = Weights(device, dtype)(transformers.Qwen2_5OmniThinkerForConditionalGeneration, config)
@@ -295,6 +300,7 @@ def main() -> None:
         result["load_s"] = round(time.perf_counter() - t, 1)
         result["weights_mb"] = mb(backend.model.get_memory_footprint())
         result["linear_4bit"] = sum(type(m).__name__ == "Linear4bit" for m in backend.model.modules())
+        result["processor"] = type(backend.omni.proc).__name__  # the checkpoint's own, or the engine's fallback
         try:
             result["backbone"] = backbone(backend, image, args.runs, args.new_tokens)
         except Exception as exc:  # noqa: BLE001 - report, then try the hand-off
