@@ -227,7 +227,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu-check",
                     help="folder for summary.json, log.txt and one JSON per step (default $OUT)")
     ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheels to install (make gpu-wheels)")
-    ap.add_argument("--only", default="", help="comma-separated steps to run (the others are skipped)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated steps to run (the others are skipped; install always runs)")
     ap.add_argument("--deadline-s", type=float, default=DEADLINE_S, help="the whole run's time limit")
     ap.add_argument("--force-cpu", action="store_true",
                     help="run the CUDA steps without CUDA too (the gpu tests skip, the benches take their CPU "
@@ -267,7 +268,7 @@ def main() -> int:
     try:
         with open(out / "log.txt", "w") as log:
             for name in CAPS:
-                if only and name not in only:
+                if only and name not in only and name != "install":  # the others need its wheels
                     record(name, {"status": "skipped", "reason": "not in --only"})
                 elif name == "install" and not env_info.get("torch"):
                     record(name, {"status": "skipped", "reason": no_cuda})  # the wheels import torch
