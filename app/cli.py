@@ -7,6 +7,7 @@ the partial text, as Stop does in the browser. Exit code 1 on any error.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from engine.session import Session, Turn
 
 def chat(config: Config, message: str, attach: list[str], as_json: bool,
          conversation: str | None = None, speak_to: str | None = None) -> int:
+    _log_in_one_line()
     engine = Engine(config)
     cancel = CancelToken()
     failed = False
@@ -85,3 +87,26 @@ def _write_answer(path: str, chunks: list[AudioChunk], emit) -> None:
             w.writeframes(chunk.pcm)
     seconds = sum(len(c.pcm) for c in chunks) / 2 / chunks[0].sample_rate
     emit(MediaResult("audio", str(Path(path).resolve()), {"duration_s": round(seconds, 3)}))
+
+
+class _OneLine(logging.Formatter):
+    """A log record as one plain line: the engine logs a tool's refusal or a decoder's failure
+    with its traceback (for a server's log); a terminal gets the reason, never a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"{record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return printable(text)
+
+
+def _log_in_one_line() -> None:
+    """Warnings and errors to stderr, one line each (Python's fallback handler prints tracebacks)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        handler.setLevel(logging.WARNING)
+        root.addHandler(handler)
+

@@ -164,6 +164,17 @@ def test_cli_says_one_line_for_a_glb_list_and_a_thin_png(tmp_path):
     assert out.peak_mb < base.peak_mb + 1500, (base.peak_mb, out.peak_mb)
 
 
+def test_cli_logs_a_refused_tool_in_one_line(tmp_path):
+    """A 1999x1 picture cannot become a 3D relief: the tool's refusal is logged (with its
+    traceback, for the server log); the terminal gets one line per log record."""
+    thin = tmp_path / "line.png"
+    thin.write_bytes(hostile.png(1999, 1))
+    out = memprobe.run_guarded([sys.executable, "run_app.py", "chat", "--profile", "tiny", "--data-dir",
+                                str(tmp_path / "data"), "--attach", str(thin), "turn it into a 3d model"], 4000, cwd=ROOT)
+    assert out.returncode in (0, 1) and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert re.search(r"^warning: the \w+ generator failed \(RequestError: .*2x2", out.stderr, re.M), out.stderr
+
+
 # ---- 4. damaged versus mislabelled --------------------------------------------------------
 @pytest.mark.parametrize("name, data, message", [
     ("photo.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, "photo.png: the PNG image is damaged or truncated and cannot be read"),
