@@ -32,7 +32,7 @@ class Perceiver:
         self.cfg = engine.config.perception
         self._lock = threading.RLock()  # (the video adapter is made from the image and audio ones)
         self._adapters: dict[str, object] = {}
-        self._seen: OrderedDict[tuple[str, str], tuple[Perception, int]] = OrderedDict()  # -> (facts, bytes)
+        self._seen: OrderedDict[tuple[str, str], tuple[Perception, int]] = OrderedDict()  # -> (perception, its size)
         self._seen_bytes = 0
 
     @property
@@ -158,4 +158,3 @@ class Perceiver:
         if self.cfg.backend == "neural":
             return "ready", f"{tools}; images and video also described by {self.cfg.vl_model}"
         return "ready", tools
-

@@ -302,6 +302,22 @@ def test_the_fast_transcription_path_streams_and_caps(engine, tmp_path, monkeypa
     assert any("first 2:00 of quiet.flac" in getattr(e, "message", "") for e in events), events
 
 
+def test_the_perception_cache_is_bounded_in_bytes(engine, monkeypatch):
+    """64 entries, but never more than CACHE_BYTES: a long video's scenes and transcripts are
+    hundreds of kB each; a result bigger than a quarter of the budget is not kept at all."""
+    import engine.perception as perception
+    from engine.adapters.base import Perception
+
+    monkeypatch.setattr(perception, "CACHE_BYTES", 100_000)
+    seer = engine.perceiver
+    for i in range(20):
+        seer._remember((f"{i:064x}", "audio"), Perception("audio", "a.wav", "x" * 20_000, {}))
+    assert seer._seen_bytes <= 100_000 and len(seer._seen) == 4  # 20 002 bytes each
+    assert f"{19:064x}" in {k for k, _ in seer._seen}
+    seer._remember(("big", "video"), Perception("video", "v.mp4", "y" * 30_000, {}))
+    assert ("big", "video") not in seer._seen
+
+
 # ---- audio headers --------------------------------------------------------------------------
 @pytest.mark.parametrize("name, data, needle", [
     ("slow.wav", hostile.wav_header(rate=1), "sample rate of 1 Hz"),
