@@ -108,4 +108,4 @@ def test_image_generation_and_edit_endpoints(server, client, png):
         client.images.generate(prompt="huge", size="9000x9000", response_format="b64_json")
     r = httpx.post(server.url + "/v1/images/edits", files={"image": ("x.png", b"not an image")},
                    data={"prompt": "blur"})
-    assert r.status_code == 400 and "unsupported file type" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "not a valid PNG" in r.json()["error"]["message"]
