@@ -235,14 +235,14 @@ def _video(path: Path, name: str, mime: str) -> dict:
     try:
         if not cap.isOpened():
             raise InputError(damaged(name, mime))
-        _check_frame(name, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        check_frame(name, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
         try:
             ok, frame = cap.read()
         except cv2.error:
             ok, frame = False, None
         if not ok or frame is None:
             raise InputError(f"{damaged(name, mime)} (no frame could be decoded)")
-        _check_frame(name, frame.shape[1], frame.shape[0])
+        check_frame(name, frame.shape[1], frame.shape[0])
         fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
         frames = cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0
     finally:
@@ -254,7 +254,8 @@ def _video(path: Path, name: str, mime: str) -> dict:
             "duration_s": round(duration, 3)}
 
 
-def _check_frame(name: str, width: int, height: int) -> None:
+def check_frame(name: str, width: int, height: int) -> None:
+    """Video frames share the image pixel budget (here and in the video adapter's scan)."""
     if width * height > MAX_PIXELS:
         raise InputError(f"{name} has video frames of {width}x{height} pixels; the limit is "
                          f"{MAX_PIXELS // 1_000_000} megapixels a frame")

@@ -197,8 +197,9 @@ class ImagePerception:
 
     # ---- stages ---------------------------------------------------------------------------
     def _run_ocr(self, model, bgr, scale):
-        """rapidocr scales an image's short side up to 736 px for text detection: a 1999x1
-        strip became a 46000x736 float tensor (8-24 GB) and a 1x3000 one raised ResizeImgError.
+        """rapidocr scales a short side up (to 30 px, then letterboxes strips wider than 8:1, and
+        detection wants 736 px): a 1999x1 strip became a 59968x14992 picture, 2.7 GB as bytes
+        and 10.8 GB as the detector's float tensor, and a 1x3000 one raised ResizeImgError.
         So it sees the image capped at OCR_MAX_SIDE and padded (right/bottom, in the image's
         median colour) to at most OCR_MAX_ASPECT:1; boxes are clipped back to the picture."""
         h, w = bgr.shape[:2]

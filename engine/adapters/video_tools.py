@@ -24,6 +24,7 @@ import numpy as np
 
 from engine.adapters.base import Perception, check, mmss, public_message
 from engine.errors import InputError
+from engine.media import check_frame
 
 CUT = 0.2  # Bhattacharyya distance between consecutive samples that starts a scene, and 3x the recent mean
 SAMPLE_FPS = 4.0
@@ -65,14 +66,6 @@ def colour_summary(frame: np.ndarray) -> tuple[str, dict]:
     colours = [[str(found[i]), round(float(counts[i]) / len(names), 2)] for i in order if counts[i] / len(names) >= 0.1]
     text = f"{w}x{h}, colours: " + ", ".join(f"{n} {s:.0%}" for n, s in colours)
     return text, {"size": [w, h], "colours": colours, "brightness": round(float(val.mean()) / 255, 2)}
-
-
-def _check_frame(path: Path, width: int, height: int) -> None:
-    from engine.media import MAX_PIXELS
-
-    if width * height > MAX_PIXELS:
-        raise InputError(f"{path.name} has video frames of {width}x{height} pixels; the limit is "
-                         f"{MAX_PIXELS // 1_000_000} megapixels a frame")
 
 
 class VideoPerception:
@@ -154,7 +147,7 @@ class VideoPerception:
         try:
             if not cap.isOpened():
                 raise InputError(f"could not read the video {path.name}: its codec is not supported")
-            _check_frame(path, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+            check_frame(path.name, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
             fps = cap.get(cv2.CAP_PROP_FPS) or info["fps"] or 25.0
             if not 0 < fps <= 1000:
                 fps = info["fps"] or 25.0
@@ -175,7 +168,7 @@ class VideoPerception:
                 ok, frame = cap.retrieve()
                 if not ok or frame is None:
                     continue
-                _check_frame(path, frame.shape[1], frame.shape[0])  # MJPEG frames may grow mid-stream
+                check_frame(path.name, frame.shape[1], frame.shape[0])  # MJPEG frames may grow mid-stream
                 msec = cap.get(cv2.CAP_PROP_POS_MSEC)
                 t = msec / 1000 if msec and msec > 0 else index / fps
                 size = (frame.shape[1], frame.shape[0])
