@@ -118,13 +118,13 @@ def _ingest(path: Path, media_dir: Path, max_bytes: int, name: str, shown: str) 
         head = f.read(64)
     sniffed = sniff(head)
     if sniffed is None:
-        raise InputError(_unrecognised(shown, head, size))
+        raise InputError(_unrecognised(shown, head))
     kind, mime, ext = sniffed
     try:
         meta = _VALIDATORS[kind](path, shown, mime)
     except InputError:
         if _weak(head, mime) and EXTENSIONS.get(os.path.splitext(shown)[1].lower(), mime) != mime:
-            raise InputError(_unrecognised(shown, b"", size)) from None  # random bytes, named as what they are not
+            raise InputError(_unrecognised(shown, b"")) from None  # random bytes, named as what they are not
         raise
     digest = _sha256(path)
     dest = media_dir / digest[:2] / f"{digest}{ext}"
@@ -137,7 +137,7 @@ def _ingest(path: Path, media_dir: Path, max_bytes: int, name: str, shown: str) 
     return MediaRecord(digest, kind, mime, str(dest), size, name, meta)
 
 
-def _unrecognised(shown: str, head: bytes, size: int) -> str:
+def _unrecognised(shown: str, head: bytes) -> str:
     """Why content that matches no format is refused: cut inside a known magic number
     (damaged), claimed by its extension (damaged or mislabelled), or simply not media."""
     for magic, mime in MAGICS.items():
@@ -152,7 +152,7 @@ def _unrecognised(shown: str, head: bytes, size: int) -> str:
 
 
 def _weak(head: bytes, mime: str) -> bool:
-    """An MP3 frame sync is 11 bits: one file of random bytes in ~700 has it."""
+    """An MP3 frame sync is 11 bits: one file of random bytes in ~2000 starts with one."""
     return mime == "audio/mpeg" and not head.startswith(b"ID3")
 
 
