@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 Message = dict
 CUT_MARK = "[...earlier text cut to fit the context...] "
-STOPPED_MARK = " [interrupted by the user]"
+STOPPED_MARK = " (interrupted)"  # (on SmolLM2, brackets or a longer mark made answers worse)
 REFERENCES = ("image", "video", "audio")  # the tool arguments that name a file of the conversation
 SPOKEN = "answer.wav"  # (the spoken answer stored with a turn: not something a tool made)
 
