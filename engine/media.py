@@ -231,7 +231,7 @@ def _video(path: Path, name: str, mime: str) -> dict:
     frame is decoded; the decoded frame is checked again (a header may lie)."""
     import cv2
 
-    cap = cv2.VideoCapture(str(path))
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)  # not OpenCV's image-sequence fallback (it reads '%d' in names)
     try:
         if not cap.isOpened():
             raise InputError(damaged(name, mime))

@@ -97,7 +97,7 @@ def read_frames(path: Path, max_frames: int = MAX_FRAMES):
 
     if not path.is_file():
         raise InputError(f"could not read the video {path.name}: the file does not exist")
-    cap, frames, times = cv2.VideoCapture(str(path)), [], []
+    cap, frames, times = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG), [], []
     try:
         total, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), float(cap.get(cv2.CAP_PROP_FPS) or 0)
         wanted = np.unique(np.linspace(0, total - 1, min(max_frames, total)).round().astype(int)) if total > 0 \

@@ -143,7 +143,7 @@ class VideoPerception:
 
     def _scan(self, path: Path, info: dict, cancel):
         """One sequential pass: (fps, (w, h), scene count, [(t, strength, frame)] picked, last sample time)."""
-        cap = cv2.VideoCapture(str(path))
+        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
         try:
             if not cap.isOpened():
                 raise InputError(f"could not read the video {path.name}: its codec is not supported")
