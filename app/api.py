@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable, Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from engine.errors import InputError
 from engine.events import CancelToken, Done, Error, Event, Notice, TextDelta
 from engine.engine import Engine
 from engine.status import status
@@ -160,7 +161,8 @@ def _messages(body: dict, max_bytes: int) -> tuple[list[dict], list[str], list[t
 
 def _look(engine: Engine, messages: list[dict], media: list) -> list[str]:
     """Run the perception adapters on inline media; their facts join the message they came in.
-    Returns notes for what could not be read (no server paths in them)."""
+    A file that cannot be read raises InputError (the request's 400, no server paths in it);
+    returns notes for what was not looked at (perception turned off)."""
     import tempfile
     from pathlib import Path
 
@@ -176,12 +178,12 @@ def _look(engine: Engine, messages: list[dict], media: list) -> list[str]:
             try:
                 record = ingest(path, engine.media_dir, engine.config.max_upload_mb * 1_000_000, name)
                 if not engine.perceiver.enabled:
-                    raise InputError(engine.perceiver.status()[1])
+                    notes.append(f"{name}: {engine.perceiver.status()[1]}")
+                    continue
                 facts = engine.perceiver.perceive(record).facts
             except InputError as exc:
                 text = scrub(str(exc), {tmp: name, str(engine.config.data_path): "the data folder"})
-                notes.append(text if name in text else f"{name}: {text}")
-                continue
+                raise InputError(text if name in text else f"{name}: {text}") from None
             messages[i]["content"] = with_facts(messages[i]["content"], {name: facts})
     return notes
 
@@ -243,11 +245,14 @@ def make_router(engine: Engine) -> APIRouter:
             return busy(engine)
         cancel = CancelToken()
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        unread = await asyncio.to_thread(_look, engine, messages, media) if media else []
+        try:
+            unread = await asyncio.to_thread(_look, engine, messages, media) if media else []
+        except InputError as exc:
+            return _error(400, f"messages: {exc}")
         prefix = (f"(I can't read {' or '.join(unreadable)} sent as links or files: send them inline "
                   "as base64 data.)\n\n") if unreadable else ""
         if unread:
-            prefix += f"(I couldn't read {'; '.join(unread)}.)\n\n"
+            prefix += f"(I didn't look at {'; '.join(unread)}.)\n\n"
         events = iterate_in_thread(lambda: engine.complete(messages, params, cancel), cancel)
 
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:

@@ -181,7 +181,8 @@ def test_errors_show_no_server_paths(server):
     r = httpx.post(server.url + "/v1/chat/completions", json={"max_tokens": 2, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
             b"\x89PNG\r\n\x1a\n" + b"\x00" * 40).decode()}}]}]})
-    text = r.json()["choices"][0]["message"]["content"]
+    assert r.status_code == 400
+    text = r.json()["error"]["message"]
     assert "image-0" in text
     for leak in ("/tmp", "omni-api", str(server.engine.media_dir), str(server.engine.config.data_path)):
         assert leak not in text
