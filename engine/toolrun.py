@@ -227,7 +227,10 @@ def _describe(meta: dict) -> str:
 
 def _failure(exc: BaseException, backend: str) -> str:
     """The chat's sentence for a failed run: the reason without server paths (the log has it whole)."""
-    log.warning("the %s generator failed", backend, exc_info=exc)
+    if isinstance(exc, (RequestError, Cancelled)):  # a refusal or a stop, not a fault: no traceback
+        log.info("the %s generator did not run: %s", backend, exc)
+    else:
+        log.warning("the %s generator failed", backend, exc_info=exc)
     return _without_paths(_reason(exc, backend))
 
 
