@@ -21,7 +21,7 @@ from engine import router
 from engine.context import as_message
 from engine.engine import Engine
 from engine.errors import InputError, Unavailable
-from engine.events import AudioChunk, CancelToken, Done, Error, Event, Notice, TextDelta
+from engine.events import AudioChunk, CancelToken, Done, Error, Event, Notice, RouterStats, TextDelta
 from engine.llm.base import Message
 from engine.understand import understand, unreadable_note, user_message, with_facts
 from generators.base import RequestError
@@ -134,6 +134,7 @@ class Session:
             yield speech  # a Notice: not speaking, and why
             speech = None
         answer, usage, timings, errors = "", {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}, {}, []
+        experts = None  # MoE models: which experts this answer used (the Experts panel reads it from the turn)
         prefix = unreadable_note(engine, records, got)
         if prefix:
             yield TextDelta(prefix)
@@ -157,6 +158,8 @@ class Session:
                     break
                 if isinstance(event, Error):
                     errors.append(event.message)
+                elif isinstance(event, RouterStats):
+                    experts = event.experts
                 store_user()
                 yield event
                 if speech and isinstance(event, TextDelta):
@@ -176,6 +179,8 @@ class Session:
         meta = {"usage": usage, "timings": timings, **({"error": " ".join(errors)} if errors else {})}
         if speech:
             meta["speech"] = speech.timings()
+        if experts:
+            meta["router_stats"] = experts
         turn_id = store.add_turn(self.id, "assistant", prefix + answer, status=status,
                                  media=(audio_rec,) if audio_rec else (), meta=meta)
         yield Done(usage, timings, interrupted, self.id, turn_id)

@@ -74,13 +74,26 @@ def test_gpu_profile_without_cuda_is_a_clear_error(tmp_path):
         eng.close()
 
 
-def test_router_heatmap_image(tmp_path):
-    from app.panels import router_view
+def test_router_heatmap_image_comes_from_the_conversations_own_answer(tmp_path):
+    """The Experts panel shows the stats stored with this conversation's last answer; another
+    conversation (here: a new one) shows none, whatever the engine answered last."""
+    from app.panels import router_panel, router_view
 
-    events = _run(tmp_path, vram_gb="0.0004")
-    stats = [e for e in events if e.type == "router_stats"][-1].experts
-    image, text = router_view(stats)
-    assert image.size[0] >= 8 and image.size[1] >= 2 and "hit rate" in text
+    eng = Engine(load_config("tiny", overrides={"llm": "tiny-moe", "data_dir": str(tmp_path), "max_new_tokens": "8",
+                                                "vram_gb": "0.0004"}, env={}))
+    try:
+        s = eng.session()
+        events = list(s.submit(Turn("tell me about the sea")))
+        stats = [e for e in events if e.type == "router_stats"][-1].experts
+        image, text = router_view(stats)
+        assert image.size[0] >= 8 and image.size[1] >= 2 and "hit rate" in text
+        assert eng.store.turns(s.id)[-1].meta["router_stats"] == stats
+        image, text = router_panel(eng, s.id)
+        assert image is not None and "hit rate" in text
+        other = eng.store.create_conversation("other")
+        assert router_panel(eng, other)[0] is None
+    finally:
+        eng.close()
 
 
 def test_a_diffusion_generator_takes_the_experts_gpu_room_and_they_come_back(tmp_path):

@@ -115,7 +115,7 @@ def test_edit_then_refer_back_and_errors_keep_the_conversation(tmp_path):
         # "it" is now the edited square; make it grayscale
         ev = _events(s, Turn("make it black and white"))
         second = next(e for e in ev if e["type"] == "media_result")
-        assert next(e for e in ev if e["type"] == "tool_call")["arguments"]["image"].startswith("edit-image")
+        assert next(e for e in ev if e["type"] == "tool_call")["arguments"]["image"] == "beach-crop-text.png"  # named from the edit
         px = np.asarray(Image.open(second["path"]).convert("RGB"))
         assert px.shape[:2] == (200, 200) and np.all(px[..., 0] == px[..., 1])
         # "the first photo" still means the original
