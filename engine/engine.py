@@ -73,11 +73,6 @@ class Engine:
         waiter.start()
         return waiter
 
-    def session(self, conversation_id: str | None = None):
-        from engine.session import Session
-
-        return Session(self, conversation_id)
-
     def params(self, max_new_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, seed: int | None = None) -> GenParams:
         c = self.config.llm

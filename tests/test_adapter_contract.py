@@ -11,8 +11,10 @@ from PIL import Image, ImageDraw
 
 from engine.adapters.base import Perception
 from engine.adapters.image_tools import ImagePerception
-from engine.adapters.neural import SETTING, VisionLanguageAdapter, build_tiny_vlm
+from engine.adapters.neural import SETTING, VisionLanguageAdapter
+from engine.llm.tiny_omni import build_tiny_vlm
 from engine.errors import InputError, Unavailable
+from engine.session import Session
 
 NAME = "holiday photo.png"  # the name the user knows (with a space, as names are)
 
@@ -221,7 +223,7 @@ def test_engine_neural_path_adds_the_model_description(tmp_path):
                                                     "perception.backend": "neural",
                                                     "perception.vl_model": model}, env={}))
         try:
-            seen = [e for e in eng.session().submit(Turn("what is this?", (str(img),))) if e.type == "perceived"]
+            seen = [e for e in Session(eng).submit(Turn("what is this?", (str(img),))) if e.type == "perceived"]
             assert "96x64" in seen[0].facts and expect in seen[0].facts
             if model == "tiny":  # the model looked at the image with the user's own question
                 assert seen[0].data["vlm"]["question"] == "what is this?" and seen[0].data["vlm"]["vision_tokens"] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from engine.session import Session
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser,
@@ -108,7 +109,7 @@ def chats(server, tmp_path_factory):
     Image.new("RGB", (400, 200), (20, 60, 160)).save(photo)
     ids = {}
     for title, turn in (("crop", Turn("crop it to a square", (str(photo),))), ("plain", Turn("just words"))):
-        session = server.engine.session(None)
+        session = Session(server.engine, None)
         list(session.submit(turn, CancelToken()))
         ids[title] = session.id
     return ids

@@ -69,7 +69,7 @@ def _drain(gen):
 def test_answers_after_a_stopped_and_a_tool_turn_equal_a_fresh_engines(engine, mp4):
     """Greedy on the tiny model: the answers given with the kept KV cache (after a stopped
     story and after a trim) are the answers of a new engine from the stored history."""
-    session = engine.session()
+    session = Session(engine)
     _script(session, mp4)
     pairs = _fresh_answers(engine.config, session.id)
     assert len(pairs) == 2  # "What is 2 + 2?" after the stopped story, "thanks!" after the trim
@@ -78,7 +78,7 @@ def test_answers_after_a_stopped_and_a_tool_turn_equal_a_fresh_engines(engine, m
 
 
 def test_a_tool_turn_reads_as_a_note_not_as_a_reply_to_imitate(engine, mp4):
-    session = engine.session()
+    session = Session(engine)
     _say(session, "Trim clip.mp4 to the first 1 second", (str(mp4),))
     stored = engine.store.turns(session.id)[-1]
     assert stored.content.startswith("Here is the video, made with")  # what the user was shown, kept as is
@@ -103,7 +103,7 @@ def test_notes_for_tool_turns_name_what_was_made_from_what():
 
 
 def test_a_stopped_answer_is_kept_marked_and_closed(engine):
-    session = engine.session()
+    session = Session(engine)
     partial, done = _say(session, "Tell me a story", stop_after=4, max_new_tokens=40)
     assert done.interrupted and partial
     assert engine.store.turns(session.id)[-1].content == partial  # stored as it was shown
@@ -118,7 +118,7 @@ def test_a_stopped_answer_is_kept_marked_and_closed(engine):
 
 
 def test_history_before_a_turn_leaves_it_and_later_turns_out(engine):
-    session = engine.session()
+    session = Session(engine)
     _say(session, "first")
     _say(session, "second")
     turns = engine.store.turns(session.id)
@@ -135,7 +135,7 @@ def test_real_model_answers_the_same_with_and_without_the_kept_cache(tmp_path, m
                                            "max_new_tokens": "40"}, env={})
     eng = Engine(config)
     try:
-        session = eng.session()
+        session = Session(eng)
         _script(session, mp4)
         turns = eng.store.turns(session.id)
         four = next(t.content for t in turns if t.role == "assistant" and t.status == "complete")

@@ -7,14 +7,14 @@ import pytest
 
 from engine.config import load_config
 from engine.engine import Engine
-from engine.session import Turn
+from engine.session import Session, Turn
 
 
 def _run(tmp_path, text="tell me about the sea", **over):
     eng = Engine(load_config("tiny", overrides={"llm": "tiny-moe", "data_dir": str(tmp_path), "max_new_tokens": "16",
                                                 **over}, env={}))
     try:
-        return list(eng.session().submit(Turn(text)))
+        return list(Session(eng).submit(Turn(text)))
     finally:
         eng.close()
 
@@ -55,7 +55,7 @@ def test_budget_too_small_says_what_to_set(tmp_path):
 def test_vram_budget_on_a_dense_model_is_refused(tmp_path):
     eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path), "vram_gb": "1"}, env={}))
     try:
-        errors = [e.message for e in eng.session().submit(Turn("hi")) if e.type == "error"]
+        errors = [e.message for e in Session(eng).submit(Turn("hi")) if e.type == "error"]
         assert errors and "MoE" in errors[0]
     finally:
         eng.close()
@@ -68,7 +68,7 @@ def test_gpu_profile_without_cuda_is_a_clear_error(tmp_path):
         pytest.skip("this machine has CUDA")
     eng = Engine(load_config("gpu", overrides={"data_dir": str(tmp_path), "llm": "tiny-moe"}, env={}))
     try:
-        errors = [e.message for e in eng.session().submit(Turn("hi")) if e.type == "error"]
+        errors = [e.message for e in Session(eng).submit(Turn("hi")) if e.type == "error"]
         assert errors and "CUDA" in errors[0] and "cpu" in errors[0].lower()
     finally:
         eng.close()
@@ -82,7 +82,7 @@ def test_router_heatmap_image_comes_from_the_conversations_own_answer(tmp_path):
     eng = Engine(load_config("tiny", overrides={"llm": "tiny-moe", "data_dir": str(tmp_path), "max_new_tokens": "8",
                                                 "vram_gb": "0.0004"}, env={}))
     try:
-        s = eng.session()
+        s = Session(eng)
         events = list(s.submit(Turn("tell me about the sea")))
         stats = [e for e in events if e.type == "router_stats"][-1].experts
         image, text = router_view(stats)
@@ -102,7 +102,7 @@ def test_a_diffusion_generator_takes_the_experts_gpu_room_and_they_come_back(tmp
     eng = Engine(load_config("tiny", overrides={"llm": "tiny-moe", "data_dir": str(tmp_path), "max_new_tokens": "8",
                                                 "vram_gb": "0.002"}, env={}))
     try:
-        s = eng.session()
+        s = Session(eng)
         list(s.submit(Turn("hello")))
         cache = eng.roles["llm"].loaded.moe.cache
         assert cache.used > 0

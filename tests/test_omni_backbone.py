@@ -17,7 +17,7 @@ from engine.errors import Unavailable
 from engine.events import RouterStats, TextDelta
 from engine.llm import load_backend
 from engine.llm.base import GenParams
-from engine.session import Turn
+from engine.session import Session, Turn
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 GREEDY = GenParams(max_new_tokens=10, temperature=0.0)
@@ -183,7 +183,7 @@ def _engine(tmp_path, **over):
 def test_the_engine_passes_the_turns_picture_and_the_talker_speaks_it(pictures, tmp_path):
     eng = _engine(tmp_path, llm="tiny-omni", tts_backend="talker")
     try:
-        s = eng.session()
+        s = Session(eng)
         events = list(s.submit(Turn("what is in this picture?", attachments=(str(pictures[0]),), speak=True)))
         done = [e for e in events if e.type == "done"][-1]
         assert done.usage["media_seen"] == ["pic0.png"]
@@ -201,7 +201,7 @@ def test_the_engine_passes_the_turns_picture_and_the_talker_speaks_it(pictures, 
 def test_a_text_only_llm_says_it_cannot_look_and_the_talker_needs_an_omni_llm(pictures, tmp_path):
     eng = _engine(tmp_path, tts_backend="talker")  # the tiny text LLM
     try:
-        events = list(eng.session().submit(Turn("what is this?", attachments=(str(pictures[0]),), speak=True)))
+        events = list(Session(eng).submit(Turn("what is this?", attachments=(str(pictures[0]),), speak=True)))
         notices = " ".join(e.message for e in events if e.type == "notice")
         assert "reads text only" in notices and "omni model" in notices
         assert "no talker" in notices and "--tts-backend piper" in notices

@@ -7,7 +7,7 @@ import pytest
 from engine.config import load_config
 from engine.events import Done, TextDelta
 from engine.engine import Engine
-from engine.session import Turn
+from engine.session import Session, Turn
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def real_engine(tmp_path_factory):
 
 
 def test_capital_of_france(real_engine):
-    events = list(real_engine.session().submit(Turn("What is the capital of France?")))
+    events = list(Session(real_engine).submit(Turn("What is the capital of France?")))
     answer = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert "Paris" in answer
     assert isinstance(events[-1], Done) and events[-1].usage["finish_reason"] == "stop"
@@ -35,8 +35,8 @@ def test_converted_weights_are_cached_and_match(real_engine):
     assert len(ready) == 1 and (ready[0].parent / "model.safetensors").exists()
     # a second engine on the same data dir loads the cache and answers the same (greedy)
     again = Engine(real_engine.config)
-    a = "".join(e.text for e in again.session().submit(Turn("Name a primary colour.")) if isinstance(e, TextDelta))
-    b = "".join(e.text for e in real_engine.session().submit(Turn("Name a primary colour.")) if isinstance(e, TextDelta))
+    a = "".join(e.text for e in Session(again).submit(Turn("Name a primary colour.")) if isinstance(e, TextDelta))
+    b = "".join(e.text for e in Session(real_engine).submit(Turn("Name a primary colour.")) if isinstance(e, TextDelta))
     assert a == b and a.strip()
     again.close()
 
@@ -47,7 +47,7 @@ def test_opt_in_qwen_joins_verifies_and_answers(tmp_path):
     cfg = load_config("cpu", overrides={"llm": "qwen2.5-coder-0.5b", "data_dir": str(tmp_path),
                                         "temperature": "0", "max_new_tokens": "24"}, env={})
     eng = Engine(cfg)
-    answer = "".join(e.text for e in eng.session().submit(Turn("What is the capital of France?"))
+    answer = "".join(e.text for e in Session(eng).submit(Turn("What is the capital of France?"))
                      if isinstance(e, TextDelta))
     assert "Paris" in answer
     assert (tmp_path / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.sha256").exists()

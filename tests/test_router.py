@@ -13,7 +13,7 @@ from engine import router
 from engine.config import load_config
 from engine.engine import Engine
 from engine.media import MediaRecord
-from engine.session import Turn
+from engine.session import Session, Turn
 from generators.base import RequestError, validate
 from generators.tools import TOOLS
 
@@ -103,7 +103,7 @@ def _events(session, turn):
 def test_edit_then_refer_back_and_errors_keep_the_conversation(tmp_path):
     eng = _engine(tmp_path)
     try:
-        s = eng.session()
+        s = Session(eng)
         photo = _photo(tmp_path / "beach.png")
         ev = _events(s, Turn("crop it to a square and add the caption 'Summer'", attachments=(str(photo),)))
         call = next(e for e in ev if e["type"] == "tool_call")
@@ -137,7 +137,7 @@ def test_edit_then_refer_back_and_errors_keep_the_conversation(tmp_path):
 def test_nothing_to_edit_says_so(tmp_path):
     eng = _engine(tmp_path)
     try:
-        s = eng.session()
+        s = Session(eng)
         ev = _events(s, Turn("trim the video to the first 2 seconds"))  # no video: rules see no edit
         assert not any(e["type"] == "media_result" for e in ev)
         plan = router.plan(eng, "make a 3D model of this", [("user", _rec("song.wav", "audio"))])
@@ -183,7 +183,7 @@ def test_a_crashing_generator_gives_a_clear_message(tmp_path, monkeypatch, exc, 
     eng = _engine(tmp_path)
     try:
         monkeypatch.setattr(eng.generators, "pick", lambda *a: _Crashing(exc))
-        s = eng.session()
+        s = Session(eng)
         ev = _events(s, Turn("blur the background", attachments=(str(_photo(tmp_path / "p.png")),)))
         text = "".join(e["text"] for e in ev if e["type"] == "text_delta")
         assert words in text and ev[-1]["type"] == "done"
@@ -199,7 +199,7 @@ def test_stop_cancels_a_running_generator(tmp_path, monkeypatch):
     eng = _engine(tmp_path)
     try:
         monkeypatch.setattr(eng.generators, "pick", lambda *a: _Slow())
-        s, cancel, seen = eng.session(), CancelToken(), []
+        s, cancel, seen = Session(eng), CancelToken(), []
         for e in s.submit(Turn("blur it", attachments=(str(_photo(tmp_path / "p.png")),)), cancel):
             seen.append(e.to_dict())
             if e.type == "progress" and e.fraction > 0.05:
@@ -215,7 +215,7 @@ def test_diffusion_backends_run_through_the_engine(tmp_path):
     """The tiny profile's diffusion generators (tiny random pipelines) behind the same routing."""
     eng = _engine(tmp_path, **{"generators.router": "rules"})
     try:
-        s = eng.session()
+        s = Session(eng)
         ev = _events(s, Turn("draw a lighthouse at dusk, 64x64"))
         result = next(e for e in ev if e["type"] == "media_result")
         assert result["meta"]["backend"] == "diffusion" and Image.open(result["path"]).size == (64, 64)
@@ -239,7 +239,7 @@ def test_spoken_words_as_audio_and_as_a_voice_over(tmp_path):
 
     eng = _engine(tmp_path, tts_backend="piper")
     try:
-        s = eng.session()
+        s = Session(eng)
         ev = _events(s, Turn("make an audio file saying 'welcome aboard, everyone'"))
         result = next(e for e in ev if e["type"] == "media_result")
         assert result["meta"]["backend"] == "tts" and result["kind"] == "audio"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 
 from engine.events import CancelToken, Done, Error, Notice, TextDelta
-from engine.session import Turn
+from engine.session import Session, Turn
 
 
 def collect(events):
@@ -12,7 +12,7 @@ def collect(events):
 
 
 def test_stream_is_text_deltas_then_done(engine):
-    events = collect(engine.session().submit(Turn("Hello there")))
+    events = collect(Session(engine).submit(Turn("Hello there")))
     assert isinstance(events[-1], Done) and not events[-1].interrupted
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert deltas and all(isinstance(e, TextDelta) for e in events[:-1])
@@ -24,7 +24,7 @@ def test_stream_is_text_deltas_then_done(engine):
 
 
 def test_cancel_mid_stream_keeps_partial_answer_marked_interrupted(engine):
-    session, cancel = engine.session(), CancelToken()
+    session, cancel = Session(engine), CancelToken()
     seen = []
     for ev in session.submit(Turn("Tell me a story", max_new_tokens=40), cancel):
         seen.append(ev)
@@ -44,7 +44,7 @@ def test_cancel_mid_stream_keeps_partial_answer_marked_interrupted(engine):
 
 def test_stop_from_another_thread(engine):
     cancel = CancelToken()
-    stream = engine.session().submit(Turn("Hi", max_new_tokens=40), cancel)
+    stream = Session(engine).submit(Turn("Hi", max_new_tokens=40), cancel)
     first = next(stream)
     assert isinstance(first, TextDelta)
     t = threading.Thread(target=cancel.cancel)
@@ -55,7 +55,7 @@ def test_stop_from_another_thread(engine):
 
 
 def test_history_is_trimmed_to_the_context_with_a_notice(engine):
-    session = engine.session()
+    session = Session(engine)
     for i in range(6):
         collect(session.submit(Turn(f"message number {i} " + "words " * 10)))
     events = collect(session.submit(Turn("and the last one")))
@@ -66,28 +66,28 @@ def test_history_is_trimmed_to_the_context_with_a_notice(engine):
 
 
 def test_huge_prompt_is_cut_not_crashed(engine):
-    events = collect(engine.session().submit(Turn("question? " + "lorem ipsum " * 2000)))
+    events = collect(Session(engine).submit(Turn("question? " + "lorem ipsum " * 2000)))
     assert any(isinstance(e, Notice) and "cut the first" in e.message for e in events)
     assert isinstance(events[-1], Done) and events[-1].usage["completion_tokens"] > 0
 
 
 def test_prompt_over_the_limit_is_rejected_and_nothing_stored(engine):
     text = "x" * (engine.config.max_prompt_chars + 1)
-    events = collect(engine.session().submit(Turn(text)))
+    events = collect(Session(engine).submit(Turn(text)))
     assert isinstance(events[0], Error) and "limit is" in events[0].message
     assert isinstance(events[-1], Done) and events[-1].turn_id == 0
     assert engine.store.list_conversations() == []
 
 
 def test_empty_message_is_rejected(engine):
-    events = collect(engine.session().submit(Turn("   ")))
+    events = collect(Session(engine).submit(Turn("   ")))
     assert isinstance(events[0], Error) and "empty" in events[0].message
 
 
 def test_media_is_stored_perceived_and_its_facts_kept_for_later_turns(engine, png, wav, mp4):
     from engine.events import Perceived
 
-    session = engine.session()
+    session = Session(engine)
     events = collect(session.submit(Turn("What is in these?", (str(png), str(wav), str(mp4)))))
     seen = {e.name: e for e in events if isinstance(e, Perceived)}
     assert set(seen) == {png.name, wav.name, mp4.name}
@@ -106,7 +106,7 @@ def test_perception_off_says_what_to_set(tmp_path, png):
 
     eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path), "perception.backend": "none"}, env={}))
     try:
-        events = collect(eng.session().submit(Turn("What is this?", (str(png),))))
+        events = collect(Session(eng).submit(Turn("What is this?", (str(png),))))
         text = "".join(e.text for e in events if isinstance(e, TextDelta))
         assert "can't read images" in text and "perception.backend=tools" in text
     finally:
@@ -116,7 +116,7 @@ def test_perception_off_says_what_to_set(tmp_path, png):
 def test_corrupt_attachment_rejects_the_turn_with_a_clear_error(engine, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
-    events = collect(engine.session().submit(Turn("look", (str(bad),))))
+    events = collect(Session(engine).submit(Turn("look", (str(bad),))))
     assert isinstance(events[0], Error) and "broken.png" in events[0].message
     assert "Traceback" not in events[0].message
     assert engine.store.list_conversations() == []
@@ -127,7 +127,7 @@ def test_unavailable_model_is_an_error_event_not_a_crash(tmp_path):
     from engine.engine import Engine
 
     eng = Engine(load_config("cpu", overrides={"llm": "no-such-model", "data_dir": str(tmp_path)}, env={}))
-    events = collect(eng.session().submit(Turn("hi")))
+    events = collect(Session(eng).submit(Turn("hi")))
     errors = [e for e in events if isinstance(e, Error)]
     assert errors and "unavailable" in errors[0].message and "--llm" in errors[0].message
     assert eng.llm_state()[0] == "unavailable"

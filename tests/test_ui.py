@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from gradio_client import Client, handle_file
+from engine.session import Session
 
 
 def _assistant_text(chat):
@@ -132,9 +133,9 @@ def test_panels_and_experts_follow_the_conversation(engine, png):
     from engine.events import CancelToken
     from engine.session import Turn
 
-    seen = engine.session(None)
+    seen = Session(engine, None)
     list(seen.submit(Turn("crop it to a square", (str(png),)), CancelToken()))
-    plain = engine.session(None)
+    plain = Session(engine, None)
     list(plain.submit(Turn("hello"), CancelToken()))
     engine.last_router_stats = {"layers": {"0": {"text": {"counts": [1, 2], "tokens": 3}}}, "num_experts": 2,
                                 "top_k": 1}  # another conversation's answer
@@ -167,7 +168,7 @@ def test_setup_hint_is_one_plain_sentence(tmp_path, monkeypatch):
     eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path / "data"), "generators.image_model": ""},
                              env={}))
     try:
-        events = list(eng.session(None).submit(Turn("draw a lighthouse at dusk"), CancelToken()))
+        events = list(Session(eng, None).submit(Turn("draw a lighthouse at dusk"), CancelToken()))
         answer = "".join(e.text for e in events if isinstance(e, TextDelta))
         assert answer == ("Text-to-image needs a diffusion model, and none is on this machine: get one with "
                           "`hf download stabilityai/sdxl-turbo`, or start with --set generators.image_model=FOLDER "

@@ -14,7 +14,7 @@ import pytest
 from engine.config import load_config
 from engine.engine import Engine
 from engine.events import AudioChunk, Done, TextDelta, Transcript, VoiceState
-from engine.session import Turn
+from engine.session import Session, Turn
 from engine.speech.audio import write_wav
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def voice_engine(tmp_path):
 
 def test_spoken_question_is_transcribed_answered_and_spoken(voice_engine, say, tmp_path):
     wav = write_wav(tmp_path / "question.wav", say("What is the capital of France?"), 16000)
-    session = voice_engine.session()
+    session = Session(voice_engine)
     events = list(session.submit(Turn(attachments=(str(wav),), speak=True, max_new_tokens=30)))
     heard = [e for e in events if isinstance(e, Transcript)]
     assert heard and "capital of france" in heard[0].text.lower()
@@ -45,7 +45,7 @@ def test_spoken_question_is_transcribed_answered_and_spoken(voice_engine, say, t
 
 def test_audio_with_typed_text_adds_the_transcript(voice_engine, say, tmp_path):
     wav = write_wav(tmp_path / "memo.wav", say("Remember to buy milk and eggs tomorrow."), 16000)
-    session = voice_engine.session()
+    session = Session(voice_engine)
     list(session.submit(Turn("Summarise my memo", (str(wav),))))
     user = voice_engine.store.turns(session.id)[0]
     assert user.content.startswith("Summarise my memo") and "milk" in user.content.lower()
@@ -53,7 +53,7 @@ def test_audio_with_typed_text_adds_the_transcript(voice_engine, say, tmp_path):
 
 def test_silent_recording_says_no_words(voice_engine, tmp_path):
     wav = write_wav(tmp_path / "quiet.wav", np.zeros(16000, np.float32), 16000)
-    events = list(voice_engine.session().submit(Turn(attachments=(str(wav),))))
+    events = list(Session(voice_engine).submit(Turn(attachments=(str(wav),))))
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert "couldn't make out any words" in text
 

@@ -59,7 +59,7 @@ def load_model(source: ModelSource, cfg: LLMConfig, cache_dir: Path):
     """(model, tokenizer, processor or None) from a manifest file, local dir, .gguf or cached hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.llm import omni
+    import engine.llm.omni as omni
 
     _quiet()
     device = device_of(cfg)
@@ -112,7 +112,7 @@ def load_tiny(cfg: LLMConfig):
         model, tokenizer = (build_tiny_moe if cfg.model == "tiny-moe" else build_tiny_model)(cfg.seed)
     moe = cfg.model.endswith("moe")
     if cfg.quantization != "none":
-        from engine.llm import omni
+        import engine.llm.omni as omni
 
         _quiet()
         with tempfile.TemporaryDirectory() as d:  # weights on disk -> bitsandbytes, as a real checkpoint

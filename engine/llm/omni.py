@@ -38,7 +38,7 @@ def read_config(where: Path, hub: bool) -> dict:
 
 
 def is_omni(model_type: str) -> bool:
-    from engine.adapters.neural import ARCHS
+    from engine.adapters.vlm_inputs import ARCHS
 
     return model_type in ARCHS
 
@@ -92,7 +92,7 @@ class OmniInputs:
         """(model inputs, {modality: token mask}, names of the files the model sees) for
         `messages` whose last user message gets the media."""
         from engine.adapters.image_tools import load_image
-        from engine.adapters.neural import image_inputs, read_frames, video_inputs
+        from engine.adapters.vlm_inputs import image_inputs, read_frames, video_inputs
 
         videos = [r for r in media if r.kind == "video"][:1]
         images = [] if videos else [r for r in media if r.kind == "image"][:MAX_IMAGES]

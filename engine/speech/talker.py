@@ -179,7 +179,7 @@ def build_tiny_omni(seed: int = 0):
     import torch
     import transformers
 
-    from engine.adapters.neural import build_tiny_vlm
+    from engine.llm.tiny_omni import build_tiny_vlm
 
     thinker, proc = build_tiny_vlm(seed, arch="qwen2_5_omni")
     tc, tok = thinker.config, proc.tokenizer
