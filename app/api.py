@@ -236,9 +236,9 @@ def make_router(engine: Engine) -> APIRouter:
             if total > engine.config.max_prompt_chars:
                 raise ValueError(f"the messages hold {total:,} characters; the limit is "
                                  f"{engine.config.max_prompt_chars:,}")
-            params = engine.params(_number(body, "max_completion_tokens", int, "max_tokens"),
-                                   _number(body, "temperature", float), _number(body, "top_p", float),
-                                   _number(body, "seed", int))
+            asked = (_number(body, "max_completion_tokens", int, "max_tokens"), _number(body, "temperature", float),
+                     _number(body, "top_p", float), _number(body, "seed", int))
+            params = engine.params(*asked)
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
         if engine.model_lock.full():
@@ -249,6 +249,8 @@ def make_router(engine: Engine) -> APIRouter:
             unread = await asyncio.to_thread(_look, engine, messages, media) if media else []
         except InputError as exc:
             return _error(400, f"messages: {exc}")
+        if len(unread) < len(media):  # perception facts joined a message: decode at llm.facts_temperature
+            params = engine.params(*asked, facts=True)
         prefix = (f"(I can't read {' or '.join(unreadable)} sent as links or files: send them inline "
                   "as base64 data.)\n\n") if unreadable else ""
         if unread:

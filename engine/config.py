@@ -36,6 +36,10 @@ class LLMConfig:
     max_new_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 0.9
+    #: a turn carrying perception facts or a transcript is decoded at this temperature (unless the
+    #: turn or request sets one): sampled at 0.7, SmolLM2 quoted a sign's OCR'd "BAKERY OPEN" as
+    #: "Shibabin" (bench/quality.py). Set it to llm.temperature to sample those turns as any other.
+    facts_temperature: float = 0.0
     seed: int = 0
     quantization: str = "none"  # none | 4bit | 8bit (bitsandbytes: CUDA, or its slower CPU backend)
     device: str = "auto"  # auto | cpu | cuda
@@ -299,6 +303,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"llm.backend {cfg.llm.backend!r}: choose transformers, openai or llamacpp")
     if cfg.llm.quantization not in ("none", "4bit", "8bit"):
         raise ConfigError(f"llm.quantization {cfg.llm.quantization!r}: choose none, 4bit or 8bit")
+    if cfg.llm.facts_temperature < 0:
+        raise ConfigError("llm.facts_temperature must be 0 (greedy) or more")
     if cfg.llm.context_tokens < 64:
         raise ConfigError("llm.context_tokens must be at least 64")
     if cfg.llm.expert_quantization not in ("auto", "none", "nf4"):

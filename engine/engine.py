@@ -74,11 +74,15 @@ class Engine:
         return waiter
 
     def params(self, max_new_tokens: int | None = None, temperature: float | None = None,
-               top_p: float | None = None, seed: int | None = None) -> GenParams:
+               top_p: float | None = None, seed: int | None = None, facts: bool = False) -> GenParams:
+        """`facts`: the prompt's last turn carries perception facts or a transcript; unless a
+        temperature is given, it is decoded at llm.facts_temperature (0: greedy), so the answer
+        quotes what was found instead of sampling around it."""
         c = self.config.llm
+        default = c.facts_temperature if facts else c.temperature
         return GenParams(
             max_new_tokens=max(1, min(max_new_tokens or c.max_new_tokens, c.context_tokens - 1)),
-            temperature=c.temperature if temperature is None else max(0.0, temperature),
+            temperature=default if temperature is None else max(0.0, temperature),
             top_p=c.top_p if top_p is None else min(max(top_p, 0.01), 1.0),
             seed=c.seed if seed is None else seed,
         )

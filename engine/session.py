@@ -146,7 +146,8 @@ class Session:
         if text:
             messages = [{"role": "system", "content": engine.config.system_prompt}, *history,
                         {"role": "user", "content": with_facts(text, got.facts)}]
-            params = engine.params(turn.max_new_tokens, turn.temperature)
+            grounded = bool(got.facts) or (bool(got.heard) and not turn.spoken)  # facts or an attached transcript
+            params = engine.params(turn.max_new_tokens, turn.temperature, facts=grounded)
             if isinstance(speech, _TalkerSpeaker):
                 params = replace(params, trace=speech.trace)  # the talker speaks from the thinker's states
             stream = engine.answer(messages, params, cancel, records)

@@ -134,3 +134,29 @@ def test_unavailable_model_is_an_error_event_not_a_crash(tmp_path):
     stored = eng.store.turns(events[-1].conversation_id)
     assert stored[-1].status == "error" and "unavailable" in stored[-1].meta["error"]
     eng.close()
+
+
+def test_a_turn_with_facts_is_decoded_at_the_facts_temperature(tmp_path, png):
+    """Sampled at 0.7, the cpu model quoted a sign's OCR'd "BAKERY OPEN" as "Shibabin": a turn that
+    carries perception facts is decoded at llm.facts_temperature (greedy), others as configured."""
+    from engine.config import load_config
+    from engine.engine import Engine
+
+    cfg = load_config("tiny", overrides={"data_dir": str(tmp_path / "data"), "temperature": "0.7"}, env={})
+    eng = Engine(cfg)
+    llm, seen = eng.llm(), []
+    real = llm.generate
+
+    def spy(messages, media=(), params=None, cancel=None):
+        seen.append(params)
+        return (yield from real(messages, media, params, cancel))
+
+    llm.generate = spy
+    try:
+        session = Session(eng)
+        collect(session.submit(Turn("What is in this?", (str(png),), max_new_tokens=4)))
+        collect(session.submit(Turn("And now?", max_new_tokens=4)))
+        collect(session.submit(Turn("Look again", (str(png),), max_new_tokens=4, temperature=0.5)))
+    finally:
+        eng.close()
+    assert [p.temperature for p in seen] == [0.0, 0.7, 0.5]
