@@ -195,8 +195,8 @@ def test_tokens(tmp_path):
         with pytest.raises(ConfigError, match="blank or contain spaces"):
             load_config("tiny", overrides={"auth_token": bad}, env={})
     with pytest.raises(ConfigError, match="at least 16"):
-        load_config("tiny", overrides={"host": "0.0.0.0", "auth_token": "x"}, env={})
-    load_config("tiny", overrides={"host": "0.0.0.0", "auth_token": "auto"}, env={})
+        load_config("tiny", overrides={"host": "lan-host.local", "auth_token": "x"}, env={})
+    load_config("tiny", overrides={"host": "lan-host.local", "auth_token": "auto"}, env={})
     from engine.store import Store
 
     token = "correct-horse-battery"
