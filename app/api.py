@@ -166,7 +166,7 @@ def _look(engine: Engine, messages: list[dict], media: list) -> list[str]:
     import tempfile
     from pathlib import Path
 
-    from engine.errors import InputError
+    from engine.adapters.base import public_message
     from engine.media import ingest
     from engine.understand import with_facts
 
@@ -181,21 +181,11 @@ def _look(engine: Engine, messages: list[dict], media: list) -> list[str]:
                     notes.append(f"{name}: {engine.perceiver.status()[1]}")
                     continue
                 facts = engine.perceiver.perceive(record).facts
-            except InputError as exc:
-                text = scrub(str(exc), {tmp: name, str(engine.config.data_path): "the data folder"})
+            except InputError as exc:  # ingest and the perceiver name the file, never a server path
+                text = public_message(str(exc), path, name)
                 raise InputError(text if name in text else f"{name}: {text}") from None
             messages[i]["content"] = with_facts(messages[i]["content"], {name: facts})
     return notes
-
-
-def scrub(message: str, paths: dict[str, str]) -> str:
-    """An error text without this server's paths: each of `paths` (and anything under it) is
-    replaced by what to call it."""
-    import re
-
-    for path, shown in sorted(paths.items(), key=lambda kv: -len(kv[0])):
-        message = re.sub(re.escape(path) + r"[^\s'\",:;)]*", shown, message)
-    return message
 
 
 def _number(body: dict, key: str, kind: type, *aliases: str):
@@ -289,7 +279,7 @@ def make_router(engine: Engine) -> APIRouter:
                 notices.append(ev.message)
             elif isinstance(ev, Done):
                 done = ev
-        if done is None and errors and engine.model_lock.full():
+        if done is not None and done.usage.get("finish_reason") == "busy":  # the queue filled while it waited
             return busy(engine)
         if errors and len(parts) == 1:
             return _error(503, " ".join(errors), "server_error")

@@ -297,7 +297,12 @@ def test_a_full_queue_is_429_and_status_shows_it(small_server):
         assert httpx.get(url + "/v1/status").json()["queue"] == {"waiting": 1, "busy": True, "max_waiting": 1}
         r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 429 and "busy" in r.json()["error"]["message"] and r.headers["retry-after"]
+        # the queue filling between the API's look and the engine's: still a 429, not a 503
+        lock.full = lambda: False
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 429, r.text
     finally:
+        del lock.full
         lock.release()
     waiter.join(60)
     assert httpx.get(url + "/v1/status").json()["queue"]["waiting"] == 0
