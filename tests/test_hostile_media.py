@@ -129,11 +129,16 @@ def test_keyframe_thumbnails_are_bounded_by_the_longest_side():
      "JSON chunk is 10.0 MB; the limit is"),
 ], ids=lambda v: v if isinstance(v, str) and re.fullmatch(r"[\w.]+", v) else "")
 def test_malformed_glb_is_an_input_error_that_says_what_is_wrong(tmp_path, name, data, needle):
+    assert _refused(tmp_path, name, data, needle).startswith(f"{name}: ")
+
+
+def _refused(tmp_path, name: str, data: bytes, needle: str) -> str:
+    """Ingest `data` as `name`: it must be an InputError matching `needle`; its message."""
     path = tmp_path / name
     path.write_bytes(data)
     with pytest.raises(InputError, match=needle) as err:
         ingest(path, tmp_path / "media", 10**8)
-    assert str(err.value).startswith(f"{name}: ")
+    return str(err.value)
 
 
 def test_a_valid_glb_still_counts_its_nodes(tmp_path):
@@ -325,11 +330,7 @@ def test_the_perception_cache_is_bounded_in_bytes(engine, monkeypatch):
     ("many.wav", hostile.wav_header(channels=300, payload=b"\0" * 6000), "300 channels"),
 ], ids=lambda v: v if isinstance(v, str) and re.fullmatch(r"[\w.]+", v) else "")
 def test_absurd_audio_headers_are_refused(tmp_path, name, data, needle):
-    path = tmp_path / name
-    path.write_bytes(data)
-    with pytest.raises(InputError, match=needle) as err:
-        ingest(path, tmp_path / "media", 10**8)
-    assert str(err.value).startswith(name)
+    assert _refused(tmp_path, name, data, needle).startswith(name)
 
 
 def test_error_messages_are_json_safe_one_liners(tmp_path):
