@@ -18,6 +18,7 @@ def build_app(engine: Engine):
     from fastapi import FastAPI
 
     from app.api import make_router
+    from app.audio_api import make_audio_router
     from app.images_api import make_image_router
     from app.security import Edge, gradio_session
     from app.ui import ASSETS, build_ui
@@ -27,6 +28,7 @@ def build_app(engine: Engine):
     api = FastAPI(title="Omni assistant", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     api.include_router(make_router(engine))
     api.include_router(make_image_router(engine))
+    api.include_router(make_audio_router(engine))
     api.include_router(make_voice_router(engine))
     demo = build_ui(engine)
     token = engine.config.auth_token
