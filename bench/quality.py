@@ -12,13 +12,15 @@ items, a quoted string in the answer that is in no fact counts as "invented".
 Each item goes through Engine.answer with the engine's system prompt and the
 params the session would use (Engine.params; a turn with facts gets
 llm.facts_temperature unless a temperature is set), for each setting:
-  default: the config's sampling (temperature 0.7, top_p 0.9)
+  default: the config's sampling: the model's own (assets/models.json "sampling"), with
+           llm.facts_temperature for turns carrying facts
   greedy:  temperature 0 for every turn
-  t0.3:    temperature 0.3 for every turn (a request that sets it), top_p 0.9
-Prints one JSON object as its last line and writes bench/results/quality.json.
+  t0.3, t0.7: that temperature for every turn (a request that sets it), the model's top_p
+Prints one JSON object as its last line and writes bench/results/quality-<llm>.json.
 
-    python bench/quality.py [--tokens 48] [--settings default,greedy,t0.3] [--groups facts]
-                            [--layout engine|first|note|repeat] [--rescore RESULTS.json]
+    python bench/quality.py [--llm smollm2-135m] [--tokens 48] [--settings default,greedy]
+                            [--groups facts] [--layout engine|first|note|repeat]
+                            [--threads N] [--rescore RESULTS.json]
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ BY_ID = {i["id"]: i for i in ITEMS}
 GROUPS = ("instructions", "facts", "knowledge", "memory")
 # the temperature passed to Engine.params, as a request's would be (None: the config's, with
 # llm.facts_temperature for turns carrying facts)
-SETTINGS = {"default": None, "greedy": 0.0, "t0.3": 0.3}
+SETTINGS = {"default": None, "greedy": 0.0, "t0.3": 0.3, "t0.7": 0.7}
 QUOTE = re.compile(r'"([^"\n]{2,80})"|“([^”\n]{2,80})”')
 
 
@@ -152,13 +154,15 @@ def summarize(rows: list[dict], tok_s) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--llm", default="", help="a name from assets/models.json (default: the cpu profile's)")
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--settings", default="default,greedy")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--layout", choices=("engine", *LAYOUTS), default="engine",
                     help="engine: engine.understand.with_facts; the others: candidate layouts (see LAYOUTS)")
     ap.add_argument("--groups", default=",".join(GROUPS), help="a subset, e.g. facts (for a quick layout check)")
     ap.add_argument("--data-dir", default="/tmp/omni-quality-data", help="the converted model is cached here")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
+    ap.add_argument("--out", default="", help="default: bench/results/quality-<llm>.json")
     ap.add_argument("--rescore", metavar="JSON", help="score the answers saved in a results file again (no model)")
     args = ap.parse_args()
     if args.rescore:
@@ -166,7 +170,7 @@ def main() -> None:
         for name, got in result["settings"].items():
             [score(r) for r in got["rows"]]
             result["settings"][name] = summarize(got["rows"], got["tok_s"])
-        return report(result, Path(args.out))
+        return report(result, Path(args.out or args.rescore))
 
     import torch
 
@@ -174,22 +178,28 @@ def main() -> None:
     from engine.engine import Engine
     from engine.understand import with_facts
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     layout = with_facts if args.layout == "engine" else LAYOUTS[args.layout]
-    cfg = load_config("cpu", overrides={"data_dir": args.data_dir}, env={})
+    cfg = load_config("cpu", overrides={"data_dir": args.data_dir, "llm": args.llm or None}, env={})
+    out = Path(args.out or ROOT / "bench" / "results" / f"quality-{cfg.llm.model}.json")
     engine = Engine(cfg)
     try:
         engine.llm()  # load (and convert once) before timing
         result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                              f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-                  "model": engine.llm().name, "max_new_tokens": args.tokens, "layout": args.layout,
-                  "facts_temperature": getattr(cfg.llm, "facts_temperature", None), "settings": {}}
+                  "llm": cfg.llm.model, "model": engine.llm().name, "max_new_tokens": args.tokens,
+                  "layout": args.layout, "facts_temperature": getattr(cfg.llm, "facts_temperature", None),
+                  "sampling": {"temperature": cfg.llm.temperature, "top_p": cfg.llm.top_p,
+                               "from_model": list(getattr(cfg.llm, "sampling_from_model", ()))},
+                  "settings": {}}
         for name in args.settings.split(","):
             items = [i for i in ITEMS if i["group"] in args.groups.split(",")]
             result["settings"][name] = run_setting(engine, SETTINGS[name], args.tokens, layout, items)
     finally:
         engine.close()
-    report(result, Path(args.out))
+    report(result, out)
 
 
 def report(result: dict, out: Path) -> None:

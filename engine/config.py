@@ -8,6 +8,7 @@ environment variables (`OMNI_LLM`, `OMNI_PORT`, ...).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,9 @@ class LLMConfig:
     #: turn or request sets one): sampled at 0.7, SmolLM2 quoted a sign's OCR'd "BAKERY OPEN" as
     #: "Shibabin" (bench/quality.py). Set it to llm.temperature to sample those turns as any other.
     facts_temperature: float = 0.0
+    #: which of temperature / top_p / facts_temperature came from the model's entry in
+    #: assets/models.json ("sampling"), set by load_config for those the user did not set
+    sampling_from_model: tuple = ()
     seed: int = 0
     quantization: str = "none"  # none | 4bit | 8bit (bitsandbytes: CUDA, or its slower CPU backend)
     device: str = "auto"  # auto | cpu | cuda
@@ -196,6 +200,7 @@ OVERRIDES: dict[str, str] = {
     "context_tokens": "llm.context_tokens",
     "max_new_tokens": "llm.max_new_tokens",
     "temperature": "llm.temperature",
+    "top_p": "llm.top_p",
     "quantization": "llm.quantization",
     "device": "llm.device",
     "vram_gb": "llm.vram_gb",
@@ -223,6 +228,8 @@ _HELP = {
     "llm": "language model: a name from assets/models.json, a local dir or .gguf file, or a hub id",
     "llm_backend": "transformers | openai | llamacpp",
     "llm_sha256": "expected sha256 of a local .gguf file",
+    "temperature": "sampling temperature (0: greedy); default: the model's own (assets/models.json), else 0.7",
+    "top_p": "nucleus sampling top_p; default: the model's own (assets/models.json), else 0.9",
     "quantization": "none | 4bit | 8bit (bitsandbytes; MoE experts then in NF4)",
     "vram_gb": "MoE models: GPU memory budget in GB; experts beyond it are offloaded to CPU memory and cached",
     "api_base": "base URL of an OpenAI-compatible server (remote profile)",
@@ -280,22 +287,47 @@ def load_config(
     sets: list[str] | tuple[str, ...] = (),
     env: dict[str, str] | None = None,
 ) -> Config:
-    """Profile preset, then env vars, then explicit overrides (CLI wins)."""
+    """Profile preset, then env vars, then explicit overrides (CLI wins); then the model's own
+    sampling (assets/models.json) for each sampling field none of those set."""
     env = os.environ if env is None else env
     cfg = _profile(profile or env.get("OMNI_PROFILE") or DEFAULT_PROFILE)
-    for short, path in OVERRIDES.items():
-        if (val := env.get("OMNI_" + short.upper())) is not None:
-            cfg = _set(cfg, path, val)
-    for short, val in (overrides or {}).items():
-        if val is not None:
-            cfg = _set(cfg, OVERRIDES.get(short, short), str(val))
+    given: list[tuple[str, str]] = [(path, val) for short, path in OVERRIDES.items()
+                                    if (val := env.get("OMNI_" + short.upper())) is not None]
+    given += [(OVERRIDES.get(short, short), str(val)) for short, val in (overrides or {}).items() if val is not None]
     for item in sets:
         path, eq, val = item.partition("=")
         if not eq:
             raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
-        cfg = _set(cfg, path.strip(), val)
+        given.append((path.strip(), val))
+    for path, val in given:
+        cfg = _set(cfg, path, val)
+    cfg = with_model_sampling(cfg, {path for path, _ in given})
     validate(cfg)
     return cfg
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "facts_temperature")
+MODELS_JSON = Path(__file__).resolve().parents[1] / "assets" / "models.json"
+
+
+def model_sampling(model: str) -> dict:
+    """The sampling defaults assets/models.json gives LLM `model` (a manifest name), else {}.
+    Read here with json alone: this module imports only the standard library."""
+    try:
+        entry = json.loads(MODELS_JSON.read_text())["llm"].get(model) or {}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}
+    sampling = entry.get("sampling") or {}
+    return {k: float(sampling[k]) for k in SAMPLING_FIELDS if k in sampling}
+
+
+def with_model_sampling(cfg: Config, given: set) -> Config:
+    """`cfg` with the model's own sampling for each field not in `given` (paths set by env,
+    flag or --set); the fields taken are listed in llm.sampling_from_model."""
+    taken = {k: v for k, v in model_sampling(cfg.llm.model).items() if f"llm.{k}" not in given}
+    if "llm.sampling_from_model" in given or not taken:
+        return cfg
+    return replace(cfg, llm=replace(cfg.llm, **taken, sampling_from_model=tuple(sorted(taken))))
 
 
 def validate(cfg: Config) -> None:

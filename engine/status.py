@@ -5,6 +5,7 @@ import html
 import os
 
 from engine.config import Config
+from engine.llm.sources import model_info
 from generators import registry
 
 
@@ -33,15 +34,38 @@ def status(engine) -> dict:
     for task in registry.TASKS:
         ok, detail = engine.generators.task_status(task)
         roles[f"generator:{task}"] = {"state": "ready" if ok else "unavailable", "detail": detail}
-    return {"profile": config.profile, "roles": roles, "memory": memory_mb(),
+    return {"profile": config.profile, "roles": roles, "model": model_info(config.llm), "memory": memory_mb(),
             "data_dir": str(config.data_path)}
+
+
+def sampling_line(sampling: dict) -> str:
+    """model_info's sampling in words, e.g. 'temperature 0.2 (model default), top_p 0.9 (model
+    default); turns with facts: greedy'."""
+    def value(name: str) -> str:
+        got = sampling[name]
+        text = "greedy" if name != "top_p" and got["value"] == 0 else f"{name} {got['value']:g}"
+        return text + (" (model default)" if got["from"] == "model" else "")
+
+    return f"{value('temperature')}, {value('top_p')}; turns with facts: {value('facts_temperature')}"
+
+
+def model_markdown(info: dict) -> str:
+    """The LLM's line in the status panel: title, licence, provenance, sampling."""
+    line = f"**Model:** {html.escape(info['title'], quote=False)}  ·  " \
+        f"**Licence:** {html.escape(info['license'], quote=False)}"
+    if info.get("verified") is not None:
+        line += "  ·  " + ("file hash matches upstream's" if info["verified"]
+                           else "file hash checked against its package (upstream's not verified)")
+    return line + f"\n\n**Sampling:** {sampling_line(info['sampling'])}"
 
 
 def status_markdown(report: dict) -> str:
     """The report as Markdown. Details are HTML-escaped: Markdown takes "<local dir or hub id>"
     for a tag and drops it, which cut the setup hints short."""
-    lines = [f"**Profile:** `{report['profile']}`  ·  **Memory:** {report['memory']['rss_mb']} MB RSS",
-             "", "| role | state | detail |", "|---|---|---|"]
+    lines = [f"**Profile:** `{report['profile']}`  ·  **Memory:** {report['memory']['rss_mb']} MB RSS", ""]
+    if report.get("model"):
+        lines += [model_markdown(report["model"]), ""]
+    lines += ["| role | state | detail |", "|---|---|---|"]
     icons = {"ready": "✅ ready", "loading": "⏳ loading", "unavailable": "⚠️ unavailable", "not loaded": "… not loaded"}
     for role, info in report["roles"].items():
         detail = html.escape(info["detail"], quote=False).replace("|", "\\|")

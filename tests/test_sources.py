@@ -49,3 +49,20 @@ def test_directory_without_config_is_refused(tmp_path):
     with pytest.raises(Unavailable, match="not a model directory"):
         resolve(str(tmp_path), tmp_path)
     assert resolve("org/model-name", tmp_path).hub
+
+
+def test_packaged_file_is_checked_against_the_manifest_hash(tmp_path):
+    """A single-package model's sha256 is compared with pip's RECORD hash (no read of the weights)."""
+    import base64
+
+    from engine.llm.sources import _from_manifest, record_sha256
+    from engine.packaged import manifest
+
+    digest = hashlib.sha256(b"x").digest()
+    assert record_sha256(base64.urlsafe_b64encode(digest).decode().rstrip("=")) == digest.hex()
+    assert record_sha256("not-a-record-hash") == ""
+    entry = manifest()["llm"]["smollm2-135m"]
+    assert _from_manifest("smollm2-135m", entry, tmp_path).is_gguf
+    wrong = {**entry, "source": {**entry["source"], "sha256": "0" * 64}}
+    with pytest.raises(Unavailable, match="expected 000000000000"):
+        _from_manifest("smollm2-135m", wrong, tmp_path)

@@ -7,6 +7,7 @@ A missing model raises Unavailable with what to install or set.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
@@ -76,10 +77,23 @@ def resolve(model: str, cache_dir: Path, sha256: str = "") -> ModelSource:
     )
 
 
+def record_sha256(key: str) -> str:
+    """A wheel RECORD hash (urlsafe base64 of the sha256, unpadded) as hex; "" if it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
+    except ValueError:
+        return ""
+    return raw.hex() if len(raw) == 32 else ""
+
+
 def _from_manifest(name: str, entry: dict, cache_dir: Path) -> ModelSource:
     src, install = entry["source"], entry.get("install", "")
     if "package" in src:
         path, key = package_file(src["package"], src["file"], install)
+        # the file's hash as pip recorded (and checked) it at install: no read of the weights
+        if src.get("sha256") and record_sha256(key) not in (src["sha256"], ""):
+            raise Unavailable(f"{path.name} is recorded with sha256 {record_sha256(key)[:12]}..., "
+                              f"expected {src['sha256'][:12]}...", f"reinstall it: {install}")
     else:
         paths = [package_file(p["package"], p["file"], install)[0] for p in src["parts"]]
         path = join_parts(paths, cache_dir / src["joined_name"], src["sha256"])
@@ -107,3 +121,26 @@ def _from_path(path: Path, sha256: str) -> ModelSource:
                               "check the file or --llm-sha256")
         return ModelSource(label=path.name, path=path, cache_key=actual)
     return ModelSource(label=path.name, path=path, cache_key=stat_key(path))
+
+
+def model_info(config) -> dict:
+    """What the status panel says of the configured LLM (an LLMConfig): its title, licence,
+    where the file's hash was checked against, and the sampling in force with its origin."""
+    entry = manifest()["llm"].get(config.model)
+    if entry is not None:
+        provenance = entry.get("provenance", {})
+        info = {"title": entry.get("title", config.model), "license": entry.get("license", "unknown"),
+                "verified": provenance.get("verified"), "provenance": provenance.get("note", ""),
+                "upstream": entry.get("upstream", "")}
+    elif config.model.startswith("tiny"):
+        info = {"title": config.model, "license": "n/a (seeded random weights built in code)"}
+    else:
+        info = {"title": config.model, "license": "unknown: not in assets/models.json (check the model's own licence)"}
+    taken = set(config.sampling_from_model)
+    info["sampling"] = {
+        name: {"value": getattr(config, name),
+               "from": "model" if name in taken else "config"}
+        for name in ("temperature", "top_p", "facts_temperature")}
+    if entry is not None and taken:
+        info["sampling_source"] = entry.get("sampling_source", "")
+    return info
