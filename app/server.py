@@ -20,6 +20,7 @@ def build_app(engine: Engine):
     from app.api import make_router
     from app.audio_api import make_audio_router
     from app.images_api import make_image_router
+    from app.realtime import make_realtime_router
     from app.security import Edge, gradio_session
     from app.ui import ASSETS, build_ui
     from app.voice import make_voice_router
@@ -29,6 +30,7 @@ def build_app(engine: Engine):
     api.include_router(make_router(engine))
     api.include_router(make_image_router(engine))
     api.include_router(make_audio_router(engine))
+    api.include_router(make_realtime_router(engine))
     api.include_router(make_voice_router(engine))
     demo = build_ui(engine)
     token = engine.config.auth_token

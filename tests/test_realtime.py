@@ -1,0 +1,157 @@
+"""/v1/realtime driven by the official openai client's realtime connection, as a user would:
+real Silero + Whisper + Piper behind the browser's VoiceSession; the tiny LLM answers."""
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import numpy as np
+import openai
+import pytest
+
+from tests.conftest import running_server
+
+SPEECH = {"asr_backend": "faster-whisper", "tts_backend": "piper", "vad.backend": "silero"}
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def rt_server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("rt"), max_new_tokens="120", context_tokens="4096", **SPEECH) as srv:
+        yield srv
+
+
+def _client(srv, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", websocket_base_url=srv.url.replace("http", "ws") + "/v1",
+                         api_key=key, max_retries=0)
+
+
+def _pcm24(audio16k: np.ndarray) -> bytes:
+    from engine.speech.audio import resample
+
+    return (np.clip(resample(audio16k, 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def _append(conn, pcm: bytes, step: int = 24000 * 2 // 5) -> None:
+    for i in range(0, len(pcm), step):
+        conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + step]).decode())
+
+
+def _until(conn, kind: str, seen: list, limit: float = 90.0):
+    """Events until one of `kind` (returned); everything received goes into `seen`."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        event = conn.recv()
+        seen.append(event)
+        if event.type == kind:
+            return event
+    raise AssertionError(f"no {kind} within {limit} s: {[e.type for e in seen][-20:]}")
+
+
+def test_spoken_question_answered_then_barge_in(rt_server, say):
+    client = _client(rt_server)
+    with client.beta.realtime.connect(model="tiny") as conn:
+        seen: list = []
+        assert _until(conn, "session.created", seen).session.turn_detection.type == "server_vad"
+        conn.session.update(session={"voice": "alloy", "instructions": "Answer in one short sentence."})
+        assert _until(conn, "session.updated", seen).session.instructions == "Answer in one short sentence."
+        silence = np.zeros(16000, np.float32)
+        _append(conn, _pcm24(np.concatenate([say("What is the capital of France?"), silence])))
+        heard = _until(conn, "conversation.item.input_audio_transcription.completed", seen)
+        assert "france" in heard.transcript.lower()
+        kinds = [e.type for e in seen]
+        assert kinds.index("input_audio_buffer.speech_started") < kinds.index("input_audio_buffer.speech_stopped") \
+            < kinds.index("input_audio_buffer.committed")
+        delta = _until(conn, "response.audio.delta", seen)
+        assert np.abs(np.frombuffer(base64.b64decode(delta.delta), "<i2")).max() > 0
+        assert any(e.type == "response.audio_transcript.delta" for e in seen)
+        # talk over the answer: it is cut off (cancelled, turn_detected) and the new question heard
+        _append(conn, _pcm24(np.concatenate([say("Stop, tell me about Berlin instead."), silence])))
+        done = _until(conn, "response.done", seen)
+        assert done.response.status == "cancelled" and done.response.status_details.reason == "turn_detected"
+        heard = _until(conn, "conversation.item.input_audio_transcription.completed", seen)
+        assert "berlin" in heard.transcript.lower()
+        _until(conn, "response.audio.delta", seen)
+        # and disconnect in the middle of that answer
+    client.close()
+    _server_recovers(rt_server)
+
+
+def _server_recovers(srv) -> None:
+    """The server freed the dropped session (the model is free again) and serves the next client."""
+    deadline = time.monotonic() + 60
+    while srv.engine.model_lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not srv.engine.model_lock.locked()
+    client = _client(srv)
+    with client.beta.realtime.connect(model="tiny") as conn:
+        seen: list = []
+        _until(conn, "session.created", seen)
+        conn.session.update(session={"turn_detection": None, "modalities": ["text"]})
+        _until(conn, "session.updated", seen)
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "Hello there"}]})
+        conn.response.create()
+        done = _until(conn, "response.done", seen)
+        assert done.response.status == "completed" and done.response.output[0].content[0].text
+        assert any(e.type == "response.text.delta" for e in seen) and not any(e.type == "response.audio.delta"
+                                                                               for e in seen)
+    client.close()
+
+
+def test_manual_commit_answers_with_audio(rt_server, say):
+    client = _client(rt_server)
+    with client.beta.realtime.connect(model="tiny") as conn:
+        seen: list = []
+        _until(conn, "session.created", seen)
+        conn.session.update(session={"turn_detection": None})
+        _until(conn, "session.updated", seen)
+        _append(conn, _pcm24(say("What is two plus two?")))
+        conn.input_audio_buffer.commit()
+        _until(conn, "input_audio_buffer.committed", seen)
+        conn.response.create()
+        heard = _until(conn, "conversation.item.input_audio_transcription.completed", seen)
+        assert "plus" in heard.transcript.lower()
+        done = _until(conn, "response.done", seen)
+        audio = b"".join(base64.b64decode(e.delta) for e in seen if e.type == "response.audio.delta")
+        assert done.response.status == "completed" and len(audio) > 24000  # over half a second at 24 kHz
+        transcript = done.response.output[0].content[0].transcript
+        assert transcript == "".join(e.delta for e in seen if e.type == "response.audio_transcript.delta")
+        conn.response.cancel()  # nothing left to cancel: an error event, the connection stays
+        assert _until(conn, "error", seen).error.message == "there is no response to cancel"
+    client.close()
+
+
+def test_garbage_gets_error_events_and_the_session_goes_on(rt_server):
+    from websockets.sync.client import connect
+
+    with connect(rt_server.url.replace("http", "ws") + "/v1/realtime?model=tiny") as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.created"
+        for bad, code in (("{not json", "invalid_json"), ("[1, 2]", "invalid_event"),
+                          (json.dumps({"type": "nope"}), "unsupported_event"), (b"\x00\x01", "invalid_event"),
+                          (json.dumps({"type": "input_audio_buffer.append", "audio": "@@@"}), "invalid_value"),
+                          (json.dumps({"type": "session.update", "session": {"voice": "nobody"}}), "invalid_value"),
+                          (json.dumps({"type": "session.update", "session": {"input_audio_format": "g711_ulaw"}}),
+                           "invalid_value")):
+            ws.send(bad)
+            event = json.loads(ws.recv(timeout=30))
+            assert event["type"] == "error" and event["error"]["code"] == code, (bad, event)
+        ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "session.updated"
+
+
+def test_token_and_origin_are_checked(tmp_path):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    with running_server(tmp_path / "tok", auth_token="a-long-enough-test-token") as srv:
+        with pytest.raises(InvalidStatus):
+            with _client(srv, "wrong").beta.realtime.connect(model="tiny") as conn:
+                conn.recv()
+        url = srv.url.replace("http", "ws") + "/v1/realtime?token=a-long-enough-test-token"
+        with pytest.raises(InvalidStatus):
+            connect(url, origin="http://evil.example")
+        with _client(srv, "a-long-enough-test-token").beta.realtime.connect(model="tiny") as conn:
+            event = conn.recv()  # the tiny profile has no speech roles: said at once, then closed
+            assert event.type == "error" and "unavailable" in event.error.message
