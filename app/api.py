@@ -19,7 +19,8 @@ from typing import AsyncIterator, Callable, Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.errors import InputError
+from app import chat_audio
+from engine.errors import InputError, Unavailable
 from engine.events import CancelToken, Done, Error, Event, Notice, TextDelta
 from engine.engine import Engine
 from engine.status import status
@@ -229,17 +230,21 @@ def make_router(engine: Engine) -> APIRouter:
             asked = (_number(body, "max_completion_tokens", int, "max_tokens"), _number(body, "temperature", float),
                      _number(body, "top_p", float), _number(body, "seed", int))
             params = engine.params(*asked)
+            cancel = CancelToken()
+            spoken = await asyncio.to_thread(chat_audio.requested, engine, body, cancel)  # modalities: audio
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
+        except Unavailable as exc:
+            return _error(503, f"speech synthesis is unavailable: {exc.why}; {exc.what_to_set}", "server_error")
         if engine.model_lock.full():
             return busy(engine)
-        cancel = CancelToken()
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         try:
+            media, heard = await asyncio.to_thread(chat_audio.hear, engine, messages, media)  # input_audio
             unread = await asyncio.to_thread(_look, engine, messages, media) if media else []
         except InputError as exc:
             return _error(400, f"messages: {exc}")
-        if len(unread) < len(media):  # perception facts joined a message: decode at llm.facts_temperature
+        if heard or len(unread) < len(media):  # facts or a transcript joined a message: llm.facts_temperature
             params = engine.params(*asked, facts=True)
         prefix = (f"(I can't read {' or '.join(unreadable)} sent as links or files: send them inline "
                   "as base64 data.)\n\n") if unreadable else ""
@@ -257,12 +262,19 @@ def make_router(engine: Engine) -> APIRouter:
         if body.get("stream"):
             async def sse() -> AsyncIterator[str]:
                 yield chunk({"role": "assistant", "content": prefix})
+                for delta in spoken.push(prefix) if spoken else ():
+                    yield chunk(delta)
                 async for ev in events:
                     if isinstance(ev, TextDelta):
                         yield chunk({"content": ev.text})
+                        for delta in spoken.push(ev.text) if spoken else ():
+                            yield chunk(delta)
                     elif isinstance(ev, Error):
                         yield f"data: {json.dumps({'error': {'message': ev.message, 'type': 'server_error'}})}\n\n"
                     elif isinstance(ev, Done):
+                        if spoken:  # the rest of the answer's audio, then the finish
+                            async for delta in iterate_in_thread(spoken.rest, cancel):
+                                yield chunk(delta) if isinstance(delta, dict) else ""
                         yield chunk({}, _finish(ev.usage), _usage(ev.usage))
                 yield "data: [DONE]\n\n"
 
@@ -284,9 +296,11 @@ def make_router(engine: Engine) -> APIRouter:
         if errors and len(parts) == 1:
             return _error(503, " ".join(errors), "server_error")
         usage = done.usage if done else {}
+        message = {"role": "assistant", "content": "".join(parts)}
+        if spoken:
+            message["audio"] = await asyncio.to_thread(spoken.whole, message["content"])
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_id(),
-                "choices": [{"index": 0, "finish_reason": _finish(usage),
-                             "message": {"role": "assistant", "content": "".join(parts)}}],
+                "choices": [{"index": 0, "finish_reason": _finish(usage), "message": message}],
                 "usage": _usage(usage), "notices": notices}
 
     return router

@@ -153,4 +153,39 @@ def test_input_audio_in_chat_is_heard(client, question_wav):
     data = base64.b64encode(question_wav.read_bytes()).decode()
     r = client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}]}])
-    assert r.choices[0].message.content is not None
+    typed = client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": QUESTION}])
+    assert abs(r.usage.prompt_tokens - typed.usage.prompt_tokens) <= 3  # the question was its transcript
+
+
+def test_chat_with_spoken_answer_transcribes_back(client, tmp_path):
+    r = client.chat.completions.create(model="tiny", max_tokens=12, modalities=["text", "audio"],
+                                       audio={"voice": "alloy", "format": "wav"},
+                                       messages=[{"role": "user", "content": "Say something"}])
+    message = r.choices[0].message
+    assert message.audio.transcript == message.content and message.content.strip()
+    wav = tmp_path / "answer.wav"
+    wav.write_bytes(base64.b64decode(message.audio.data))
+    with open(wav, "rb") as f:
+        heard = client.audio.transcriptions.create(model="whisper-1", file=f).text
+    # the tiny LLM writes random tokens ('Q[i\\h'), so only that it is heard as speech is checked here;
+    # bench/api.py measures the round trip's WER with the real cpu-profile LLM
+    assert heard.strip()
+
+
+def test_streamed_chat_sends_audio_deltas(client):
+    stream = client.chat.completions.create(model="tiny", max_tokens=12, modalities=["text", "audio"],
+                                            audio={"voice": "alloy", "format": "pcm16"}, stream=True,
+                                            messages=[{"role": "user", "content": "Say something"}])
+    text, pcm = [], b""
+    for chunk in stream:
+        delta = chunk.choices[0].delta if chunk.choices else None
+        if delta is None:
+            continue
+        text.append(delta.content or "")
+        if delta.audio is not None and delta.audio.data:
+            pcm += base64.b64decode(delta.audio.data)
+    assert "".join(text).strip() and len(pcm) > 24000  # over half a second at 24 kHz
+    with pytest.raises(openai.BadRequestError, match="audio.format 'ogg'"):
+        client.chat.completions.create(model="tiny", max_tokens=4, modalities=["text", "audio"],
+                                       audio={"voice": "alloy", "format": "ogg"},
+                                       messages=[{"role": "user", "content": "hi"}])
