@@ -1,0 +1,118 @@
+"""The `remote` profile against a real OpenAI-compatible server, not a mock: this app itself
+(tiny profile, with a bearer token) started as the upstream on another port, and llama.cpp's
+server when it is installed. A client talks to the downstream app, which asks the upstream."""
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+
+import openai
+import pytest
+
+from engine.config import load_config
+from engine.engine import Engine
+from tests.conftest import free_port, running_server
+
+TOKEN = "upstream-test-token-0123"
+QUIET = {"asr_backend": "none", "tts_backend": "none", "vad.backend": "none"}
+
+
+@contextmanager
+def remote_app(data_dir, api_base: str, **overrides):
+    """This app on the remote profile, its LLM at `api_base`."""
+    from app.server import Server
+
+    fields = {"data_dir": str(data_dir), "port": str(free_port()), "api_base": api_base, **QUIET, **overrides}
+    engine = Engine(load_config("remote", overrides=fields, env={}))
+    server = Server(engine).start()
+    try:
+        yield server
+    finally:
+        server.close()
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("upstream"), auth_token=TOKEN, max_new_tokens="64",
+                        context_tokens="4096") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def downstream(upstream, tmp_path_factory):
+    with remote_app(tmp_path_factory.mktemp("downstream"), upstream.url + "/v1", api_key=TOKEN) as srv:
+        yield srv
+
+
+def _client(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_remote_profile_answers_through_the_upstream(upstream, downstream):
+    client = _client(downstream)
+    before = upstream.engine.last_usage
+    r = client.chat.completions.create(model="tiny", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content and upstream.engine.last_usage is not before  # the upstream did the work
+    stream = client.chat.completions.create(model="tiny", max_tokens=8, stream=True,
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    llm = client.get("/status", cast_to=object)["roles"]["llm"]
+    assert llm["state"] == "ready" and llm["detail"] == f"tiny @ {upstream.url}/v1"  # found by asking the upstream
+    client.close()
+
+
+def test_a_stop_downstream_stops_the_upstream(upstream, downstream):
+    client = _client(downstream)
+    stream = client.chat.completions.create(model="tiny", max_tokens=3000, stream=True,
+                                            messages=[{"role": "user", "content": "go on"}])
+    for n, _ in enumerate(stream):
+        if n == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 60
+    while upstream.engine.model_lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.engine.last_usage["finish_reason"] == "cancelled"
+    assert upstream.engine.last_usage["completion_tokens"] < 3000
+    client.close()
+
+
+def test_wrong_upstream_token_is_said_not_crashed(upstream, tmp_path):
+    with remote_app(tmp_path, upstream.url + "/v1", api_key="not-the-token") as srv:
+        client = _client(srv)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="x", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+        assert err.value.status_code == 503 and "401" in str(err.value)
+        client.close()
+
+
+@pytest.mark.skipif(shutil.which("llama-server") is None, reason="llama.cpp's llama-server is not installed")
+def test_llama_cpp_server_as_upstream(tmp_path):  # pragma: no cover - needs llama.cpp and a GGUF
+    import subprocess
+
+    from engine.packaged import resolve_named
+
+    gguf = resolve_named("llm", "smollm2-135m")
+    port = free_port()
+    proc = subprocess.Popen(["llama-server", "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with remote_app(tmp_path, f"http://127.0.0.1:{port}/v1") as srv:
+            client = _client(srv)
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    r = client.chat.completions.create(model="x", max_tokens=8,
+                                                       messages=[{"role": "user", "content": "hi"}])
+                    break
+                except openai.APIStatusError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+            assert r.choices[0].message.content
+            client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
