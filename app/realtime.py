@@ -231,6 +231,8 @@ class Connection:
 
     def _run_turn(self, pending: list, modalities: list[str], cancel: CancelToken) -> None:
         """A client-started response: committed audio and text items as one user turn."""
+        import numpy as np
+
         from engine.session import Turn
         from engine.speech.audio import write_wav
 
@@ -241,8 +243,6 @@ class Connection:
             with self.turn_lock, tempfile.TemporaryDirectory(prefix="omni-rt-") as tmp:
                 files = []
                 for i, pcm in enumerate(audio):
-                    import numpy as np
-
                     x = np.frombuffer(pcm, "<i2").astype(np.float32) / 32767.0
                     files.append(str(write_wav(Path(tmp) / f"in-{i}.wav", x, RATE)))
                 turn = Turn("\n".join(texts), tuple(files), ("voice message.wav",) * len(files),
