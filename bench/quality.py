@@ -59,12 +59,16 @@ def passes(rule: dict, answer: str) -> bool:
         return re.search(rule["re"], answer, re.I | re.M) is not None
     if "max_words" in rule:
         return 0 < len(re.findall(r"[\w'.$-]+", answer)) <= rule["max_words"]
-    if "items" in rule:  # a bulleted / numbered list, or "a, b and c" of short items on the first line
+    if "items" in rule:  # a bulleted / numbered list, short items one per line, or "a, b and c" on the first line
+        n = rule["items"]
         bullets = re.findall(r"^\s*(?:\d+[.)]|[-*•])\s*\S", answer, re.M)
-        first = answer.strip().splitlines()[0] if answer.strip() else ""
+        lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
+        first = lines[0] if lines else ""
+        items = lines[1:] if first.endswith(":") else lines  # "Here are three fruits:" then the items
+        plain = len(items) >= n and all(len(line.split()) <= 4 and line[-1] not in ":!?" for line in items[:n])
         inline = [c for c in re.split(r",|\band\b", first.split(":")[-1]) if c.strip()]
         short = all(len(c.split()) <= 4 for c in inline)
-        return len(bullets) >= rule["items"] or (len(inline) >= rule["items"] and short)
+        return len(bullets) >= n or plain or (len(inline) >= n and short)
     raise ValueError(f"unknown rule {rule}")
 
 
