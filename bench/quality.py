@@ -108,7 +108,14 @@ def facts_repeat(content: str, facts: dict) -> str:
     return with_facts(content, facts) + (f"\n\nQuestion: {content}" if facts else "")
 
 
-LAYOUTS = {"first": facts_first, "note": facts_note, "repeat": facts_repeat}
+def facts_before(content: str, facts: dict) -> str:
+    """A candidate layout: the engine's fact lines, but before the question, with no instruction."""
+    if not facts:
+        return content
+    return "".join(f"[{name} - what the perception tools found: {f}]\n\n" for name, f in facts.items()) + content
+
+
+LAYOUTS = {"first": facts_first, "note": facts_note, "repeat": facts_repeat, "before": facts_before}
 
 
 def run_setting(engine, temperature, tokens: int, layout, items=ITEMS) -> dict:
