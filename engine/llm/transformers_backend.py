@@ -49,6 +49,16 @@ class TransformersBackend(LLMBackend):
         self.stop_ids = _stop_ids(self.model, self.tokenizer)
         self.suppress = list(getattr(self.model.generation_config, "suppress_tokens", None) or [])
         self.parked = False  # weights moved to CPU memory for a diffusion pipeline (park / ready)
+        self.fast = self._attach_fast()
+
+    def _attach_fast(self):
+        """The lean decode path (engine/llm/fastpath.py) for plain dense Llama/Qwen2 models;
+        None for the rest (MoE, omni, bitsandbytes), which keep transformers' forward."""
+        from engine.llm.fastpath import FastLM
+
+        if not self.cfg.fast_decode or self.moe is not None or self.omni is not None or self.talker_model:
+            return None
+        return FastLM.attach(self.model, self.context_tokens)
 
     # ---- sharing the GPU with the diffusion generators -------------------------------------
     def park(self, force: bool = False) -> int:
@@ -68,7 +78,7 @@ class TransformersBackend(LLMBackend):
             whole.to("cpu")
         except ValueError:  # transformers refuses to move 8-bit bitsandbytes models
             return 0
-        self._kept, self.parked = ([], None), True
+        self._kept, self.parked, self.fast = ([], None), True, None  # (its fused weights stay behind)
         _empty_cuda_cache()
         return whole.get_memory_footprint()
 
@@ -78,6 +88,7 @@ class TransformersBackend(LLMBackend):
         if self.parked:
             (self.talker_model or self.model).to(self.device)
             self.parked = False
+            self.fast = self._attach_fast()  # fused again, on the device
         if self.omni is not None:
             from engine.llm.omni import reset_positions
 
@@ -118,10 +129,15 @@ class TransformersBackend(LLMBackend):
         trace = self._trace(params, inputs, prompt)  # for the talker: the thinker's hidden states
         if trace is not None:
             self._kept = ([], None)  # the talker needs the whole prompt's states: no prefix reuse
+        fast = self.fast if inputs is None and trace is None else None
         with torch.inference_mode():
-            out = self._prefill_media(inputs, masks, trace) if inputs else self._prefill(prompt, trace)
+            if fast is not None:
+                logits = self._prefill_fast(prompt)
+            else:
+                out = self._prefill_media(inputs, masks, trace) if inputs else self._prefill(prompt, trace)
+                logits = out.logits[:, -1, :]
             for step in range(max_new):
-                token = sampler(out.logits[:, -1, :])
+                token = sampler(logits)
                 seen.append(token)
                 if trace is not None:
                     trace.reply_ids.append(token)
@@ -136,9 +152,13 @@ class TransformersBackend(LLMBackend):
                     break
                 if step + 1 == max_new:
                     break
+                if fast is not None:
+                    logits = fast.forward([token])
+                    continue
                 nxt = torch.tensor([[token]], device=self.device)
                 out = self._forward(trace, input_ids=nxt, cache=out.cache, use_cache=True)
-            self._kept = (seen[: out.cache.get_seq_length()], out.cache)
+                logits = out.logits[:, -1, :]
+            self._kept = (seen[:fast.length], fast) if fast is not None else (seen[:out.cache.get_seq_length()], out.cache)
         if text := detok.flush():
             yield TextDelta(text)
         if self.moe is not None:
@@ -184,28 +204,39 @@ class TransformersBackend(LLMBackend):
             if self.moe is not None:
                 self.moe.stats.set_modalities(None)
 
-    def _prefill(self, prompt: list[int], trace=None):
-        """Run the prompt, reusing the KV cache of the previous turn for the part of
-        the prompt it already holds (the conversation so far), so a multi-turn chat
-        only pays for the new message."""
-        import torch
-
+    def _reusable(self, prompt: list[int], fast: bool):
+        """(the kept KV cache, how many leading prompt tokens it already holds) — the
+        conversation so far, so a multi-turn chat only pays for the new message."""
         kept_ids, cache = self._kept
         self._kept, self._reused = ([], None), 0
+        if cache is None or (cache is self.fast) != fast:  # the other path's cache is no use here
+            return None, 0
         common = 0
         for a, b in zip(kept_ids, prompt):
             if a != b:
                 break
             common += 1
         common = min(common, len(prompt) - 1)  # at least one token must run to get logits
-        if cache is None or common < 16:
-            cache = None
-        else:
-            if cache.get_seq_length() > common:
-                cache.crop(common - cache.get_seq_length())  # this API takes how many to drop
-            self._reused = common
-        ids = torch.tensor([prompt[self._reused:]], device=self.device)
+        if common < 16:
+            return None, 0
+        self._reused = common
+        return cache, common
+
+    def _prefill(self, prompt: list[int], trace=None):
+        """Run the prompt through transformers' forward, reusing the kept KV cache."""
+        import torch
+
+        cache, common = self._reusable(prompt, fast=False)
+        if cache is not None and cache.get_seq_length() > common:
+            cache.crop(common - cache.get_seq_length())  # this API takes how many to drop
+        ids = torch.tensor([prompt[common:]], device=self.device)
         return self._forward(trace, input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+
+    def _prefill_fast(self, prompt: list[int]):
+        """The prompt through the lean path; its static cache keeps the common prefix."""
+        _, common = self._reusable(prompt, fast=True)
+        self.fast.crop(common)
+        return self.fast.forward(prompt[common:])
 
     def close(self) -> None:
         self.model = None

@@ -1,0 +1,153 @@
+"""A lean decode path for dense Llama-family models (Llama, SmolLM2, Qwen2/2.5).
+
+transformers' eager forward spends most of a small model's decode step in Python and
+bookkeeping (cache classes, masks, hooks, ~25 modules per layer), not in the matmuls:
+SmolLM2-135M streams its weights in ~20 ms of CPU time per token but the forward costs
+~60. This module runs the same weights with about a dozen tensor ops per layer:
+
+- q/k/v and gate/up are fused into one matmul each; the model's own linear layers are
+  re-pointed at views of the fused tensors, so nothing is stored twice;
+- a static KV cache: one preallocated tensor per layer (pages are only touched as the
+  conversation grows), written in place; prefix reuse is "set the length";
+- rotary embeddings from the model's own `rotary_emb` (so scaled RoPE variants work);
+- optionally the tied output head in bfloat16 (`head_dtype`), the single largest matmul.
+
+Anything else (MoE, omni/VLM backbones, bitsandbytes layers, a talker that needs
+hidden states) keeps transformers' forward: `FastLM.attach` returns None for it.
+"""
+from __future__ import annotations
+
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+class FastLM:
+    """Owns the static KV cache; `forward(ids)` appends tokens and returns the last logits."""
+
+    def __init__(self, model, capacity: int, head_dtype=None) -> None:
+        import torch
+
+        cfg = model.config
+        self.model, self.capacity, self.length = model, capacity, 0
+        self.hidden, self.eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim ** -0.5
+        self.rotary = model.model.rotary_emb
+        self.embed = model.model.embed_tokens
+        self.norm = model.model.norm.weight
+        head = model.lm_head.weight
+        self.head = head.to(head_dtype) if head_dtype is not None and head.dtype != head_dtype else head
+        self.device, dtype = head.device, head.dtype
+        self.layers = [_Layer(layer, self) for layer in model.model.layers]
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        for layer in self.layers:  # untouched pages of an empty tensor cost no memory
+            layer.k = torch.empty(shape, dtype=dtype, device=self.device)
+            layer.v = torch.empty(shape, dtype=dtype, device=self.device)
+
+    @classmethod
+    def attach(cls, model, capacity: int, head_dtype=None) -> "FastLM | None":
+        """A FastLM for `model`, or None when its architecture or layers are not the plain
+        Llama/Qwen2 shape this path computes (the caller keeps transformers' forward)."""
+        import torch
+
+        cfg = model.config
+        if ARCHS.get(type(model).__name__) != cfg.model_type or cfg.hidden_act != "silu":
+            return None
+        if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "pretraining_tp", 1) != 1:
+            return None
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            if any(type(lin) is not torch.nn.Linear for lin in linears):  # bitsandbytes, MoE, ...
+                return None
+        return cls(model, capacity, head_dtype)
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions of the cache (prefix reuse across turns)."""
+        self.length = max(0, min(length, self.length))
+
+    def forward(self, ids) -> "object":
+        """Run `ids` (a list of token ids) after the cached positions; logits of the last one, [1, vocab]."""
+        import torch
+        import torch.nn.functional as F
+
+        start, count = self.length, len(ids)
+        if start + count > self.capacity:
+            raise ValueError(f"the context holds {self.capacity} tokens")
+        x = self.embed(torch.tensor([ids], device=self.device))
+        positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask = None
+        if count > 1:  # a causal mask offset by the cached positions
+            keys = torch.arange(start + count, device=self.device)
+            mask = keys.unsqueeze(0) <= positions.view(-1, 1)
+        for layer in self.layers:
+            x = layer(x, start, count, cos, sin, mask)
+        x = F.rms_norm(x[:, -1:], (self.hidden,), self.norm, self.eps)
+        self.length = start + count
+        return F.linear(x.to(self.head.dtype), self.head)[:, -1].float()
+
+
+class _Layer:
+    def __init__(self, layer, fast: FastLM) -> None:
+        import torch
+
+        attn, mlp = layer.self_attn, layer.mlp
+        self.fast = fast
+        self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        self.qkv, self.qkv_bias = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.gate_up, _ = _fuse(mlp.gate_proj, mlp.up_proj)
+        self.o, self.o_bias = attn.o_proj.weight, attn.o_proj.bias
+        self.down, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
+        q, kv = fast.heads * fast.head_dim, fast.kv_heads * fast.head_dim
+        self.split = [q, kv, kv]
+        self.k = self.v = torch.empty(0)
+
+    def __call__(self, x, start, count, cos, sin, mask):
+        import torch
+        import torch.nn.functional as F
+
+        f = self.fast
+        h = F.rms_norm(x, (f.hidden,), self.ln1, f.eps)
+        q, k, v = F.linear(h, self.qkv, self.qkv_bias).split(self.split, -1)
+        q = _rope(q.view(1, count, f.heads, f.head_dim).transpose(1, 2), cos, sin)
+        k = _rope(k.view(1, count, f.kv_heads, f.head_dim).transpose(1, 2), cos, sin)
+        end = start + count
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v.view(1, count, f.kv_heads, f.head_dim).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, self.k[:, :, :end], self.v[:, :, :end], attn_mask=mask,
+                                           scale=f.scale, enable_gqa=f.kv_heads != f.heads)
+        x = x + F.linear(a.transpose(1, 2).reshape(1, count, -1), self.o, self.o_bias)
+        h = F.rms_norm(x, (f.hidden,), self.ln2, f.eps)
+        gate, up = F.linear(h, self.gate_up).chunk(2, -1)
+        return x + F.linear(torch.nn.functional.silu(gate) * up, self.down, self.down_bias)
+
+
+def _rope(x, cos, sin):
+    import torch
+
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _fuse(*linears):
+    """One weight (and bias) for several linear layers that read the same input; each layer's
+    parameters become views of it, so the model keeps working and nothing is stored twice."""
+    import torch
+
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    biases = [lin.bias for lin in linears]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b.detach() if b is not None else weight.new_zeros(lin.out_features)
+                          for b, lin in zip(biases, linears)])
+    row = 0
+    for lin in linears:
+        rows = lin.out_features
+        lin.weight = torch.nn.Parameter(weight[row:row + rows], requires_grad=False)
+        if lin.bias is not None:
+            lin.bias = torch.nn.Parameter(bias[row:row + rows], requires_grad=False)
+        row += rows
+    return weight, bias

@@ -1,0 +1,100 @@
+"""The lean decode path (engine/llm/fastpath.py) against transformers' own forward: the
+same logits at every position, whether the prompt runs at once, token by token, or after
+a cropped (reused) prefix; the model itself unchanged by the fusing; the backend's answers
+identical with the path on and off; and architectures it does not compute left alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.llm import load_backend
+from engine.llm.base import GenParams
+from engine.llm.fastpath import FastLM
+from engine.llm.tiny import build_tiny_model, build_tiny_moe
+
+IDS = [5, 17, 3, 38, 41, 9, 20, 7, 34, 33, 2, 31, 15, 29, 4, 28]
+
+
+def tiny_qwen2(seed: int = 0):
+    """A 2-layer Qwen2 (q/k/v biases) with seeded random weights and non-zero biases."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, rope_theta=10000.0)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.normal_(0, 0.5)
+    return model
+
+
+def reference(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("build", [lambda: build_tiny_model(3)[0], tiny_qwen2], ids=["llama", "qwen2"])
+def test_logits_match_transformers_at_every_position(build):
+    model = build()
+    want = reference(model, IDS)
+    fast = FastLM.attach(model, capacity=64)
+    assert fast is not None
+    with torch.inference_mode():
+        got = [fast.forward([t]) for t in IDS]  # one token at a time on the static cache
+        assert torch.allclose(torch.cat(got), want, atol=1e-4)
+        fast.crop(0)
+        whole = fast.forward(IDS)  # the prompt at once: the causal mask
+        assert torch.allclose(whole[0], want[-1], atol=1e-4)
+        fast.crop(6)  # a reused prefix: the rest runs with the mask offset by 6 positions
+        assert fast.length == 6
+        rest = fast.forward(IDS[6:])
+        assert torch.allclose(rest[0], want[-1], atol=1e-4)
+    assert torch.allclose(reference(model, IDS), want, atol=1e-5)  # fusing left the model's forward as it was
+
+
+def test_fused_weights_are_shared_not_copied():
+    model = build_tiny_model(1)[0]
+    before = sum(p.numel() for p in model.parameters())
+    fast = FastLM.attach(model, capacity=32)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == fast.layers[0].qkv.data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == before
+
+
+def test_context_overflow_is_a_clear_error():
+    fast = FastLM.attach(build_tiny_model(0)[0], capacity=8)
+    with torch.inference_mode(), pytest.raises(ValueError, match="holds 8 tokens"):
+        fast.forward(IDS)
+
+
+def test_architectures_it_does_not_compute_keep_transformers_forward(tmp_path):
+    assert FastLM.attach(build_tiny_moe(0)[0], capacity=32) is None
+    moe = load_backend(load_config("tiny", overrides={"llm.model": "tiny-moe"}, env={}).llm, tmp_path)
+    assert moe.fast is None
+
+
+def run(backend, messages, n=16):
+    gen = backend.generate(messages, (), GenParams(max_new_tokens=n, temperature=0.0))
+    parts = []
+    while True:
+        try:
+            parts.append(next(gen).text)
+        except StopIteration as stop:
+            return "".join(parts), stop.value
+
+
+def test_backend_answers_the_same_with_the_path_on_and_off(tmp_path):
+    on = load_backend(load_config("tiny", env={}).llm, tmp_path)
+    off = load_backend(load_config("tiny", overrides={"llm.fast_decode": "false"}, env={}).llm, tmp_path)
+    assert on.fast is not None and off.fast is None
+    chat = [{"role": "user", "content": "Tell me about the sea and the boats on it."}]
+    first_on, first_off = run(on, chat), run(off, chat)
+    assert first_on == first_off
+    follow = chat + [{"role": "assistant", "content": first_on[0]}, {"role": "user", "content": "And then?"}]
+    (text_on, usage_on), (text_off, usage_off) = run(on, follow), run(off, follow)
+    assert text_on == text_off
+    assert usage_on["cached_prompt_tokens"] == usage_off["cached_prompt_tokens"] > 0
