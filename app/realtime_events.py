@@ -170,7 +170,8 @@ class Protocol:
     def _state(self, state: str, reason: str) -> list[dict]:
         if state == "hearing":
             return self._speech_started()
-        if state == "thinking":
+        if state == "thinking":  # the utterance ended: its turn starts
+            self.turn_open = True
             item = self.new_user_item("input_audio")
             return [self.event("input_audio_buffer.speech_stopped", audio_end_ms=int(self.fed_ms), item_id=item["id"]),
                     *self.committed(item)]

@@ -42,6 +42,10 @@ PARAGRAPH = ("The museum opens at nine in the morning. Tickets are sold at the f
              "twelve enter for free. The west wing holds paintings from the nineteenth century, while the east "
              "wing shows modern sculpture. Guided tours leave every hour from the main hall.")
 FRAME_S = 0.02
+PAUSE_S = 1.0  # silence between a cancelled answer and the next question
+STAGES = ("input_audio_buffer.speech_stopped", "conversation.item.input_audio_transcription.completed",
+          "response.created", "response.audio_transcript.delta", "response.audio.delta")
+PARTS = ("transcription", "speech", "realtime", "chat_audio")
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -117,7 +121,7 @@ def bench_realtime(client, say, n: int) -> dict:
     """Each question at real-time pace, then silence until the first answer audio; then cancel."""
     from engine.speech.audio import resample
 
-    latencies, heard = [], []
+    latencies, heard, stages = [], [], {}
     with client.beta.realtime.connect(model="local") as conn:
         events: list = []
         lock = threading.Condition()
@@ -162,13 +166,59 @@ def bench_realtime(client, say, n: int) -> dict:
                     got = next((t for t, e in events[since:] if e.type == "response.audio.delta"), None)
             if got is not None:
                 latencies.append((got - end_of_speech) * 1000)
+                with lock:
+                    for kind in STAGES:
+                        t = next((t for t, e in events[since:] if e.type == kind), None)
+                        if t is not None:
+                            stages.setdefault(kind, []).append((t - end_of_speech) * 1000)
             i, done = wait_for("conversation.item.input_audio_transcription.completed", since, 5)
             heard.append(done[1].transcript if done else "")
             conn.response.cancel()
             wait_for("response.done", since, 30)
-            time.sleep(0.3)
+            for _ in range(int(PAUSE_S / FRAME_S)):  # a pause, in stream time too (the echo guard's clock)
+                conn.input_audio_buffer.append(audio=silence)
+                time.sleep(FRAME_S)
     return {"utterances": n, "answered": len(latencies), "eos_to_first_audio_delta_ms_p50": pct(latencies, 0.5),
-            "eos_to_first_audio_delta_ms_p90": pct(latencies, 0.9), "transcripts": heard[:3]}
+            "eos_to_first_audio_delta_ms_p90": pct(latencies, 0.9),
+            "eos_to_event_ms_p50": {k.split(".", 1)[-1]: pct(v, 0.5) for k, v in stages.items()},
+            "transcripts": heard[:3]}
+
+
+def bench_direct(engine, say, n: int) -> dict:
+    """The same questions fed straight into VoiceSession in this process (the browser transport's
+    engine side, as bench/voice.py drives it): the WebSocket's own cost is the difference."""
+    from engine.events import AudioChunk
+    from engine.speech.audio import resample
+    from engine.speech.voice import VoiceSession
+
+    got: list = []
+    session = VoiceSession(engine, lambda e: got.append((time.perf_counter(), e)))
+    step, latencies = int(24000 * FRAME_S), []
+    silence = bytes(step * 2)
+
+    def paced(frames: list[bytes]) -> None:
+        start = time.perf_counter()
+        for k, frame in enumerate(frames):
+            session.feed(frame, 24000)
+            time.sleep(max(0.0, start + (k + 1) * FRAME_S - time.perf_counter()))
+
+    try:
+        for q in QUESTIONS[:n]:
+            pcm = (np.clip(resample(say(q), 16000, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+            since = len(got)
+            paced([pcm[i:i + step * 2] for i in range(0, len(pcm), step * 2)])
+            end_of_speech, first = time.perf_counter(), None
+            while first is None and time.perf_counter() - end_of_speech < 30:
+                paced([silence])
+                first = next((t for t, e in got[since:] if isinstance(e, AudioChunk)), None)
+            if first is not None:
+                latencies.append((first - end_of_speech) * 1000)
+            session.interrupt("bench: next question")
+            paced([silence] * int(PAUSE_S / FRAME_S))
+    finally:
+        session.close()
+    return {"eos_to_first_audio_ms_p50": pct(latencies, 0.5), "eos_to_first_audio_ms_p90": pct(latencies, 0.9),
+            "answered": len(latencies)}
 
 
 def bench_chat_audio(client, asr) -> dict:
@@ -193,6 +243,7 @@ def bench_chat_audio(client, asr) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--utterances", type=int, default=10)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     args = parser.parse_args()
     import openai
 
@@ -222,15 +273,22 @@ def main() -> None:
     try:
         client.audio.speech.create(model="tts-1", voice="alloy", input="Warm up.", response_format="wav")
         load = wait_for_quiet()
-        result = {"machine_load": load,
-                  "transcription": bench_transcription(client, asr, clips),
-                  "speech": [bench_speech(client, "wav"), bench_speech(client, "mp3")],
-                  "realtime": bench_realtime(client, say, min(args.utterances, len(QUESTIONS))),
-                  "chat_audio": bench_chat_audio(client, asr)}
+        parts = args.parts.split(",")
+        result = {"machine_load": load}
+        if "transcription" in parts:
+            result["transcription"] = bench_transcription(client, asr, clips)
+        if "speech" in parts:
+            result["speech"] = [bench_speech(client, "wav"), bench_speech(client, "mp3")]
+        if "realtime" in parts:
+            n = min(args.utterances, len(QUESTIONS))
+            result["realtime"] = bench_realtime(client, say, n)
+            result["realtime"]["same_run_in_process_voice_session"] = bench_direct(engine, say, n)
+        if "chat_audio" in parts:
+            result["chat_audio"] = bench_chat_audio(client, asr)
         load_after = float(Path("/proc/loadavg").read_text().split()[0])
         result["machine_load"]["load_1min_after"] = load_after
         browser = ROOT / "bench" / "results" / "voice.json"
-        if browser.exists():
+        if browser.exists() and "realtime" in result:
             b = json.loads(browser.read_text())
             result["realtime"]["browser_transport_eos_to_first_audio_ms_p50"] = b.get("eos_to_first_audio_ms_p50")
             result["realtime"]["browser_transport_eos_to_first_audio_ms_p90"] = b.get("eos_to_first_audio_ms_p90")
@@ -239,8 +297,8 @@ def main() -> None:
         client.close()
         server.close()
         engine.close()
-    out = ROOT / "bench" / "results" / "api.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    if len(parts) == len(PARTS):  # a partial run only prints
+        (ROOT / "bench" / "results" / "api.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 
 

@@ -18,11 +18,20 @@ SPEECH = {"asr_backend": "faster-whisper", "tts_backend": "piper", "vad.backend"
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module")
-def audio_server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("audio"), max_new_tokens="24", context_tokens="4096",
-                        **SPEECH) as srv:
-        yield srv
+_SHARED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def audio_server(tmp_path_factory, request):
+    """One app with real speech roles for this file and tests/test_realtime.py (which imports this
+    fixture): starting it loads Whisper, Piper and Silero, so it is started once per run."""
+    if "server" not in _SHARED:
+        # answers long enough (120 tokens) for test_realtime to talk over one
+        context = running_server(tmp_path_factory.mktemp("audio"), max_new_tokens="120", context_tokens="4096",
+                                 **SPEECH)
+        _SHARED["server"] = context.__enter__()
+        request.session.addfinalizer(lambda: context.__exit__(None, None, None))
+    return _SHARED["server"]
 
 
 @pytest.fixture
@@ -129,14 +138,16 @@ def test_ten_minutes_of_silence_is_an_empty_transcript(client, tmp_path):
     assert result.text == "" and result.duration == pytest.approx(600, abs=0.1)
 
 
-def test_wrong_token_is_401(tmp_path):
-    with running_server(tmp_path / "tok", auth_token="a-long-enough-test-token", **SPEECH) as srv:
+def test_wrong_token_is_401(tmp_path, question_wav):
+    with running_server(tmp_path / "tok", auth_token="a-long-enough-test-token") as srv:
         bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.audio.speech.create(model="tts-1", voice="alloy", input="hi")
+        with pytest.raises(openai.AuthenticationError):
+            bad.audio.transcriptions.create(model="whisper-1", file=question_wav.open("rb"))
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="a-long-enough-test-token", max_retries=0)
-        assert good.audio.speech.create(model="tts-1", voice="alloy", input="Hi.", response_format="wav").content[:4] \
-            == b"RIFF"
+        with pytest.raises(openai.InternalServerError, match="speech synthesis is off"):  # past the token
+            good.audio.speech.create(model="tts-1", voice="alloy", input="Hi.")
         bad.close()
         good.close()
 

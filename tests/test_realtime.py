@@ -11,15 +11,14 @@ import openai
 import pytest
 
 from tests.conftest import running_server
+from tests.test_audio_api import audio_server  # noqa: F401 - the shared app with real speech roles
 
-SPEECH = {"asr_backend": "faster-whisper", "tts_backend": "piper", "vad.backend": "silero"}
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def rt_server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("rt"), max_new_tokens="120", context_tokens="4096", **SPEECH) as srv:
-        yield srv
+@pytest.fixture
+def rt_server(audio_server):  # noqa: F811
+    return audio_server
 
 
 def _client(srv, key: str = "unused") -> openai.OpenAI:
