@@ -49,9 +49,10 @@ class LLMConfig:
     device: str = "auto"  # auto | cpu | cuda
     vram_gb: float = 0.0  # MoE models: GPU memory to use; experts that do not fit wait in CPU memory (0: all on GPU)
     expert_prefetch: bool = True  # MoE offload: load the next layer's likely experts ahead (router lookahead)
-    #: dense Llama/Qwen2 models decode on engine/llm/fastpath.py (fused matmuls, static KV cache);
-    #: false: transformers' own forward for every step (--set llm.fast_decode=false)
-    fast_decode: bool = True
+    #: dense Llama/Qwen2 models decode on engine/llm/fastpath.py (fused matmuls, static KV cache):
+    #: int8 (CPU: weight-only int8 decode steps, engine/llm/kernels) | fp32 | transformers (its own
+    #: forward for every step). --set llm.decode=fp32
+    decode: str = "int8"
     talker: bool = False  # load the omni model's speech head too (set from tts.backend=talker)
     expert_quantization: str = "auto"  # MoE: auto (nf4 when quantization is set) | none | nf4 (4-bit experts)
     base_url: str = "http://127.0.0.1:8000/v1"  # openai backend

@@ -11,6 +11,7 @@ from engine.config import load_config
 from engine.llm import load_backend
 from engine.llm.base import GenParams
 from engine.llm.fastpath import FastLM
+from engine.llm.kernels import q8
 from engine.llm.tiny import build_tiny_model, build_tiny_moe
 
 IDS = [5, 17, 3, 38, 41, 9, 20, 7, 34, 33, 2, 31, 15, 29, 4, 28]
@@ -88,9 +89,10 @@ def run(backend, messages, n=16):
 
 
 def test_backend_answers_the_same_with_the_path_on_and_off(tmp_path):
-    on = load_backend(load_config("tiny", env={}).llm, tmp_path)
-    off = load_backend(load_config("tiny", overrides={"llm.fast_decode": "false"}, env={}).llm, tmp_path)
+    on = load_backend(load_config("tiny", overrides={"llm.decode": "fp32"}, env={}).llm, tmp_path)
+    off = load_backend(load_config("tiny", overrides={"llm.decode": "transformers"}, env={}).llm, tmp_path)
     assert on.fast is not None and off.fast is None
+    assert on.decode_path == "fast path, fp32" and off.decode_path == "transformers forward"
     chat = [{"role": "user", "content": "Tell me about the sea and the boats on it."}]
     first_on, first_off = run(on, chat), run(off, chat)
     assert first_on == first_off
@@ -98,3 +100,60 @@ def test_backend_answers_the_same_with_the_path_on_and_off(tmp_path):
     (text_on, usage_on), (text_off, usage_off) = run(on, follow), run(off, follow)
     assert text_on == text_off
     assert usage_on["cached_prompt_tokens"] == usage_off["cached_prompt_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    built = q8.load(tmp_path_factory.mktemp("kernels"))
+    assert built is not None, q8.reason()  # gcc is installed by `make install` (Makefile: system packages)
+    return built
+
+
+@pytest.mark.parametrize("rows,cols,tokens,bias", [(96, 64, 1, False), (40, 96, 3, True), (24, 50, 2, True)],
+                         ids=["groups", "prompt+bias", "odd-columns"])
+def test_int8_kernel_equals_its_dequantized_weight(lib, rows, cols, tokens, bias):
+    torch.manual_seed(rows)
+    w = torch.randn(rows, cols) * torch.rand(rows, 1) * 3  # rows of different scale
+    b = torch.randn(rows) if bias else None
+    layer = q8.Q8Linear(w, b, lib)
+    x = torch.randn(1, tokens, cols)
+    want = torch.nn.functional.linear(x, layer.dequantized(), b)
+    assert torch.allclose(layer(x), want, rtol=1e-4, atol=1e-4)
+    assert (layer.dequantized() - w).abs().max() <= w.abs().max() / 127  # within half a step of its group's scale x2
+
+
+def test_int8_decode_computes_the_quantized_model(lib):
+    """The int8 steps, an fp32 prompt and transformers' forward all compute one model: the
+    weights rounded to int8 (the fused views and the tied head/embedding set in place)."""
+    import copy
+
+    model = build_tiny_model(5)[0]
+    original = copy.deepcopy(model)
+    fast = FastLM.attach(model, capacity=64, int8=lib)
+    layer = model.model.layers[0].self_attn
+    q_rows = layer.q_proj.weight.shape[0]
+    assert torch.equal(layer.q_proj.weight, fast.layers[0].q8["qkv"].dequantized()[:q_rows])
+    want = reference(model, IDS)
+    with torch.inference_mode():
+        got = torch.cat([fast.forward([t]) for t in IDS])
+        fast.crop(0)
+        prompt = fast.forward(IDS)
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(prompt[0], want[-1], rtol=1e-3, atol=1e-4)
+    fp32 = reference(original, IDS)
+    assert (got - fp32).norm() / fp32.norm() < 0.1  # near fp32 (the real model's top-1 agreement: bench/text.py)
+
+
+def test_the_default_backend_decodes_int8(tmp_path):
+    backend = load_backend(load_config("tiny", env={}).llm, tmp_path)
+    assert backend.decode_path == "fast path, int8 weights (C kernel)"
+    text, usage = run(backend, [{"role": "user", "content": "Hello there."}], n=12)
+    assert usage["completion_tokens"] > 0 and text
+
+
+
+def test_the_kernel_is_built_once_per_data_dir(tmp_path):
+    first = q8.build(tmp_path)
+    assert first is not None and first.parent == tmp_path, q8.reason()
+    made = first.stat().st_mtime_ns
+    assert q8.build(tmp_path) == first and first.stat().st_mtime_ns == made  # a warm start does not recompile

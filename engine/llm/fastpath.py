@@ -10,7 +10,10 @@ SmolLM2-135M streams its weights in ~20 ms of CPU time per token but the forward
 - a static KV cache: one preallocated tensor per layer (pages are only touched as the
   conversation grows), written in place; prefix reuse is "set the length";
 - rotary embeddings from the model's own `rotary_emb` (so scaled RoPE variants work);
-- optionally the tied output head in bfloat16 (`head_dtype`), the single largest matmul.
+- `int8`: the weights are rounded to int8 (groups of 32, like llama.cpp's Q8_0); decode
+  steps (a few tokens) multiply by the int8 copy with a C kernel (engine/llm/kernels/q8.py),
+  a quarter of the bytes; prompts (many tokens at once, compute-bound) use the same values
+  in fp32 with the BLAS matmul.
 
 Anything else (MoE, omni/VLM backbones, bitsandbytes layers, a talker that needs
 hidden states) keeps transformers' forward: `FastLM.attach` returns None for it.
@@ -18,12 +21,13 @@ hidden states) keeps transformers' forward: `FastLM.attach` returns None for it.
 from __future__ import annotations
 
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SMALL = 4  # up to this many tokens in one forward use the int8 kernel (it is bandwidth-bound, BLAS is not)
 
 
 class FastLM:
     """Owns the static KV cache; `forward(ids)` appends tokens and returns the last logits."""
 
-    def __init__(self, model, capacity: int, head_dtype=None) -> None:
+    def __init__(self, model, capacity: int, int8=None) -> None:
         import torch
 
         cfg = model.config
@@ -35,17 +39,38 @@ class FastLM:
         self.rotary = model.model.rotary_emb
         self.embed = model.model.embed_tokens
         self.norm = model.model.norm.weight
-        head = model.lm_head.weight
-        self.head = head.to(head_dtype) if head_dtype is not None and head.dtype != head_dtype else head
-        self.device, dtype = head.device, head.dtype
+        self.head = model.lm_head.weight
+        self.device, dtype = self.head.device, self.head.dtype
+        self.int8 = int8 if self.device.type == "cpu" and dtype == torch.float32 else None  # q8.load()'s library
         self.layers = [_Layer(layer, self) for layer in model.model.layers]
+        self.q8_head = self._q8(self.head, None)
         shape = (1, self.kv_heads, capacity, self.head_dim)
         for layer in self.layers:  # untouched pages of an empty tensor cost no memory
             layer.k = torch.empty(shape, dtype=dtype, device=self.device)
             layer.v = torch.empty(shape, dtype=dtype, device=self.device)
 
+    def _q8(self, weight, bias):
+        """The int8 copy of a weight; the fp32 weight (shared with the model) is set to its
+        dequantized values, so prompts, decode steps and transformers' own forward all
+        compute the same model and a reused KV cache matches a fresh one."""
+        from engine.llm.kernels.q8 import Q8Linear
+
+        if self.int8 is None:
+            return None
+        layer = Q8Linear(weight, bias, self.int8)
+        weight.data.copy_(layer.dequantized())
+        return layer
+
+    def linear(self, x, weight, bias, q8, count: int):
+        """x @ weight.T + bias: int8 for a decode step, fp32 BLAS for a prompt."""
+        import torch.nn.functional as F
+
+        if q8 is not None and count <= SMALL:
+            return q8(x)
+        return F.linear(x, weight, bias)
+
     @classmethod
-    def attach(cls, model, capacity: int, head_dtype=None) -> "FastLM | None":
+    def attach(cls, model, capacity: int, int8=None) -> "FastLM | None":
         """A FastLM for `model`, or None when its architecture or layers are not the plain
         Llama/Qwen2 shape this path computes (the caller keeps transformers' forward)."""
         import torch
@@ -60,7 +85,7 @@ class FastLM:
             linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
             if any(type(lin) is not torch.nn.Linear for lin in linears):  # bitsandbytes, MoE, ...
                 return None
-        return cls(model, capacity, head_dtype)
+        return cls(model, capacity, int8)
 
     def crop(self, length: int) -> None:
         """Keep the first `length` positions of the cache (prefix reuse across turns)."""
@@ -86,7 +111,7 @@ class FastLM:
             x = layer(x, start, count, cos, sin, mask)
         x = F.rms_norm(x[:, -1:], (self.hidden,), self.norm, self.eps)
         self.length = start + count
-        return F.linear(x.to(self.head.dtype), self.head)[:, -1].float()
+        return self.linear(x, self.head, None, self.q8_head, 1)[:, -1].float()
 
 
 class _Layer:
@@ -100,6 +125,9 @@ class _Layer:
         self.gate_up, _ = _fuse(mlp.gate_proj, mlp.up_proj)
         self.o, self.o_bias = attn.o_proj.weight, attn.o_proj.bias
         self.down, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
+        self.q8 = {name: fast._q8(w, b) for name, w, b in (("qkv", self.qkv, self.qkv_bias), ("o", self.o, self.o_bias),
+                                                            ("gate_up", self.gate_up, None),
+                                                            ("down", self.down, self.down_bias))}
         q, kv = fast.heads * fast.head_dim, fast.kv_heads * fast.head_dim
         self.split = [q, kv, kv]
         self.k = self.v = torch.empty(0)
@@ -110,7 +138,7 @@ class _Layer:
 
         f = self.fast
         h = F.rms_norm(x, (f.hidden,), self.ln1, f.eps)
-        q, k, v = F.linear(h, self.qkv, self.qkv_bias).split(self.split, -1)
+        q, k, v = f.linear(h, self.qkv, self.qkv_bias, self.q8["qkv"], count).split(self.split, -1)
         q = _rope(q.view(1, count, f.heads, f.head_dim).transpose(1, 2), cos, sin)
         k = _rope(k.view(1, count, f.kv_heads, f.head_dim).transpose(1, 2), cos, sin)
         end = start + count
@@ -118,10 +146,10 @@ class _Layer:
         self.v[:, :, start:end] = v.view(1, count, f.kv_heads, f.head_dim).transpose(1, 2)
         a = F.scaled_dot_product_attention(q, self.k[:, :, :end], self.v[:, :, :end], attn_mask=mask,
                                            scale=f.scale, enable_gqa=f.kv_heads != f.heads)
-        x = x + F.linear(a.transpose(1, 2).reshape(1, count, -1), self.o, self.o_bias)
+        x = x + f.linear(a.transpose(1, 2).reshape(1, count, -1), self.o, self.o_bias, self.q8["o"], count)
         h = F.rms_norm(x, (f.hidden,), self.ln2, f.eps)
-        gate, up = F.linear(h, self.gate_up).chunk(2, -1)
-        return x + F.linear(torch.nn.functional.silu(gate) * up, self.down, self.down_bias)
+        gate, up = f.linear(h, self.gate_up, None, self.q8["gate_up"], count).chunk(2, -1)
+        return x + f.linear(F.silu(gate) * up, self.down, self.down_bias, self.q8["down"], count)
 
 
 def _rope(x, cos, sin):

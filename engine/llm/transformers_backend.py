@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from engine.config import LLMConfig
+from engine.errors import Unavailable
 from engine.events import CancelToken, RouterStats, TextDelta
 from engine.llm.base import GenParams, LLMBackend, Message, answer_seed
 from engine.llm.loading import device_of, load_model, load_tiny, max_positions
@@ -26,7 +27,7 @@ class TransformersBackend(LLMBackend):
         from engine.llm.omni import OmniInputs
         from engine.llm.tiny_omni import NAMES as TINY_OMNI
 
-        self.cfg = cfg
+        self.cfg, self.cache_dir = cfg, Path(cache_dir)
         if cfg.model in ("tiny", "tiny-moe", *TINY_OMNI):
             self.model, self.tokenizer, proc, self.talker_model = load_tiny(cfg)
             self.name, model_ctx = f"{cfg.model}-random", max_positions(self.model.config)
@@ -55,10 +56,26 @@ class TransformersBackend(LLMBackend):
         """The lean decode path (engine/llm/fastpath.py) for plain dense Llama/Qwen2 models;
         None for the rest (MoE, omni, bitsandbytes), which keep transformers' forward."""
         from engine.llm.fastpath import FastLM
+        from engine.llm.kernels import q8
 
-        if not self.cfg.fast_decode or self.moe is not None or self.omni is not None or self.talker_model:
+        mode = self.cfg.decode
+        if mode not in ("int8", "fp32", "transformers"):
+            raise Unavailable(f"llm.decode is {mode!r}", "choose int8, fp32 or transformers")
+        if mode == "transformers" or self.moe is not None or self.omni is not None or self.talker_model:
             return None
-        return FastLM.attach(self.model, self.context_tokens)
+        lib = q8.load(self.cache_dir / "kernels") if mode == "int8" else None
+        return FastLM.attach(self.model, self.context_tokens, int8=lib)
+
+    @property
+    def decode_path(self) -> str:
+        """How decode steps run, for the status panel and the benches."""
+        if self.fast is None:
+            return "transformers forward"
+        if self.fast.int8 is not None:
+            return "fast path, int8 weights (C kernel)"
+        from engine.llm.kernels import q8
+
+        return "fast path, fp32" + (f" ({q8.reason()})" if self.cfg.decode == "int8" and q8.reason() else "")
 
     # ---- sharing the GPU with the diffusion generators -------------------------------------
     def park(self, force: bool = False) -> int:

@@ -1,0 +1,55 @@
+#include <stdint.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* one row against one token, groups of 32: 4 x (8 int8 -> 8 fp32, fused multiply-add) per group */
+static inline float row32(const int8_t *w, const float *x, const float *scale, int groups) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++, w += 32, x += 32) {
+        __m128i lo = _mm_loadu_si128((const __m128i *)w), hi = _mm_loadu_si128((const __m128i *)(w + 16));
+        __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x));
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), p);
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(x + 16), p);
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), p);
+        acc = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[g]), acc);
+    }
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#define HAVE_ROW32 1
+#endif
+/* Weight-only int8 linear layer (engine/llm/kernels/q8.py):
+   y[t, r] = sum_g scale[r, g] * sum_{i in group g} w[r, i] * x[t, i]  (+ bias[r])
+   int8 weights in groups of `group` columns with one fp32 scale each (like llama.cpp's Q8_0),
+   fp32 activations and accumulation. Rows are split over `threads` OpenMP threads. */
+static inline float dot8(const int8_t *w, const float *x, int n) {
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (float)w[i + j] * x[i + j];
+    float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) sum += (float)w[i] * x[i];
+    return sum;
+}
+
+void q8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+               int tokens, int rows, int cols, int group, int threads) {
+    int groups = cols / group;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const int8_t *wr = w + (int64_t)r * cols;
+        const float *sr = scale + (int64_t)r * groups;
+        float b = bias ? bias[r] : 0.0f;
+        for (int t = 0; t < tokens; t++) {
+            const float *xt = x + (int64_t)t * cols;
+            float acc = 0.0f;
+#ifdef HAVE_ROW32
+            if (group == 32) acc = row32(wr, xt, sr, groups); else
+#endif
+            for (int g = 0; g < groups; g++)
+                acc += sr[g] * dot8(wr + g * group, xt + g * group, group);
+            y[(int64_t)t * rows + r] = acc + b;
+        }
+    }
+}
