@@ -20,7 +20,7 @@ Prints one JSON object as its last line and writes bench/results/quality-<llm>.j
 
     python bench/quality.py [--llm smollm2-135m] [--tokens 48] [--settings default,greedy]
                             [--groups facts] [--layout engine|first|note|repeat]
-                            [--threads N] [--rescore RESULTS.json]
+                            [--threads N] [--set llm.decode=fp32] [--rescore RESULTS.json]
 """
 from __future__ import annotations
 
@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--settings", default="default,greedy")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any config field, as run_app.py --set (e.g. llm.decode=fp32)")
     ap.add_argument("--layout", choices=("engine", *LAYOUTS), default="engine",
                     help="engine: engine.understand.with_facts; the others: candidate layouts (see LAYOUTS)")
     ap.add_argument("--groups", default=",".join(GROUPS), help="a subset, e.g. facts (for a quick layout check)")
@@ -192,7 +194,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     layout = with_facts if args.layout == "engine" else LAYOUTS[args.layout]
-    cfg = load_config("cpu", overrides={"data_dir": args.data_dir, "llm": args.llm or None}, env={})
+    cfg = load_config("cpu", overrides={"data_dir": args.data_dir, "llm": args.llm or None}, sets=args.sets, env={})
     out = Path(args.out or ROOT / "bench" / "results" / f"quality-{cfg.llm.model}.json")
     engine = Engine(cfg)
     try:
@@ -202,6 +204,7 @@ def main() -> None:
                              f"torch {torch.__version__}, {torch.get_num_threads()} threads",
                   "llm": cfg.llm.model, "model": engine.llm().name, "max_new_tokens": args.tokens,
                   "layout": args.layout, "facts_temperature": getattr(cfg.llm, "facts_temperature", None),
+                  "decode": getattr(cfg.llm, "decode", getattr(cfg.llm, "fast_decode", None)),
                   "sampling": {"temperature": cfg.llm.temperature, "top_p": cfg.llm.top_p,
                                "from_model": list(getattr(cfg.llm, "sampling_from_model", ()))},
                   "settings": {}}
