@@ -19,17 +19,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.speech_roles import decode_16k, pick_voice, voices
 from engine.errors import InputError, Unavailable
 from engine.events import CancelToken, Error
 
-MAX_AUDIO_S = 30 * 60  # longer uploads are refused before decoding (a transcript of 30 min takes minutes on CPU)
 MAX_SPEECH_CHARS = 4096  # as OpenAI's /audio/speech
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
-# OpenAI's voice names: apps written for OpenAI send one of these; they speak in the configured voice
-OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
 LANGUAGE_NAMES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "it": "italian",
                   "pt": "portuguese", "nl": "dutch", "ru": "russian", "zh": "chinese", "ja": "japanese"}
-BLOCK_S = 10  # decode this many seconds of the upload at a time
 
 
 class TranscriptionForm(BaseModel):
@@ -81,23 +78,6 @@ def _schema(model: type[BaseModel], media_type: str) -> dict:
 
 
 # --- reading an upload ---------------------------------------------------------------
-
-def decode_16k(path: Path, max_s: float = MAX_AUDIO_S) -> np.ndarray:
-    """A checked audio file -> mono float32 at 16 kHz, read BLOCK_S seconds at a time."""
-    import soundfile as sf
-
-    from engine.speech.audio import WHISPER_RATE, StreamResampler, to_mono_float32
-
-    with sf.SoundFile(str(path)) as f:
-        if f.frames / f.samplerate > max_s:
-            raise InputError(f"the audio is {f.frames / f.samplerate / 60:.0f} minutes long; the limit here is "
-                             f"{max_s / 60:.0f} minutes")
-        resampler, out = StreamResampler(f.samplerate, WHISPER_RATE), []
-        for block in f.blocks(blocksize=f.samplerate * BLOCK_S, dtype="float32", always_2d=True):
-            out.append(resampler(to_mono_float32(block)))
-        out.append(resampler(np.zeros(0, np.float32), last=True))
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
-
 
 async def _upload_audio(engine, upload) -> tuple[np.ndarray, str]:
     """The multipart file -> (16 kHz audio, the name to show). Sniffed and limited as an attachment
@@ -186,36 +166,6 @@ def translate(asr, audio: np.ndarray):
 
 
 # --- speech ----------------------------------------------------------------------------
-
-_VOICES: dict[str, object] = {}  # other packaged voices than the configured one, loaded once each
-
-
-def voices(engine) -> list[str]:
-    from engine.packaged import names
-
-    return sorted({engine.config.tts.voice, *names("tts")}) + list(OPENAI_VOICES)
-
-
-def pick_voice(engine, voice: str):
-    """The TTS for a voice name; ValueError listing the voices; Unavailable when speech is off."""
-    from engine.packaged import names
-    from engine.speech.tts import TTS, PiperTTS
-
-    if voice and voice not in voices(engine):
-        raise ValueError(f"unknown voice {voice[:40]!r}; choose one of {', '.join(voices(engine))}")
-    if not voice or voice in OPENAI_VOICES or voice == engine.config.tts.voice:
-        tts = engine.roles["tts"].get()
-    elif voice in names("tts"):
-        if voice not in _VOICES:
-            if len(_VOICES) >= 4:
-                _VOICES.pop(next(iter(_VOICES)))
-            _VOICES[voice] = PiperTTS(voice)
-        tts = _VOICES[voice]
-    if not isinstance(tts, TTS):
-        raise Unavailable(f"{getattr(tts, 'name', 'this voice')} speaks answers, not given text",
-                          "set --tts-backend piper for /v1/audio/speech")
-    return tts
-
 
 def speech_chunks(tts, text: str, speed: float, cancel: CancelToken):
     """float32 blocks at tts.sample_rate, one per sentence, stopping at the cancel."""

@@ -25,7 +25,7 @@ class SpokenAnswer:
     """One answer's audio: text deltas in, encoded audio deltas out."""
 
     def __init__(self, engine, voice: str, fmt: str, cancel) -> None:
-        from app.audio_api import pick_voice
+        from app.speech_roles import pick_voice
         from app.audio_out import Encoder
 
         self.engine, self.cancel = engine, cancel
@@ -110,7 +110,7 @@ def hear(engine, messages: list[dict], media: list) -> tuple[list, bool]:
     beside typed text it is added as '[audio-0.wav, transcribed: ...]'). Returns the media left
     for the perception adapters, and whether a transcript joined typed text (grounded decoding).
     With speech recognition unavailable, the audio is left to the perceiver, which says so."""
-    from app.audio_api import decode_16k
+    from app.speech_roles import decode_16k
     from engine import media as media_mod
     from engine.adapters.base import public_message
     from engine.errors import Unavailable

@@ -127,7 +127,7 @@ class Connection:
             await self.send(self.proto.error(f"{exc.why}; {exc.what_to_set}", "unavailable", event_id, "server_error"))
 
     async def session_update(self, event: dict) -> None:
-        from app.audio_api import voices
+        from app.speech_roles import voices
 
         s = event.get("session")
         if not isinstance(s, dict):

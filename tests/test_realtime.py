@@ -37,6 +37,15 @@ def _append(conn, pcm: bytes, step: int = 24000 * 2 // 5) -> None:
         conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + step]).decode())
 
 
+def _speak(conn, pcm: bytes, chunk_s: float = 0.04) -> None:
+    """At the pace a microphone records: the duplex's clock (samples) and the answer's playback
+    clock (wall time) then move together, as they do for a real client."""
+    step, start = int(24000 * chunk_s) * 2, time.monotonic()
+    for k, i in enumerate(range(0, len(pcm), step)):
+        conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + step]).decode())
+        time.sleep(max(0.0, start + (k + 1) * chunk_s - time.monotonic()))
+
+
 def _until(conn, kind: str, seen: list, limit: float = 90.0):
     """Events until one of `kind` (returned); everything received goes into `seen`."""
     deadline = time.monotonic() + limit
@@ -66,11 +75,12 @@ def test_spoken_question_answered_then_barge_in(rt_server, say):
         assert np.abs(np.frombuffer(base64.b64decode(delta.delta), "<i2")).max() > 0
         assert any(e.type == "response.audio_transcript.delta" for e in seen)
         # talk over the answer: it is cut off (cancelled, turn_detected) and the new question heard
-        _append(conn, _pcm24(np.concatenate([say("Stop, tell me about Berlin instead."), silence])))
+        _speak(conn, _pcm24(np.concatenate([say("Stop, tell me about Berlin instead."), silence])))
         done = _until(conn, "response.done", seen)
         assert done.response.status == "cancelled" and done.response.status_details.reason == "turn_detected"
+        _until(conn, "input_audio_buffer.speech_started", seen)  # the interruption is the next question
         heard = _until(conn, "conversation.item.input_audio_transcription.completed", seen)
-        assert "berlin" in heard.transcript.lower()
+        assert "berlin" in heard.transcript.lower(), heard.transcript
         _until(conn, "response.audio.delta", seen)
         # and disconnect in the middle of that answer
     client.close()
@@ -154,3 +164,34 @@ def test_token_and_origin_are_checked(tmp_path):
         with _client(srv, "a-long-enough-test-token").beta.realtime.connect(model="tiny") as conn:
             event = conn.recv()  # the tiny profile has no speech roles: said at once, then closed
             assert event.type == "error" and "unavailable" in event.error.message
+
+
+def test_protocol_maps_a_turn_and_a_barge_in():
+    """The event mapping on its own, driven by scripted engine events (no server, no models)."""
+    from app.realtime_events import Protocol
+    from engine.config import load_config
+    from engine.events import AudioChunk, Done, TextDelta, Transcript, VoiceState
+
+    p = Protocol(load_config("tiny", env={}))
+
+    def types(events):
+        return [e["type"] for e in events]
+
+    assert types(p.engine_event(VoiceState("hearing", "speech started"))) == ["input_audio_buffer.speech_started"]
+    stopped = p.engine_event(VoiceState("thinking", "utterance ended"))
+    assert types(stopped) == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+                              "conversation.item.created"]
+    heard = p.engine_event(Transcript("hello there"))[0]
+    assert heard["item_id"] == stopped[2]["item"]["id"] and heard["transcript"] == "hello there"
+    assert types(p.engine_event(TextDelta("Hi"))) == ["response.created", "response.output_item.added",
+                                                      "response.content_part.added", "response.audio_transcript.delta"]
+    audio = p.engine_event(AudioChunk(np.full(2205, 1000, "<i2").tobytes(), 22050))
+    assert types(audio) == ["response.audio.delta"] and len(base64.b64decode(audio[0]["delta"])) > 0
+    cut = p.engine_event(VoiceState("interrupted", "you started speaking"))
+    assert types(cut)[-2:] == ["response.done", "input_audio_buffer.speech_started"]
+    assert cut[-2]["response"]["status"] == "cancelled" and cut[-2]["response"]["output"][0]["content"][0][
+        "transcript"] == "Hi"
+    assert p.engine_event(TextDelta(" there")) == []  # the cancelled turn's last token is not a new response
+    assert p.engine_event(Done({"prompt_tokens": 5, "completion_tokens": 2})) == []
+    assert types(p.engine_event(TextDelta("Berlin")))[0] == "response.created"
+    assert types(p.engine_event(VoiceState("listening", "answer done")))[-1] == "response.done"

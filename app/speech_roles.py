@@ -1,0 +1,63 @@
+"""The speech roles as the API uses them: a voice by name (OpenAI's names included) and an
+uploaded audio file decoded to Whisper's 16 kHz within a duration limit. A leaf module (it
+imports only engine), shared by app/audio_api.py, app/chat_audio.py and app/realtime.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import InputError, Unavailable
+
+MAX_AUDIO_S = 30 * 60  # longer uploads are refused before decoding (a transcript of 30 min takes minutes on CPU)
+BLOCK_S = 10  # decode this many seconds of an upload at a time
+# OpenAI's voice names: apps written for OpenAI send one of these; they speak in the configured voice
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
+
+
+def decode_16k(path: Path, max_s: float = MAX_AUDIO_S) -> np.ndarray:
+    """A checked audio file -> mono float32 at 16 kHz, read BLOCK_S seconds at a time."""
+    import soundfile as sf
+
+    from engine.speech.audio import WHISPER_RATE, StreamResampler, to_mono_float32
+
+    with sf.SoundFile(str(path)) as f:
+        if f.frames / f.samplerate > max_s:
+            raise InputError(f"the audio is {f.frames / f.samplerate / 60:.0f} minutes long; the limit here is "
+                             f"{max_s / 60:.0f} minutes")
+        resampler, out = StreamResampler(f.samplerate, WHISPER_RATE), []
+        for block in f.blocks(blocksize=f.samplerate * BLOCK_S, dtype="float32", always_2d=True):
+            out.append(resampler(to_mono_float32(block)))
+        out.append(resampler(np.zeros(0, np.float32), last=True))
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+_VOICES: dict[str, object] = {}  # other packaged voices than the configured one, loaded once each
+
+
+def voices(engine) -> list[str]:
+    from engine.packaged import names
+
+    return sorted({engine.config.tts.voice, *names("tts")}) + list(OPENAI_VOICES)
+
+
+def pick_voice(engine, voice: str):
+    """The TTS for a voice name; ValueError listing the voices; Unavailable when speech is off."""
+    from engine.packaged import names
+    from engine.speech.tts import TTS, PiperTTS
+
+    if voice and voice not in voices(engine):
+        raise ValueError(f"unknown voice {voice[:40]!r}; choose one of {', '.join(voices(engine))}")
+    if not voice or voice in OPENAI_VOICES or voice == engine.config.tts.voice:
+        tts = engine.roles["tts"].get()
+    elif voice in names("tts"):
+        if voice not in _VOICES:
+            if len(_VOICES) >= 4:
+                _VOICES.pop(next(iter(_VOICES)))
+            _VOICES[voice] = PiperTTS(voice)
+        tts = _VOICES[voice]
+    if not isinstance(tts, TTS):
+        raise Unavailable(f"{getattr(tts, 'name', 'this voice')} speaks answers, not given text",
+                          "set --tts-backend piper for /v1/audio/speech")
+    return tts
