@@ -86,11 +86,23 @@ def feed_realtime(session, audio: np.ndarray, clock_start: float, fed: list[floa
     return time.monotonic()
 
 
+def wait_for_quiet(limit_s: float = 300.0, below: float = 1.5) -> list[float]:
+    """The CPU is shared: wait (at most limit_s) for the 1-minute load to drop below `below`."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        load = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+        if load[0] <= below or time.monotonic() > deadline:
+            return load
+        time.sleep(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--utterances", type=int, default=21)
     ap.add_argument("--speculate-ms", type=int, default=None, help="override vad.speculate_ms (0: off)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "voice.json"))
     args = ap.parse_args()
+    load_before = wait_for_quiet()
 
     from engine.config import load_config
     from engine.engine import Engine
@@ -133,7 +145,8 @@ def main() -> None:
         session = VoiceSession(engine, rec)
         silence = np.zeros(int(RATE * FRAME_S), np.float32)
         t0, fed = time.monotonic(), [0.0]
-        eos_to_audio, bargein, cancels, breakdown = [], [], [], []
+        eos_to_audio, bargein, bargein_speech, cancels, breakdown, transcripts = [], [], [], [], [], []
+        tails: list[float] = []
         last_first_audio = 0.0
 
         def idle_until(pred, limit: float) -> None:
@@ -151,13 +164,20 @@ def main() -> None:
                     hit = rec.first("voice_state", hit[0] + 1e-6)
                 if hit and session.marks.get("audio_stopped", 0) >= onset:
                     bargein.append((session.marks["audio_stopped"] - onset) * 1000)
+                    # from the first audible sample (Piper leads with ~50 ms of near-silence)
+                    lead = int(np.argmax(np.abs(audio) > 0.02)) / RATE
+                    bargein_speech.append((session.marks["audio_stopped"] - onset - lead) * 1000)
                     cancels.append((session.marks["cancelled"] - onset) * 1000)
             idle_until(lambda: rec.first("audio_chunk", eos) is not None, 30)
+            said = rec.first("transcript", onset)
+            transcripts.append(said[1].text if said else "")
             got = rec.first("audio_chunk", eos)
             if got is None:
                 continue
             last_first_audio = got[0]
             eos_to_audio.append((got[0] - eos) * 1000)
+            tail = (len(audio) - 1 - np.flatnonzero(np.abs(audio) > 0.01)[-1]) / RATE  # Piper's trailing silence
+            tails.append(tail * 1000)
             ended = session.marks.get("utterance_end", eos)
             m = dict(session.turn_marks)  # when the (speculative) turn made each thing, before it was released
             start, heard, text, audio_made = (m.get(k) for k in ("start", "transcript", "text_delta", "audio_chunk"))
@@ -171,14 +191,17 @@ def main() -> None:
             })
             idle_until(lambda: False, 0.6)  # let the answer play a little, then the next question barges in
         session.close()
-        return eos_to_audio, bargein, cancels, breakdown
+        live_wer = sum(word_error_rate(q, h) for q, h in zip(QUESTIONS, transcripts)) / max(1, len(transcripts))
+        return (eos_to_audio, (bargein, bargein_speech), cancels, breakdown, live_wer, session.duplex.energy_onsets,
+                tails)
 
     # the plain alternative first: wait for the end of the utterance, then start the turn
     base_cfg = engine.config
     engine.config = replace(base_cfg, vad=replace(base_cfg.vad, speculate_ms=0))
-    plain_eos, *_ = run_pass()
+    plain_eos, _, _, _, plain_wer, _, _ = run_pass()
     engine.config = base_cfg
-    eos_to_audio, bargein, cancels, breakdown = run_pass()
+    eos_to_audio, (bargein, bargein_speech), cancels, breakdown, live_wer, energy_onsets, tails = run_pass()
+    load_after = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     engine.close()
 
     def med(key):
@@ -191,17 +214,23 @@ def main() -> None:
         "no_speculation_eos_to_first_audio_ms_p50": pct(plain_eos, 0.5),
         "no_speculation_eos_to_first_audio_ms_p90": pct(plain_eos, 0.9),
         "speedup_vs_no_speculation_p50": round(pct(plain_eos, 0.5) / pct(eos_to_audio, 0.5), 3),
+        # "end of speech" above is the end of the question's audio; its last audible sample came earlier by:
+        "question_trailing_silence_ms_p50": pct(tails, 0.5),
         "breakdown_ms_p50": {k: med(k) for k in ("vad_hangover_ms", "turn_start_ms", "asr_ms", "llm_first_text_ms",
                                                   "text_to_audio_ms", "held_until_out_ms")},
         "bargein_stop_ms_p50": pct(bargein, 0.5), "bargein_stop_ms_p90": pct(bargein, 0.9),
-        "bargein_samples": len(bargein),
+        "bargein_from_first_audible_ms_p50": pct(bargein_speech, 0.5),
+        "bargein_from_first_audible_ms_p90": pct(bargein_speech, 0.9),
+        "bargein_samples": len(bargein), "bargein_energy_onsets": energy_onsets,
         "bargein_cancel_ms_p50": pct(cancels, 0.5), "bargein_cancel_ms_p90": pct(cancels, 0.9),
-        "asr_wer": round(sum(wers) / len(wers), 4), "asr_rtf": round(statistics.median(asr_rtf), 3),
+        "asr_wer": round(sum(wers) / len(wers), 4), "live_transcript_wer": round(live_wer, 4),
+        "no_speculation_live_transcript_wer": round(plain_wer, 4), "asr_rtf": round(statistics.median(asr_rtf), 3),
         "tts_rtf": round(statistics.median(tts_rtf), 3), "tts_first_chunk_ms": round(statistics.median(tts_first), 1),
         "vad_end_silence_ms": cfg.vad.end_silence_ms, "vad_speculate_ms": cfg.vad.speculate_ms, "min_barge_in_ms": cfg.vad.min_barge_in_ms,
         "llm": "smollm2-135m (transformers, cpu)", "asr": asr.name, "tts": tts.name,
+        "loadavg_before": load_before, "loadavg_after": load_after,
     }
-    out = ROOT / "bench" / "results" / "voice.json"
+    out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 

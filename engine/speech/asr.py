@@ -30,6 +30,9 @@ from engine.speech.audio import WHISPER_RATE, rms_db
 
 SILENCE_DB = -50.0  # quieter than this on average is silence: do not decode
 MIN_SECONDS = 0.1
+AUDIBLE_BELOW_PEAK_DB = 45.0  # 10 ms windows within this of the loudest are the sound (canonical)
+EDGE_S = 0.05  # kept around the sound
+PAD_S = 0.4  # digital silence after it
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "omni-assistant" / "models"
 WHISPER_INSTALL = "pip install --no-deps openai-whisper && pip install tiktoken numba more-itertools tqdm"
 
@@ -72,15 +75,34 @@ class ASR(ABC):
         language = (language or None) if self.multilingual else "en"
         if duration < MIN_SECONDS or rms_db(audio) < SILENCE_DB:
             return Transcript("", language or "", (), duration)
+        start, sound = canonical(audio)
         with self._lock:
-            segments, detected = self._decode(audio, language)
-        segments = tuple(Segment(min(round(max(s.start, 0), 2), duration), min(round(s.end, 2), duration),
-                                 s.text.strip()) for s in segments if re.search(r"\w", s.text))  # not a lone "."
+            segments, detected = self._decode(sound, language)
+        segments = tuple(Segment(min(round(max(s.start + start, 0), 2), duration),
+                                 min(round(s.end + start, 2), duration), s.text.strip())
+                         for s in segments if re.search(r"\w", s.text))  # not a lone "."
         return Transcript(" ".join(s.text for s in segments), detected, segments, duration)
 
     @abstractmethod
     def _decode(self, audio: np.ndarray, language: str | None) -> tuple[list[Segment], str]:
         """Segments (times may overrun the audio; transcribe clips them) and the language."""
+
+
+def canonical(audio: np.ndarray) -> tuple[float, np.ndarray]:
+    """(where it starts, s; the sound Whisper hears): the audible part with EDGE_S of what
+    was around it and PAD_S of digital silence after it, however much quiet the recording
+    had at its ends. So the same words give the same transcript whether the utterance was
+    cut 64 ms after the voice stopped (voice mode, recognised at the first pause) or a
+    second later (the whole recording): Whisper's punctuation reads the trailing silence."""
+    hop = WHISPER_RATE // 100
+    n = len(audio) // hop
+    if n < 3:
+        return 0.0, audio
+    level = 10 * np.log10(np.mean(np.square(audio[: n * hop].reshape(n, hop), dtype=np.float64), axis=1) + 1e-12)
+    loud = np.flatnonzero(level > max(level.max() - AUDIBLE_BELOW_PEAK_DB, SILENCE_DB))
+    edge = int(EDGE_S * WHISPER_RATE)
+    a, b = max(0, loud[0] * hop - edge), min(len(audio), (loud[-1] + 1) * hop + edge)
+    return a / WHISPER_RATE, np.concatenate([audio[a:b], np.zeros(int(PAD_S * WHISPER_RATE), np.float32)])
 
 
 # --- where the weights are ----------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine.events import AudioChunk, CancelToken, Done, Error, Event, VoiceState
+from engine.events import AudioChunk, CancelToken, Done, Error, Event, Transcript, VoiceState
 from engine.session import Gate, Session
 from engine.speech.audio import WHISPER_RATE, StreamResampler, resample, to_mono_float32, write_wav
 
@@ -174,6 +174,9 @@ class VoiceSession:
         with self._lock:
             self.turn_marks.setdefault(event.type, self.clock())
             decided = True if gate is None else gate.poll()
+            if decided is None and isinstance(event, Transcript) and self._draft is not None \
+                    and self._draft[0] is gate:  # a finished sentence ends the turn sooner
+                self.duplex.transcript_hint(event.text)
             if decided:
                 self._deliver(event)
             elif decided is None:
