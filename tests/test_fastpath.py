@@ -157,3 +157,21 @@ def test_the_kernel_is_built_once_per_data_dir(tmp_path):
     assert first is not None and first.parent == tmp_path, q8.reason()
     made = first.stat().st_mtime_ns
     assert q8.build(tmp_path) == first and first.stat().st_mtime_ns == made  # a warm start does not recompile
+
+
+def test_constrained_decoding_runs_on_the_fast_path_and_agrees(tmp_path):
+    """structured.json_call steps through backend.steps(): the same object on the fast path
+    and on transformers' forward, and valid under the schema on the int8 path."""
+    from engine.llm import structured
+
+    schema = {"type": "object", "properties": {"prompt": {"type": "string", "maxLength": 40},
+                                               "count": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["prompt", "count"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "draw three boats"}]
+    results = {}
+    for mode in ("fp32", "transformers", "int8"):
+        backend = load_backend(load_config("tiny", overrides={"llm.decode": mode}, env={}).llm, tmp_path)
+        results[mode] = structured.json_call(backend, msgs, schema, max_new_tokens=96)
+    assert results["fp32"] == results["transformers"]
+    obj, n = results["int8"]
+    assert set(obj) == {"prompt", "count"} and 1 <= obj["count"] <= 9 and n > 0

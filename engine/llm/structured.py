@@ -77,15 +77,13 @@ def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelTok
     matcher = xgr.GrammarMatcher(grammar)
     mask = xgr.allocate_token_bitmask(1, info.vocab_size)
     prompt = backend._encode(messages)
-    backend.ready()
     out_ids: list[int] = []
     with torch.inference_mode():
-        out = backend.model(input_ids=torch.tensor([prompt], device=backend.device), use_cache=True,
-                            logits_to_keep=1)
+        steps = backend.steps(prompt)  # (the fast path's int8 steps when the model has one)
         for step in range(max_new_tokens):
             if cancel is not None and cancel.cancelled:
                 break
-            logits = out.logits[:, -1, :].float().cpu()
+            logits = steps.logits.float().cpu()
             if logits.shape[-1] < info.vocab_size:  # the grammar's vocabulary may be padded
                 logits = torch.nn.functional.pad(logits, (0, info.vocab_size - logits.shape[-1]), value=-1e9)
             if max_new_tokens - step < FINISH_MARGIN:  # running out: close strings and objects where allowed
@@ -98,8 +96,7 @@ def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelTok
             if matcher.is_terminated():
                 break
             out_ids.append(token)
-            out = backend.model(input_ids=torch.tensor([[token]], device=backend.device), cache=out.cache,
-                                use_cache=True)
+            steps.push(token)
     backend.forget()
     text = backend.tokenizer.decode(out_ids, skip_special_tokens=True)
     if cancel is not None and cancel.cancelled:

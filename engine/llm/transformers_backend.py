@@ -111,6 +111,13 @@ class TransformersBackend(LLMBackend):
 
             reset_positions(self.model)
 
+    def steps(self, prompt: list[int]) -> "_Steps":
+        """The prompt run, then one token at a time (`push`), each giving the next logits: for
+        constrained decoding, on the fast path when the model has one. The kept cache is dropped."""
+        self.ready()
+        self._kept = ([], None)
+        return _Steps(self, prompt)
+
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self._encode(messages))
 
@@ -268,6 +275,28 @@ class TransformersBackend(LLMBackend):
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       min_new_tokens=max_new_tokens, do_sample=False)
         return out[0, ids.shape[1]:].tolist()
+
+
+class _Steps:
+    def __init__(self, backend: TransformersBackend, prompt: list[int]) -> None:
+        self.backend, self.fast, self.cache = backend, backend.fast, None
+        if self.fast is not None:
+            self.fast.crop(0)
+            self.logits = self.fast.forward(prompt)
+        else:
+            self.logits = self._forward(prompt, logits_to_keep=1)
+
+    def _forward(self, ids, **kwargs):
+        import torch
+
+        b = self.backend
+        out = b.model(input_ids=torch.tensor([ids], device=b.device), cache=self.cache, use_cache=True, **kwargs)
+        self.cache = out.cache
+        return out.logits[:, -1, :]
+
+    def push(self, token: int):
+        self.logits = self.fast.forward([token]) if self.fast is not None else self._forward([token])
+        return self.logits
 
 
 class _Sampler:
