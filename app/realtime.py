@@ -37,14 +37,33 @@ PUMP_S = 0.02
 log = logging.getLogger(__name__)
 
 
+class _Given:
+    """A role whose model is already loaded (this connection's own voice)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def get(self):
+        return self.value
+
+    def state(self) -> tuple[str, str]:
+        return "ready", self.value.name
+
+
 class Instructed:
-    """The engine as this connection's Session sees it: its own instructions as the system prompt
-    and its own turn-detection settings; everything else is the shared engine."""
+    """The engine as this connection's Session sees it: its own instructions as the system prompt,
+    its own turn-detection settings and voice; everything else is the shared engine."""
 
     def __init__(self, engine) -> None:
         self._engine = engine
         self.instructions = ""
         self.vad: dict = {}
+        self.tts = None  # a packaged voice other than the configured one, when the client picked one
+
+    @property
+    def roles(self) -> dict:
+        roles = self._engine.roles
+        return roles if self.tts is None else {**roles, "tts": _Given(self.tts)}
 
     @property
     def config(self):
@@ -127,7 +146,7 @@ class Connection:
             await self.send(self.proto.error(f"{exc.why}; {exc.what_to_set}", "unavailable", event_id, "server_error"))
 
     async def session_update(self, event: dict) -> None:
-        from app.speech_roles import voices
+        from app.speech_roles import OPENAI_VOICES, pick_voice, voices
 
         s = event.get("session")
         if not isinstance(s, dict):
@@ -135,6 +154,8 @@ class Connection:
         if "voice" in s:
             if s["voice"] not in voices(self.engine):
                 raise ValueError(f"unknown voice {str(s['voice'])[:40]!r}; choose one of {', '.join(voices(self.engine))}")
+            own = s["voice"] not in OPENAI_VOICES and s["voice"] != self.engine.config.tts.voice
+            self.view.tts = await asyncio.to_thread(pick_voice, self.engine, s["voice"]) if own else None
         for key in ("input_audio_format", "output_audio_format"):
             if s.get(key, "pcm16") != "pcm16":
                 raise ValueError(f"{key} {str(s[key])[:20]!r}: this server speaks pcm16 (24 kHz mono) only")
@@ -217,7 +238,7 @@ class Connection:
 
     async def response_create(self, event: dict) -> None:
         options = event.get("response") if isinstance(event.get("response"), dict) else {}
-        if self.turn is not None or self.proto.response is not None:
+        if self.turn is not None or self.proto.response is not None or self.proto.turn_open:
             raise ValueError("conversation_already_has_active_response: cancel it or wait for response.done")
         if not self.pending:
             raise ValueError("nothing to answer: create a conversation item or commit audio first")
@@ -304,6 +325,17 @@ def _vad_settings(td: dict) -> dict:
 
 def make_realtime_router(engine) -> APIRouter:
     router = APIRouter()
+
+    @router.get("/v1/realtime", status_code=426, tags=["realtime"])
+    def realtime_docs() -> dict:
+        """Realtime voice is a WebSocket (ws://HOST/v1/realtime, bearer token or ?token=): OpenAI's
+        Realtime events, PCM16 mono at 24 kHz. Client: session.update, input_audio_buffer.append /
+        commit / clear, conversation.item.create (text), response.create / cancel. Server:
+        session.created / updated, input_audio_buffer.speech_started / speech_stopped / committed,
+        conversation.item.input_audio_transcription.completed, response.created, response.text.delta,
+        response.audio.delta, response.audio_transcript.delta, response.done, error."""
+        return {"error": {"message": "connect with a WebSocket: client.beta.realtime.connect(model=...)",
+                          "type": "invalid_request_error", "code": 426}}
 
     @router.websocket("/v1/realtime")
     async def realtime(ws: WebSocket) -> None:

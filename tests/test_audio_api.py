@@ -154,7 +154,7 @@ def test_wrong_token_is_401(tmp_path, question_wav):
 
 def test_endpoints_show_in_the_docs(client, audio_server):
     paths = httpx.get(audio_server.url + "/v1/openapi.json").json()["paths"]
-    for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/speech"):
+    for path in ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/audio/speech", "/v1/realtime"):
         assert path in paths
     body = paths["/v1/audio/speech"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"input", "voice", "response_format", "speed"} <= set(body["properties"])
