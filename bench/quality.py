@@ -204,7 +204,7 @@ def main() -> None:
                              f"torch {torch.__version__}, {torch.get_num_threads()} threads",
                   "llm": cfg.llm.model, "model": engine.llm().name, "max_new_tokens": args.tokens,
                   "layout": args.layout, "facts_temperature": getattr(cfg.llm, "facts_temperature", None),
-                  "decode": getattr(cfg.llm, "decode", getattr(cfg.llm, "fast_decode", None)),
+                  "decode": getattr(cfg.llm, "decode", None), "decode_path": getattr(engine.llm(), "decode_path", None),
                   "sampling": {"temperature": cfg.llm.temperature, "top_p": cfg.llm.top_p,
                                "from_model": list(getattr(cfg.llm, "sampling_from_model", ()))},
                   "settings": {}}
