@@ -34,7 +34,11 @@ def status(engine) -> dict:
     for task in registry.TASKS:
         ok, detail = engine.generators.task_status(task)
         roles[f"generator:{task}"] = {"state": "ready" if ok else "unavailable", "detail": detail}
-    return {"profile": config.profile, "roles": roles, "model": model_info(config.llm), "memory": memory_mb(),
+    model = model_info(config.llm)
+    llm = engine.roles["llm"].loaded if "llm" in engine.roles else None
+    if (decode := getattr(llm, "decode_path", None)) is not None:
+        model["decode"] = decode  # e.g. "fast path, int8 weights (C kernel)"
+    return {"profile": config.profile, "roles": roles, "model": model, "memory": memory_mb(),
             "data_dir": str(config.data_path)}
 
 
@@ -56,7 +60,10 @@ def model_markdown(info: dict) -> str:
     if info.get("verified") is not None:
         line += "  ·  " + ("file hash matches upstream's" if info["verified"]
                            else "file hash checked against its package (upstream's not verified)")
-    return line + f"\n\n**Sampling:** {sampling_line(info['sampling'])}"
+    line += f"\n\n**Sampling:** {sampling_line(info['sampling'])}"
+    if info.get("decode"):
+        line += f"  ·  **Decode:** {html.escape(info['decode'], quote=False)}"
+    return line
 
 
 def status_markdown(report: dict) -> str:

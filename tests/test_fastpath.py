@@ -175,3 +175,13 @@ def test_constrained_decoding_runs_on_the_fast_path_and_agrees(tmp_path):
     assert results["fp32"] == results["transformers"]
     obj, n = results["int8"]
     assert set(obj) == {"prompt", "count"} and 1 <= obj["count"] <= 9 and n > 0
+
+
+def test_status_says_how_the_model_decodes(engine):
+    from engine.status import status, status_markdown
+
+    assert "decode" not in status(engine)["model"]  # not loaded yet: nothing claimed
+    engine.roles["llm"].get()
+    report = status(engine)
+    assert report["model"]["decode"] == "fast path, int8 weights (C kernel)"
+    assert "**Decode:** fast path, int8 weights (C kernel)" in status_markdown(report)
