@@ -32,6 +32,7 @@ from engine.events import CancelToken, Event
 
 RATE = 24_000
 MAX_BUFFER_S = 5 * 60  # a manual (turn_detection: null) buffer longer than this is refused
+MAX_UTTERANCE_S = 120  # server VAD: speech going on longer than this is ended (committed) there
 MAX_TEXT_CHARS = 20_000
 PUMP_S = 0.02
 log = logging.getLogger(__name__)
@@ -196,6 +197,10 @@ class Connection:
         if self.voice is None:
             await self.start_voice()
         await asyncio.to_thread(self.voice.feed, pcm, RATE)
+        heard_from = self.proto.speech_from_ms
+        if heard_from is not None and self.proto.fed_ms - heard_from > MAX_UTTERANCE_S * 1000:
+            self.proto.speech_from_ms = None
+            await self.commit({})  # one utterance is held in memory until it ends: end it here
 
     async def start_voice(self) -> None:
         from engine.speech.voice import VoiceSession

@@ -42,6 +42,7 @@ class Protocol:
             "tools": [], "tool_choice": "none", "temperature": config.llm.temperature,
             "max_response_output_tokens": config.llm.max_new_tokens}
         self.fed_ms = 0.0  # input audio received so far (the protocol's audio clock)
+        self.speech_from_ms: float | None = None  # where the utterance being heard started
         self.user_item: str | None = None  # the user item being heard / last committed
         self.response: dict | None = None  # the response being written
         self.skip = False  # after a barge-in: the cancelled turn's last events until its Done
@@ -171,6 +172,7 @@ class Protocol:
         if state == "hearing":
             return self._speech_started()
         if state == "thinking":  # the utterance ended: its turn starts
+            self.speech_from_ms = None
             self.turn_open = True
             item = self.new_user_item("input_audio")
             return [self.event("input_audio_buffer.speech_stopped", audio_end_ms=int(self.fed_ms), item_id=item["id"]),
@@ -185,6 +187,7 @@ class Protocol:
         return []
 
     def _speech_started(self) -> list[dict]:
+        self.speech_from_ms = self.fed_ms
         self.user_item = new_id("item")
         return [self.event("input_audio_buffer.speech_started", audio_start_ms=int(self.fed_ms),
                            item_id=self.user_item)]
