@@ -1,15 +1,20 @@
 #include <stdint.h>
+#include <stdlib.h>
+/* Weight-only 8-bit linear layer (engine/llm/kernels/q8.py):
+   y[t, r] = sum_g (scale[r, g] * sum_{i in g} w[r, i] * x[t, i] + low[r, g] * sum_{i in g} x[t, i]) + bias[r]
+   uint8 weights in groups of `group` columns, each group affine (its own scale and low value),
+   fp32 activations and accumulation. Rows are split over `threads` OpenMP threads. */
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-/* one row against one token, groups of 32: 4 x (8 int8 -> 8 fp32, fused multiply-add) per group */
-static inline float row32(const int8_t *w, const float *x, const float *scale, int groups) {
+/* one row against one token, groups of 32: 4 x (8 uint8 -> 8 fp32, fused multiply-add) per group */
+static inline float row32(const uint8_t *w, const float *x, const float *scale, int groups) {
     __m256 acc = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++, w += 32, x += 32) {
         __m128i lo = _mm_loadu_si128((const __m128i *)w), hi = _mm_loadu_si128((const __m128i *)(w + 16));
-        __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_loadu_ps(x));
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), p);
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), _mm256_loadu_ps(x + 16), p);
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), p);
+        __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x));
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), p);
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16), p);
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), p);
         acc = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[g]), acc);
     }
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -19,11 +24,8 @@ static inline float row32(const int8_t *w, const float *x, const float *scale, i
 }
 #define HAVE_ROW32 1
 #endif
-/* Weight-only int8 linear layer (engine/llm/kernels/q8.py):
-   y[t, r] = sum_g scale[r, g] * sum_{i in group g} w[r, i] * x[t, i]  (+ bias[r])
-   int8 weights in groups of `group` columns with one fp32 scale each (like llama.cpp's Q8_0),
-   fp32 activations and accumulation. Rows are split over `threads` OpenMP threads. */
-static inline float dot8(const int8_t *w, const float *x, int n) {
+
+static inline float dot8(const uint8_t *w, const float *x, int n) {
     float acc[8] = {0};
     int i = 0;
     for (; i + 8 <= n; i += 8)
@@ -33,23 +35,34 @@ static inline float dot8(const int8_t *w, const float *x, int n) {
     return sum;
 }
 
-void q8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
-               int tokens, int rows, int cols, int group, int threads) {
+void q8_linear(const float *x, const uint8_t *w, const float *scale, const float *low, const float *bias,
+               float *y, int tokens, int rows, int cols, int group, int threads) {
     int groups = cols / group;
+    float *xsum = malloc(sizeof(float) * (size_t)tokens * groups);  /* per token, per group: sum of x */
+    if (!xsum) return;
+    for (int t = 0; t < tokens; t++)
+        for (int g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int i = 0; i < group; i++) s += x[(int64_t)t * cols + g * group + i];
+            xsum[t * groups + g] = s;
+        }
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
-        const int8_t *wr = w + (int64_t)r * cols;
-        const float *sr = scale + (int64_t)r * groups;
+        const uint8_t *wr = w + (int64_t)r * cols;
+        const float *sr = scale + (int64_t)r * groups, *lr = low + (int64_t)r * groups;
         float b = bias ? bias[r] : 0.0f;
         for (int t = 0; t < tokens; t++) {
-            const float *xt = x + (int64_t)t * cols;
-            float acc = 0.0f;
+            const float *xt = x + (int64_t)t * cols, *st = xsum + t * groups;
+            float acc = 0.0f, offset = 0.0f;
 #ifdef HAVE_ROW32
             if (group == 32) acc = row32(wr, xt, sr, groups); else
 #endif
             for (int g = 0; g < groups; g++)
                 acc += sr[g] * dot8(wr + g * group, xt + g * group, group);
-            y[(int64_t)t * rows + r] = acc + b;
+            for (int g = 0; g < groups; g++)
+                offset += lr[g] * st[g];
+            y[(int64_t)t * rows + r] = acc + offset + b;
         }
     }
+    free(xsum);
 }
