@@ -169,6 +169,8 @@ def test_gguf_weights_decode_exactly_in_8_bits(lib):
     model = on_gguf_grids(build_tiny_model(6)[0])
     fp32 = reference(copy.deepcopy(model), IDS)
     fast = FastLM.attach(model, capacity=64, int8=lib)
+    assert {layer.bits for fl in fast.layers for layer in fl.q8.values()} == {4}  # 4-bit blocks: 4-bit codes
+    assert fast.q8_head.bits == 8  # the Q8_0 embedding/head: 8-bit codes
     with torch.inference_mode():
         got = torch.cat([fast.forward([t]) for t in IDS])
     assert torch.allclose(got, fp32, rtol=1e-3, atol=1e-4)

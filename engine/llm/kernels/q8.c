@@ -22,8 +22,32 @@ static inline float row32(const uint8_t *w, const float *x, const float *scale, 
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
+/* the same with 4-bit codes: 16 bytes per group, byte j = code j (low nibble) | code j+16 (high) */
+static inline float row32_q4(const uint8_t *w, const float *x, const float *scale, int groups) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (int g = 0; g < groups; g++, w += 16, x += 32) {
+        __m128i b = _mm_loadu_si128((const __m128i *)w);
+        __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+        __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x));
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), p);
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16), p);
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), p);
+        acc = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[g]), acc);
+    }
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
 #define HAVE_ROW32 1
 #endif
+
+static inline float dot4(const uint8_t *w, const float *x) {  /* one group of 32, 4-bit codes */
+    float sum = 0.0f;
+    for (int j = 0; j < 16; j++) sum += (float)(w[j] & 15) * x[j] + (float)(w[j] >> 4) * x[j + 16];
+    return sum;
+}
 
 static inline float dot8(const uint8_t *w, const float *x, int n) {
     float acc[8] = {0};
@@ -35,9 +59,11 @@ static inline float dot8(const uint8_t *w, const float *x, int n) {
     return sum;
 }
 
+/* bits = 8: one code per byte; bits = 4: two per byte, groups of 32 only */
 void q8_linear(const float *x, const uint8_t *w, const float *scale, const float *low, const float *bias,
-               float *y, int tokens, int rows, int cols, int group, int threads) {
+               float *y, int tokens, int rows, int cols, int group, int bits, int threads) {
     int groups = cols / group;
+    int64_t row_bytes = bits == 4 ? cols / 2 : cols;
     float *xsum = malloc(sizeof(float) * (size_t)tokens * groups);  /* per token, per group: sum of x */
     if (!xsum) return;
     for (int t = 0; t < tokens; t++)
@@ -48,17 +74,24 @@ void q8_linear(const float *x, const uint8_t *w, const float *scale, const float
         }
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
-        const uint8_t *wr = w + (int64_t)r * cols;
+        const uint8_t *wr = w + (int64_t)r * row_bytes;
         const float *sr = scale + (int64_t)r * groups, *lr = low + (int64_t)r * groups;
         float b = bias ? bias[r] : 0.0f;
         for (int t = 0; t < tokens; t++) {
             const float *xt = x + (int64_t)t * cols, *st = xsum + t * groups;
             float acc = 0.0f, offset = 0.0f;
+            if (bits == 4) {
 #ifdef HAVE_ROW32
-            if (group == 32) acc = row32(wr, xt, sr, groups); else
+                acc = row32_q4(wr, xt, sr, groups);
+#else
+                for (int g = 0; g < groups; g++) acc += sr[g] * dot4(wr + g * 16, xt + g * 32);
 #endif
-            for (int g = 0; g < groups; g++)
-                acc += sr[g] * dot8(wr + g * group, xt + g * group, group);
+            } else {
+#ifdef HAVE_ROW32
+                if (group == 32) acc = row32(wr, xt, sr, groups); else
+#endif
+                for (int g = 0; g < groups; g++) acc += sr[g] * dot8(wr + g * group, xt + g * group, group);
+            }
             for (int g = 0; g < groups; g++)
                 offset += lr[g] * st[g];
             y[(int64_t)t * rows + r] = acc + offset + b;

@@ -70,7 +70,7 @@ def load(build_dir: Path):
     if _lib is None and (target := build(build_dir)) is not None:
         lib = ctypes.CDLL(str(target))
         lib.q8_linear.restype = None
-        lib.q8_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
+        lib.q8_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
         _lib = lib
     return _lib
 
@@ -107,6 +107,13 @@ class Q8Linear:
         self.scale = torch.where(pick, sym, step).contiguous()  # [rows, groups]
         self.low = torch.where(pick, -128 * sym, low).contiguous()
         self.q = torch.where(pick[..., None], codes[1], codes[0]).to(torch.uint8).reshape(self.rows, self.cols).contiguous()
+        self.bits = 8
+        if self.group == 32 and not bool(pick.any()) and bool((self.q % 17 == 0).all()):
+            # every group holds at most 16 levels evenly spaced from its min to its max (a GGUF
+            # 4-bit block): 4-bit codes lose nothing and halve the bytes again
+            self.scale, codes4 = self.scale * 17, (self.q // 17).view(self.rows, -1, 2, 16)
+            self.q = (codes4[:, :, 0] | (codes4[:, :, 1] << 4)).reshape(self.rows, self.cols // 2).contiguous()
+            self.bits = 4
         self.bias = bias.detach().float().contiguous() if bias is not None else None
         self.lib = lib
 
@@ -118,10 +125,16 @@ class Q8Linear:
         out = torch.empty(flat.shape[0], self.rows, dtype=torch.float32)
         self.lib.q8_linear(flat.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), self.low.data_ptr(),
                            self.bias.data_ptr() if self.bias is not None else None, out.data_ptr(),
-                           flat.shape[0], self.rows, self.cols, self.group, torch.get_num_threads())
+                           flat.shape[0], self.rows, self.cols, self.group, self.bits, torch.get_num_threads())
         return out.view(*x.shape[:-1], self.rows)
 
     def dequantized(self):
         """The weight this layer computes with, in fp32 (tests compare against it)."""
-        q = self.q.float().reshape(self.rows, -1, self.group)
+        import torch
+
+        q = self.q
+        if self.bits == 4:  # byte j of a group: code j | code j+16 << 4
+            q = q.view(self.rows, -1, 16)
+            q = torch.stack([q & 15, q >> 4], -2).reshape(self.rows, self.cols)
+        q = q.float().reshape(self.rows, -1, self.group)
         return (self.low[..., None] + q * self.scale[..., None]).reshape(self.rows, self.cols)
