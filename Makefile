@@ -61,7 +61,10 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
 
-bench: install
+# text.py compares against llama.cpp in the same run: `llamacpp` compiles it once (~10 minutes on
+# 2 cores; pip keeps the built wheel in its cache, so later installs take seconds) and `qwen` adds
+# the second candidate model
+bench: install llamacpp qwen
 	$(PY) bench/text.py
 	$(PY) bench/voice.py
 	$(PY) bench/tools.py
