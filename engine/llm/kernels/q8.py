@@ -80,11 +80,12 @@ def reason() -> str:
 
 
 class Q8Linear:
-    """One linear layer's weight as uint8 in groups of GROUP columns, each group affine: its
-    own scale and low value (x = low + scale * q). A GGUF's 4-bit blocks (Q4_0/Q4_1/Q4_K: 16
-    levels on an affine grid per 32 weights) land exactly on this grid, and Q8_0 blocks on the
-    symmetric one (each group keeps the closer), so the cpu profile's SmolLM2 (Q4_1 layers,
-    Q8_0 embedding) decodes the very weights its file holds. Measured while choosing:
+    """One linear layer's weight as 8- or 4-bit codes in groups of GROUP columns, each group
+    affine: its own scale and low value (x = low + scale * q). Weights dequantized from a GGUF
+    lie on each block's evenly spaced levels; those levels are found and kept exactly (4 bits
+    when no group uses more than 16, as Q4 blocks do), so the cpu profile's SmolLM2 (Q4_1
+    layers, Q8_0 embedding) and Qwen2.5 (Q5/Q8 blocks) decode the very weights their files
+    hold. Measured while choosing:
     symmetric int8 per row agreed with fp32 on 0.90 of greedy tokens, symmetric per 32 on
     0.97 and lost 3-4 of 60 quality items."""
 
@@ -95,25 +96,29 @@ class Q8Linear:
         self.rows, self.cols = w.shape
         self.group = GROUP if self.cols % GROUP == 0 else self.cols
         blocks = w.reshape(self.rows, -1, self.group)
-        # two grids per group, the closer one kept: min..max in 255 steps (GGUF 4/5-bit blocks),
-        # or symmetric +-absmax in 254 steps (GGUF Q8_0 blocks, e.g. SmolLM2's embedding/head)
-        low, high = blocks.amin(-1), blocks.amax(-1)
-        step = ((high - low) / 255).clamp(min=1e-12)
-        sym = (blocks.abs().amax(-1) / 127).clamp(min=1e-12)
-        grids = [(step, low), (sym, -128 * sym)]
-        codes = [torch.round((blocks - lo[..., None]) / sc[..., None]).clamp(0, 255) for sc, lo in grids]
-        errors = [(lo[..., None] + q * sc[..., None] - blocks).abs().amax(-1) for (sc, lo), q in zip(grids, codes)]
-        pick = errors[1] < errors[0]
-        self.scale = torch.where(pick, sym, step).contiguous()  # [rows, groups]
-        self.low = torch.where(pick, -128 * sym, low).contiguous()
-        self.q = torch.where(pick[..., None], codes[1], codes[0]).to(torch.uint8).reshape(self.rows, self.cols).contiguous()
         self.bits = 8
-        if self.group == 32 and not bool(pick.any()) and bool((self.q % 17 == 0).all()):
-            # every group holds at most 16 levels evenly spaced from its min to its max (a GGUF
-            # 4-bit block): 4-bit codes lose nothing and halve the bytes again
-            self.scale, codes4 = self.scale * 17, (self.q // 17).view(self.rows, -1, 2, 16)
-            self.q = (codes4[:, :, 0] | (codes4[:, :, 1] << 4)).reshape(self.rows, self.cols // 2).contiguous()
-            self.bits = 4
+        grid = _levels(blocks)
+        if grid is not None:  # a GGUF's blocks: exact in 8 bits, or in 4 when no group has over 16 levels
+            self.scale, self.low, codes = grid
+            if self.group == 32 and int(codes.max()) <= 15:
+                pairs = codes.view(self.rows, -1, 2, 16)
+                self.q = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(self.rows, self.cols // 2).contiguous()
+                self.bits = 4
+            else:
+                self.q = codes.reshape(self.rows, self.cols).contiguous()
+        else:  # (weights from fp16/bf16 files) the closer of two grids per group: min..max in
+            # 255 steps, or symmetric +-absmax in 254 steps (llama.cpp's Q8_0)
+            low, high = blocks.amin(-1), blocks.amax(-1)
+            step = ((high - low) / 255).clamp(min=1e-12)
+            sym = (blocks.abs().amax(-1) / 127).clamp(min=1e-12)
+            grids = [(step, low), (sym, -128 * sym)]
+            codes = [torch.round((blocks - lo[..., None]) / sc[..., None]).clamp(0, 255) for sc, lo in grids]
+            errors = [(lo[..., None] + q * sc[..., None] - blocks).abs().amax(-1) for (sc, lo), q in zip(grids, codes)]
+            pick = errors[1] < errors[0]
+            self.scale = torch.where(pick, sym, step).contiguous()  # [rows, groups]
+            self.low = torch.where(pick, -128 * sym, low).contiguous()
+            self.q = torch.where(pick[..., None], codes[1], codes[0]).to(torch.uint8).reshape(
+                self.rows, self.cols).contiguous()
         self.bias = bias.detach().float().contiguous() if bias is not None else None
         self.lib = lib
 
@@ -138,3 +143,27 @@ class Q8Linear:
             q = torch.stack([q & 15, q >> 4], -2).reshape(self.rows, self.cols)
         q = q.float().reshape(self.rows, -1, self.group)
         return (self.low[..., None] + q * self.scale[..., None]).reshape(self.rows, self.cols)
+
+
+def _levels(blocks):
+    """(scale, low, codes) when every group of `blocks` [rows, groups, group] lies exactly on at
+    most 256 evenly spaced levels (each block of a 4-, 5-, 6- or 8-bit GGUF tensor does), else None.
+    The spacing is the smallest gap between a group's values and the base its smallest value:
+    a block's extreme levels are often unused, so its min and max need not be codes 0 and 15."""
+    import torch
+
+    tol = float(blocks.abs().max()) * 1e-6 + 1e-30
+    ordered = blocks.sort(-1).values
+    gaps = ordered[..., 1:] - ordered[..., :-1]
+    step = torch.where(gaps > tol, gaps, torch.full_like(gaps, float("inf"))).amin(-1)
+    step = torch.where(torch.isinf(step), torch.ones_like(step), step)  # a constant group
+    low = ordered[..., 0]
+    codes = torch.round((blocks - low[..., None]) / step[..., None])
+    if bool((codes > 255).any()):
+        return None
+    top = codes.amax(-1)
+    step = torch.where(top > 0, (ordered[..., -1] - low) / top.clamp(min=1), step)  # the spacing, from the widest span
+    off = (low[..., None] + codes * step[..., None] - blocks).abs()
+    if bool((off > step[..., None] * 1e-3 + tol).any()):  # a value off its level: not a grid
+        return None
+    return step.contiguous(), low.contiguous(), codes.to(torch.uint8)
