@@ -58,17 +58,25 @@ def room(delay_s: float, gain: float, tail_db: float, rng) -> np.ndarray:
     return h
 
 
-def run(d, answer: np.ndarray, mic: np.ndarray, step: int = 320) -> list:
-    """Play `answer` and feed `mic` in 20 ms steps, as voice.VoiceSession does; the actions."""
-    from engine.speech.duplex import OnsetRejected, SpeechOnset
+def run(d, answer: np.ndarray, h: np.ndarray, near: np.ndarray, step: int = 320) -> list:
+    """Play `answer` through the room `h` into the mic, with `near` (the user, noise) added, in
+    20 ms steps as voice.VoiceSession does: a pause stops the playback, so its echo too; the
+    answer resumes where it stopped. The duplex's actions."""
+    from engine.speech.duplex import BargeIn, OnsetRejected, SpeechOnset
 
-    acts, paused = [], False
-    for i in range(0, len(mic), step):
-        if not paused and i < len(answer):
-            d.playing(answer[i:i + step])
-        for a in d.feed(mic[i:i + step]):
+    played = np.zeros(len(near) + len(h), np.float32)
+    acts, paused, pos = [], False, 0
+    for i in range(0, len(near), step):
+        if not paused and pos < len(answer):
+            chunk = answer[pos:pos + step]
+            pos += len(chunk)
+            played[i:i + len(chunk)] = chunk
+            d.playing(chunk)
+        lo = max(0, i - len(h) + 1)
+        echo = np.convolve(played[lo:i + step], h)[i - lo:i - lo + step]
+        for a in d.feed((near[i:i + step] + echo[: len(near[i:i + step])]).astype(np.float32)):
             acts.append(a)
-            paused = True if isinstance(a, SpeechOnset) else (False if isinstance(a, OnsetRejected) else paused)
+            paused = True if isinstance(a, (SpeechOnset, BargeIn)) else (False if isinstance(a, OnsetRejected) else paused)
     return acts
 
 
@@ -131,13 +139,12 @@ def main() -> None:
             barges.append(0)
             for answer in answers:
                 h = room(delay, gain, tail, rng)
-                echo = np.convolve(answer, h)[: len(answer) + RATE // 2]
-                mic = (echo + rng.normal(0, 10 ** (-60 / 20), len(echo))).astype(np.float32)
+                near = rng.normal(0, 10 ** (-60 / 20), len(answer) + RATE).astype(np.float32)
                 vad.reset()
                 d = Duplex(vad, cfg, energy_onset=energy)
                 d.start_listening()
                 d.thinking()
-                acts = run(d, answer, mic)
+                acts = run(d, answer, h, near)
                 pauses[-1] += sum(isinstance(a, SpeechOnset) for a in acts)
                 barges[-1] += sum(isinstance(a, BargeIn) for a in acts)
         key = "energy_onset" if energy else "silero_only"
@@ -152,16 +159,15 @@ def main() -> None:
                 answer = answers[k % len(answers)]
                 at = int(1.2 * RATE)
                 h = room(delay, gain, tail, rng)
-                mic = np.convolve(answer, h)[: len(answer)].astype(np.float32)
-                mic = np.concatenate([mic, np.zeros(max(0, at + len(user) + RATE - len(mic)), np.float32)])
-                mic[at:at + len(user)] += user * USER_GAIN
-                mic += rng.normal(0, 10 ** (-60 / 20), len(mic)).astype(np.float32)
+                near = np.zeros(max(len(answer), at + len(user) + RATE), np.float32)
+                near[at:at + len(user)] += user * USER_GAIN
+                near += rng.normal(0, 10 ** (-60 / 20), len(near)).astype(np.float32)
                 onset = (at + int(np.argmax(np.abs(user) > 0.02))) / RATE  # first audible sample
                 vad.reset()
                 d = Duplex(vad, cfg, energy_onset=energy)
                 d.start_listening()
                 d.thinking()
-                acts = run(d, answer, mic)
+                acts = run(d, answer, h, near)
                 n += 1
                 pause = next((a.t for a in acts if isinstance(a, SpeechOnset) and a.t >= onset - 0.05), None)
                 if pause is not None:

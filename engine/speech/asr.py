@@ -30,8 +30,8 @@ from engine.speech.audio import WHISPER_RATE, rms_db
 
 SILENCE_DB = -50.0  # quieter than this on average is silence: do not decode
 MIN_SECONDS = 0.1
-AUDIBLE_BELOW_PEAK_DB = 45.0  # 10 ms windows within this of the loudest are the sound (canonical)
-EDGE_S = 0.05  # kept around the sound
+AUDIBLE_BELOW_PEAK_DB = 50.0  # 10 ms windows within this of the loudest are the sound (canonical)
+LEAD_S, TAIL_S = 0.1, 0.05  # kept before and after the sound
 PAD_S = 0.4  # digital silence after it
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "omni-assistant" / "models"
 WHISPER_INSTALL = "pip install --no-deps openai-whisper && pip install tiktoken numba more-itertools tqdm"
@@ -89,8 +89,8 @@ class ASR(ABC):
 
 
 def canonical(audio: np.ndarray) -> tuple[float, np.ndarray]:
-    """(where it starts, s; the sound Whisper hears): the audible part with EDGE_S of what
-    was around it and PAD_S of digital silence after it, however much quiet the recording
+    """(where it starts, s; the sound Whisper hears): the audible part with LEAD_S/TAIL_S of
+    what was around it and PAD_S of digital silence after it, however much quiet the recording
     had at its ends. So the same words give the same transcript whether the utterance was
     cut 64 ms after the voice stopped (voice mode, recognised at the first pause) or a
     second later (the whole recording): Whisper's punctuation reads the trailing silence."""
@@ -99,9 +99,9 @@ def canonical(audio: np.ndarray) -> tuple[float, np.ndarray]:
     if n < 3:
         return 0.0, audio
     level = 10 * np.log10(np.mean(np.square(audio[: n * hop].reshape(n, hop), dtype=np.float64), axis=1) + 1e-12)
-    loud = np.flatnonzero(level > max(level.max() - AUDIBLE_BELOW_PEAK_DB, SILENCE_DB))
-    edge = int(EDGE_S * WHISPER_RATE)
-    a, b = max(0, loud[0] * hop - edge), min(len(audio), (loud[-1] + 1) * hop + edge)
+    loud = np.flatnonzero(level > level.max() - AUDIBLE_BELOW_PEAK_DB)
+    a = max(0, loud[0] * hop - int(LEAD_S * WHISPER_RATE))
+    b = min(len(audio), (loud[-1] + 1) * hop + int(TAIL_S * WHISPER_RATE))
     return a / WHISPER_RATE, np.concatenate([audio[a:b], np.zeros(int(PAD_S * WHISPER_RATE), np.float32)])
 
 

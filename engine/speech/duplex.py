@@ -52,6 +52,9 @@ ECHO_TAIL_S = 0.8  # the guard stays on this long after playback ends
 ECHO_THRESHOLD = 0.8  # speech probability needed while the assistant's voice may be in the mic
 ECHO_EXPLAINED = 0.7  # a frame whose energy is this much explained by the echo is not the user
 ECHO_WINDOW_S = 0.7  # played audio whose reflections may still be in the mic
+# the reflections' bound applies unless, over the last 32+ audible hops and frames, less than this share
+# was a clear echo (bench/echo.py: 0.25-1.0 with echo; 0-0.2 with none, the user's voice matching by chance)
+ECHO_HEARD = 0.22
 ECHO_MARGIN = 0.5  # what the echo fit leaves must be louder than this times the loudest possible echo
 HOP = 256  # the energy onset detector's step (16 ms)
 ONSET_DB = 15.0  # a hop this far over the noise floor, unexplained by the echo, pauses the answer at once
@@ -60,6 +63,7 @@ ONSET_HOPS = 2  # consecutive loud hops needed
 FLOOR_RISE_DB = 0.02  # per hop: how fast the noise floor estimate follows a louder background (~1.2 dB/s)
 END_BELOW_PEAK_DB = 40.0  # a hop this far under the utterance's peak (and 6 dB over the floor at most)
 END_ABOVE_FLOOR_DB = 6.0  # is quiet: that long quiet is a likely end, before the VAD (which lags ~70 ms) says so
+VAD_LAG_FRAMES = 3  # Silero reports speech this many frames after the sound stops, at most
 SHORT_HANGOVER_S = 0.25  # silence that ends a turn whose transcript is a complete sentence
 _INCOMPLETE = re.compile(r"(\b(a|an|the|and|or|but|of|to|in|on|at|for|with|about|from|my|your|is|are|was|"
                          r"if|so|because|that|which|um|uh|like)|,|-|\.\.\.)\s*$", re.I)
@@ -140,10 +144,12 @@ class Duplex:
         self._ref_until = -1.0  # stream time until which echo may be present
         self._echo_gain = 0.0  # the echo path's gain, learnt from clear echoes
         self._echo_gains: deque[float] = deque(maxlen=32)
+        self._echo_seen: deque[bool] = deque(maxlen=96)  # recent audible mic hops/frames: a clear echo or not
         self._hop_pos = 0  # where in _pending the energy detector has got to
         self._floor_db = -60.0  # noise floor of the (echo-free) mic signal
         self._loud_hops = 0
         self._peak_db, self._quiet_s = -120.0, 0.0  # the utterance's loudest hop; how long since it was loud
+        self._heard_since = 0  # VAD speech frames in a row since the likely end
         self._hangover_s = cfg.end_silence_ms / 1000
         self.energy_onsets = 0  # pauses the energy detector made (the echo bench counts them)
 
@@ -239,11 +245,15 @@ class Duplex:
         if not (self.cfg.echo_guard and self.now <= self._ref_until and len(self._ref) >= FRAME):
             return x, 0.0, False
         residual, explained, gain = _remove_echo(x, self._ref)
+        if float(np.dot(x, x)) / len(x) > 1e-5:  # audible: is the echo what the mic hears?
+            self._echo_seen.append(explained >= ECHO_EXPLAINED)
         if explained >= ECHO_EXPLAINED:
             if float(np.dot(x, x)) / len(x) > 1e-7:  # a clear echo: how loud the echo path is
                 self._echo_gains.append(min(abs(gain), 4.0))  # (the median: a chance match of the user's
                 self._echo_gain = float(np.median(self._echo_gains))  # voice with the reference says little)
             return residual, explained, True
+        if len(self._echo_seen) >= 32 and sum(self._echo_seen) < ECHO_HEARD * len(self._echo_seen):
+            return residual, explained, False  # little or no echo comes back (headphones, the browser's AEC)
         # what the echo fit leaves (the room's reflections) is no louder than the loudest recent
         # played audio through the echo path: the user is what rises above that
         recent = self._ref[-int(ECHO_WINDOW_S * self.rate):]
@@ -295,8 +305,10 @@ class Duplex:
         self._silence_s = 0.0 if speech else self._silence_s + self.frame_s
         silence_ms = self._silence_s * 1000
         if self._silence_s < self._hangover_s - 1e-9:
-            # (the VAD lags the sound by ~2 frames: speech it reports while the mic stays quiet is no resumption)
-            if speech and self._speculated and self._quiet_s < self.frame_s:
+            # (the VAD lags the sound by ~2 frames: speech it reports while the mic stays quiet is no resumption,
+            # unless it goes on longer than that lag)
+            self._heard_since = self._heard_since + 1 if speech and self._speculated else 0
+            if speech and self._speculated and (self._quiet_s < self.frame_s or self._heard_since > VAD_LAG_FRAMES):
                 self._speculated = False
                 self._hangover_s = self.cfg.end_silence_ms / 1000
                 return [SpeechResumed(self.now)]
