@@ -82,9 +82,9 @@ def test_spoken_question_answered_then_client_drops(rt_server, say):
     _server_recovers(rt_server)
 
 
-@pytest.mark.xfail(strict=False, reason="engine/speech/duplex.py since 777eca6 pauses the answer at a user's "
-                   "speech but mostly never confirms the barge-in when it comes at real-time pace with no echo "
-                   "(paused/resuming repeats; VoiceSession alone does the same); it passed every run before 777eca6")
+@pytest.mark.xfail(strict=False, reason="engine/speech/duplex.py since 777eca6 at times pauses the answer at a "
+                   "user's speech and resumes it, over and over, without confirming the barge-in (2 of 9 tries with "
+                   "real-time-paced, echo-free speech; VoiceSession alone does it too); every try passed before")
 def test_speech_over_the_answer_cuts_it_off(rt_server, say):
     client = _client(rt_server)
     with client.beta.realtime.connect(model="tiny") as conn:
