@@ -6,39 +6,41 @@
    fp32 activations and accumulation. Rows are split over `threads` OpenMP threads. */
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-/* one row against one token, groups of 32: 4 x (8 uint8 -> 8 fp32, fused multiply-add) per group */
-static inline float row32(const uint8_t *w, const float *x, const float *scale, int groups) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < groups; g++, w += 32, x += 32) {
-        __m128i lo = _mm_loadu_si128((const __m128i *)w), hi = _mm_loadu_si128((const __m128i *)(w + 16));
-        __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x));
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), p);
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16), p);
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), p);
-        acc = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[g]), acc);
-    }
+/* 32 codes (lo: codes 0-15, hi: codes 16-31, one per byte) times x[0..31], as 8 partial sums */
+static inline __m256 group32(__m128i lo, __m128i hi, const float *x) {
+    __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x));
+    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), p);
+    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16), p);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), p);
+}
+
+static inline float hsum(__m256 acc) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
 }
+
+/* one row against one token, groups of 32 8-bit codes (32 bytes per group) */
+static inline float row32(const uint8_t *w, const float *x, const float *scale, int groups) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++, w += 32, x += 32) {
+        __m256 p = group32(_mm_loadu_si128((const __m128i *)w), _mm_loadu_si128((const __m128i *)(w + 16)), x);
+        acc = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[g]), acc);
+    }
+    return hsum(acc);
+}
+
 /* the same with 4-bit codes: 16 bytes per group, byte j = code j (low nibble) | code j+16 (high) */
 static inline float row32_q4(const uint8_t *w, const float *x, const float *scale, int groups) {
     __m256 acc = _mm256_setzero_ps();
     const __m128i mask = _mm_set1_epi8(0x0F);
     for (int g = 0; g < groups; g++, w += 16, x += 32) {
         __m128i b = _mm_loadu_si128((const __m128i *)w);
-        __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-        __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x));
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), p);
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16), p);
-        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), p);
+        __m256 p = group32(_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask), x);
         acc = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[g]), acc);
     }
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
+    return hsum(acc);
 }
 #define HAVE_ROW32 1
 #endif
