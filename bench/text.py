@@ -217,7 +217,7 @@ def measure(name: str, data: Path, runs: int, tokens: int) -> dict:
         rows["generate_b"].append(plain(backend, n))
     agree = float((top1(backend.model, ids) == reference).float().mean())
     med = lambda key, field: round(statistics.median(r[field] for r in rows[key]), 2)  # noqa: E731
-    prompt_ids = backend._encode(PROMPT)
+    prompt_ids = backend.encode(PROMPT)
     prompt_text = backend.tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
     source = resolve(cfg.llm.model, cfg.data_path / "models")
     llama = llamacpp(source.path, prompt_text, n, runs) if source.is_gguf else None

@@ -129,7 +129,7 @@ class Engine:
         first = end = None
         queued = time.monotonic()
         try:
-            seen = [m for m in media if m.kind in getattr(llm, "media_kinds", ())]
+            seen = [m for m in media if m.kind in llm.media_kinds]
             unseen = sorted({m.kind for m in media if m.kind in ("image", "video")} - {m.kind for m in seen})
             if unseen and self.config.perception.vl_model == "backbone":
                 yield Notice(f"{llm.name} reads text only, so it answers from what the perception tools found in "

@@ -97,8 +97,6 @@ def rule_choice(text: str, kinds: set[str]) -> str | None:
 
 
 def llm_choice(llm, text: str, kinds: set[str]) -> str:
-    from engine.llm import structured
-
     have = f" (the conversation has: {', '.join(sorted(kinds))})" if kinds else ""
     messages = [
         {"role": "system", "content": "Classify the request. Answer with one of: " + ", ".join(CHOICES.values())
@@ -117,7 +115,7 @@ def llm_choice(llm, text: str, kinds: set[str]) -> str:
     # only what is possible here: nothing to edit without an image or a video in the conversation
     feasible = [k for k in CHOICES if not (k == "edit_image" and "image" not in kinds)
                 and not (k == "edit_video" and "video" not in kinds)]
-    words, _ = structured.choose(llm, messages, [CHOICES[k] for k in feasible])
+    words, _ = llm.choose(messages, [CHOICES[k] for k in feasible])
     return {v: k for k, v in CHOICES.items()}[words]
 
 
@@ -232,14 +230,12 @@ def _schema_with_refs(schema: dict, media: list) -> dict:
 
 
 def llm_arguments(llm, name: str, text: str, media: list, cancel=None) -> dict:
-    from engine.llm import structured
-
     tool = TOOLS[name]
     names = [m.name for _, m in media]
     messages = [{"role": "system", "content": f"Write the JSON arguments of the {name} tool: {tool['description']}"
                  + (f" Files in the conversation: {', '.join(names)}." if names else "")},
                 {"role": "user", "content": text}]
-    args, _ = structured.json_call(llm, messages, _schema_with_refs(tool["schema"], media), cancel)
+    args, _ = llm.json_call(messages, _schema_with_refs(tool["schema"], media), cancel)
     return args
 
 
@@ -250,7 +246,7 @@ def _local_llm(engine):
         llm = engine.roles["llm"].get()
     except Unavailable:
         return None
-    return llm if hasattr(llm, "tokenizer") else None
+    return llm if llm.constrained else None
 
 
 def plan(engine, text: str, media: list, attached: tuple = (), cancel=None) -> ToolPlan | None:

@@ -201,7 +201,7 @@ def make_room_for_diffusion(engine) -> int:
     gives its room (offloaded experts leave the cache; a model wholly on the GPU moves to
     CPU memory) and takes it back when it runs again. Returns the bytes freed."""
     llm = engine.roles["llm"].loaded
-    if llm is None or not hasattr(llm, "park"):
+    if llm is None:
         return 0
     with engine.model_lock:
         return llm.park()

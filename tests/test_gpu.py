@@ -94,7 +94,7 @@ def test_4bit_llm_logits_stay_close_to_fp16_on_cuda(tmp_path):
                                    quantization="4bit"), tmp_path)
     assert next(full.model.parameters()).dtype == torch.float16
     assert sum(type(m).__name__ == "Linear4bit" for m in quant.model.modules()) == 4 * 7
-    prompt = torch.tensor([full._encode([{"role": "user", "content": "Tell me about a lighthouse at dusk."}])],
+    prompt = torch.tensor([full.encode([{"role": "user", "content": "Tell me about a lighthouse at dusk."}])],
                           device="cuda")
     with torch.inference_mode():
         a, b = full.model(input_ids=prompt).logits[0].float(), quant.model(input_ids=prompt).logits[0].float()

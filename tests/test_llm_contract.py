@@ -182,3 +182,25 @@ class TestOmniBackbone(TestTransformersBackend):
 
     def test_next_turn_reuses_the_kv_cache_and_answers_the_same(self, backend, tmp_path):
         TestQuantizedBackend.test_next_turn_reuses_the_kv_cache_and_answers_the_same(self, backend, tmp_path)
+
+
+def test_capabilities_are_declared_not_probed(tmp_path):
+    """What a backend can do beyond generate() it declares; the base says "cannot"."""
+    from engine.llm.base import LLMBackend
+
+    class Plain(LLMBackend):
+        def generate(self, messages, media=(), params=GenParams(), cancel=None):
+            yield TextDelta("hi")
+            return {}
+
+        def count_tokens(self, messages):
+            return 1
+
+    plain = Plain()
+    assert not plain.constrained and plain.media_kinds == frozenset() and plain.park() == 0
+    with pytest.raises(NotImplementedError):
+        plain.choose(MSGS, ["a", "b"])
+    local = load_backend(load_config("tiny", env={}).llm, tmp_path)
+    assert local.constrained and local.media_kinds == frozenset()
+    best, scores = local.choose(MSGS, ["yes", "no"])
+    assert best in ("yes", "no") and len(scores) == 2

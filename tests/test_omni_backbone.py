@@ -148,7 +148,7 @@ def test_4bit_layers_with_nf4_experts_offloaded_answer_like_4bit_on_device(pictu
 def test_4bit_logits_stay_close_to_full_precision(tmp_path):
     pytest.importorskip("bitsandbytes")
     full, quant = backend("tiny", tmp_path), backend("tiny", tmp_path, quantization="4bit")
-    ids = torch.tensor([full._encode(Q)])
+    ids = torch.tensor([full.encode(Q)])
     with torch.inference_mode():
         a, b = full.model(input_ids=ids).logits[0, -1], quant.model(input_ids=ids).logits[0, -1]
     cos = torch.nn.functional.cosine_similarity(a, b, dim=0)

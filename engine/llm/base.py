@@ -1,10 +1,16 @@
 """The one contract every LLM backend implements.
 
-`generate(messages, media, params, cancel)` is a generator of TextDelta (and,
-later, ToolCall) events. It checks `cancel` before every decoding step and
-returns (StopIteration.value) a usage dict:
-`{"prompt_tokens", "completion_tokens", "finish_reason"}` where
+`generate(messages, media, params, cancel)` is a generator of TextDelta events
+(and, for a mixture-of-experts model, one RouterStats at the end). It checks
+`cancel` before every decoding step and returns (StopIteration.value) a usage
+dict: `{"prompt_tokens", "completion_tokens", "finish_reason"}` where
 finish_reason is "stop", "length" or "cancelled".
+
+What a backend can do beyond that it declares here, with defaults that say
+"cannot": `media_kinds` (attachments the model itself sees), `constrained`
+(`choose` and `json_call`: local weights whose logits it can score and mask),
+and `park`/`ready` (giving its GPU room to a diffusion pipeline). Callers read
+these; they never probe a backend's attributes.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Generator, Sequence
 
-from engine.events import CancelToken, TextDelta, ToolCall
+from engine.events import CancelToken, RouterStats, TextDelta
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -44,6 +50,11 @@ class LLMBackend(ABC):
     name: str = ""
     #: the model's context window in tokens (prompt + answer)
     context_tokens: int = 2048
+    #: kinds of attachment the model itself takes in (an omni / vision-language backbone);
+    #: the rest reach it as perception facts
+    media_kinds: frozenset = frozenset()
+    #: it can score a few options and decode schema-constrained JSON (`choose`, `json_call`)
+    constrained: bool = False
 
     @abstractmethod
     def generate(
@@ -52,7 +63,7 @@ class LLMBackend(ABC):
         media: Sequence = (),
         params: GenParams = GenParams(),
         cancel: CancelToken | None = None,
-    ) -> Generator[TextDelta | ToolCall, None, dict]:
+    ) -> Generator[TextDelta | RouterStats, None, dict]:
         """Stream the assistant's answer to `messages`."""
 
     @abstractmethod
@@ -61,3 +72,19 @@ class LLMBackend(ABC):
 
     def close(self) -> None:
         """Free what the backend holds (GPU memory, connections)."""
+
+    def choose(self, messages: Sequence[Message], options: Sequence[str]) -> tuple[str, list[float]]:
+        """(the most likely of `options` as the answer, each option's log-probability); `constrained` only."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score options")
+
+    def json_call(self, messages: Sequence[Message], schema: dict, cancel: CancelToken | None = None,
+                  max_new_tokens: int = 256) -> tuple[dict, int]:
+        """(an object satisfying `schema`, tokens generated); `constrained` only."""
+        raise NotImplementedError(f"{type(self).__name__} cannot constrain its decoding")
+
+    def park(self, force: bool = False) -> int:
+        """Give GPU room to a diffusion pipeline; the bytes freed (nothing to give by default)."""
+        return 0
+
+    def ready(self) -> None:
+        """Take the room back before the next forward (after `park`)."""

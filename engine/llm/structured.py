@@ -24,7 +24,7 @@ def choose(backend, messages: Sequence[dict], options: Sequence[str]) -> tuple[s
     import torch
 
     tok = backend.tokenizer
-    prompt = backend._encode(messages)
+    prompt = backend.encode(messages)
     backend.ready()
     end = sorted(backend.stop_ids)[:1]  # the answer ends after the option
     scores = []
@@ -53,7 +53,7 @@ def _compiler(backend):
         import xgrammar as xgr
     except ImportError as exc:
         raise Unavailable("constrained decoding needs xgrammar (make install adds it)") from exc
-    if getattr(backend, "_xgr_compiler", None) is None:
+    if backend.grammar_compiler is None:
         import torch
 
         info = xgr.TokenizerInfo.from_huggingface(backend.tokenizer, vocab_size=backend.model.config.vocab_size)
@@ -61,8 +61,8 @@ def _compiler(backend):
         for i, piece in enumerate(info.decoded_vocab):
             if any(c in piece for c in (b'"', b"}", b"]")):
                 closing[i] = 1e4
-        backend._xgr_compiler = (xgr.GrammarCompiler(info, cache_enabled=True), info, closing)
-    return backend._xgr_compiler
+        backend.grammar_compiler = (xgr.GrammarCompiler(info, cache_enabled=True), info, closing)
+    return backend.grammar_compiler
 
 
 def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelToken | None = None,
@@ -76,7 +76,7 @@ def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelTok
     grammar = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
     matcher = xgr.GrammarMatcher(grammar)
     mask = xgr.allocate_token_bitmask(1, info.vocab_size)
-    prompt = backend._encode(messages)
+    prompt = backend.encode(messages)
     out_ids: list[int] = []
     with torch.inference_mode():
         steps = backend.steps(prompt)  # (the fast path's int8 steps when the model has one)

@@ -1,8 +1,10 @@
-"""The main LLM backend: transformers, with our own token loop.
+"""The main LLM backend: transformers weights, with our own token loop.
 
 Our loop (prefill, then one forward per token on the KV cache) instead of
-`model.generate` so that a CancelToken is checked before every step without
-a thread, and so that later features (constrained decoding) can edit logits.
+`model.generate` so that a CancelToken is checked before every step without a
+thread. Dense Llama/Qwen2 models decode on engine/llm/fastpath.py (int8/4-bit
+weights with a C kernel on the CPU); the rest on transformers' forward.
+Constrained decoding (engine/llm/structured.py) steps through `steps()`.
 Loading (GGUF conversion, bitsandbytes, omni checkpoints, tiny models) is in
 engine/llm/loading.py.
 """
@@ -23,6 +25,8 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 class TransformersBackend(LLMBackend):
+    constrained = True  # local logits: choices scored, JSON decoded under a grammar
+
     def __init__(self, cfg: LLMConfig, cache_dir: Path) -> None:
         from engine.llm.omni import OmniInputs
         from engine.llm.tiny_omni import NAMES as TINY_OMNI
@@ -51,6 +55,7 @@ class TransformersBackend(LLMBackend):
         self.suppress = list(getattr(self.model.generation_config, "suppress_tokens", None) or [])
         self.parked = False  # weights moved to CPU memory for a diffusion pipeline (park / ready)
         self.fast = self._attach_fast()
+        self.grammar_compiler = None  # xgrammar's, built on the first json_call (structured.py)
 
     def _attach_fast(self):
         """The lean decode path (engine/llm/fastpath.py) for plain dense Llama/Qwen2 models;
@@ -118,10 +123,21 @@ class TransformersBackend(LLMBackend):
         self._kept = ([], None)
         return _Steps(self, prompt)
 
-    def count_tokens(self, messages: Sequence[Message]) -> int:
-        return len(self._encode(messages))
+    def choose(self, messages, options):
+        from engine.llm import structured
 
-    def _encode(self, messages: Sequence[Message]) -> list[int]:
+        return structured.choose(self, messages, options)
+
+    def json_call(self, messages, schema, cancel=None, max_new_tokens: int = 256):
+        from engine.llm import structured
+
+        return structured.json_call(self, messages, schema, cancel, max_new_tokens)
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return len(self.encode(messages))
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        """The prompt's token ids: the chat template with the assistant's turn opened."""
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
@@ -131,7 +147,7 @@ class TransformersBackend(LLMBackend):
         cancel = cancel or CancelToken()
         media = [m for m in media if getattr(m, "kind", None) in self.media_kinds]
         inputs, masks, seen_files = self.omni.build(messages, media) if media else (None, {}, [])
-        prompt = inputs["input_ids"][0].tolist() if inputs else self._encode(messages)
+        prompt = inputs["input_ids"][0].tolist() if inputs else self.encode(messages)
         budget = self.context_tokens - len(prompt)
         if budget <= 0:
             media_note = f" ({sum(int(m.sum()) for m in masks.values())} of them for the media)" if masks else ""
@@ -270,7 +286,7 @@ class TransformersBackend(LLMBackend):
         """transformers' own `generate` (greedy) on the same weights: for bench/text.py."""
         import torch
 
-        ids = torch.tensor([self._encode(messages)], device=self.device)
+        ids = torch.tensor([self.encode(messages)], device=self.device)
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       min_new_tokens=max_new_tokens, do_sample=False)
