@@ -124,14 +124,14 @@ class TransformersBackend(LLMBackend):
         return _Steps(self, prompt)
 
     def choose(self, messages, options):
-        from engine.llm import structured
+        from engine.llm.structured import choose
 
-        return structured.choose(self, messages, options)
+        return choose(self, messages, options)
 
     def json_call(self, messages, schema, cancel=None, max_new_tokens: int = 256):
-        from engine.llm import structured
+        from engine.llm.structured import json_call
 
-        return structured.json_call(self, messages, schema, cancel, max_new_tokens)
+        return json_call(self, messages, schema, cancel, max_new_tokens)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.encode(messages))
