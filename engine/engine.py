@@ -56,7 +56,9 @@ class Engine:
             raise ValueError(str(exc)) from None
         if tts != self.config.tts:
             self.config = config
-            old, self.roles["tts"] = self.roles["tts"], build_roles(config)["tts"]
+            # only the tts role is new; with the talker voice it speaks through the loaded LLM
+            kept = {name: role for name, role in self.roles.items() if name != "tts"}
+            old, self.roles["tts"] = self.roles["tts"], build_roles(config, keep=kept)["tts"]
             old.close()
 
     def llm(self) -> LLMBackend:

@@ -73,7 +73,9 @@ class Role(Generic[T]):
             close()
 
 
-def build_roles(config: Config) -> dict[str, Role]:
+def build_roles(config: Config, keep: dict[str, Role] | None = None) -> dict[str, Role]:
+    """Every role of `config`; those in `keep` are used as they are (loaded or not), and the
+    new ones that lean on them (the talker voice on the llm) lean on those."""
     models = config.data_path / "models"
 
     def llm():
@@ -109,4 +111,5 @@ def build_roles(config: Config) -> dict[str, Role]:
         "tts": Role("tts", tts, name, "check --voice and the logs"),
         "vad": Role("vad", vad, lambda v: "Silero VAD (ONNX)", "check --set vad.model and the logs"),
     }
+    roles.update(keep or {})
     return roles

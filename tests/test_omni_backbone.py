@@ -250,3 +250,18 @@ def test_on_cuda_4bit_moe_offload_and_the_diffusion_hand_off(pictures, tmp_path)
     assert not any(p.is_cuda for p in speaking.talker_model.parameters())  # the talker and vocoder too
     speaking.ready()
     assert all(p.is_cuda for p in speaking.talker_model.parameters())
+
+
+def test_changing_the_speaking_rate_with_the_talker_loads_no_second_model(tmp_path):
+    """set_speech rebuilds only the tts role: the talker voice speaks through the LLM already
+    loaded (it used to hold a fresh, never-loaded llm role and load the omni model again)."""
+    eng = _engine(tmp_path, llm="tiny-omni", tts_backend="talker")
+    try:
+        llm_role = eng.roles["llm"]
+        backend = eng.roles["tts"].get().backend  # the talker voice loads the LLM once
+        eng.set_speech(rate=1.3)
+        assert eng.roles["llm"] is llm_role
+        assert eng.roles["tts"].get().backend is backend
+        assert eng.config.tts.rate == 1.3
+    finally:
+        eng.close()
