@@ -39,7 +39,9 @@ def status(engine) -> dict:
     if (decode := getattr(llm, "decode_path", None)) is not None:
         model["decode"] = decode  # e.g. "fast path, int8 weights (C kernel)"
     return {"profile": config.profile, "roles": roles, "model": model, "memory": memory_mb(),
-            "data_dir": str(config.data_path)}
+            "data_dir": str(config.data_path),
+            # generator modules whose import failed: their backends are missing from the roles above
+            "failed_backends": registry.failed_imports()}
 
 
 def sampling_line(sampling: dict) -> str:
@@ -77,5 +79,8 @@ def status_markdown(report: dict) -> str:
     for role, info in report["roles"].items():
         detail = html.escape(info["detail"], quote=False).replace("|", "\\|")
         lines.append(f"| {role} | {icons.get(info['state'], info['state'])} | {detail} |")
+    for module, error in report.get("failed_backends", {}).items():
+        detail = html.escape(error, quote=False).replace("|", "\\|")
+        lines.append(f"| {module} | ⚠️ failed to import | {detail} |")
     lines.append(f"\nData directory: `{report['data_dir']}`")
     return "\n".join(lines)

@@ -218,3 +218,4 @@ def test_status_says_how_the_model_decodes(engine):
     report = status(engine)
     assert report["model"]["decode"] == "fast path, int8 weights (C kernel)"
     assert "**Decode:** fast path, int8 weights (C kernel)" in status_markdown(report)
+

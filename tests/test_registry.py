@@ -24,3 +24,16 @@ def test_registry_refuses_duplicates_and_reports_why_unavailable(monkeypatch):
 
     assert registry.task_status("image") == (True, "b")
     assert [e.name for e in registry.entries("image")] == ["a", "b"]
+
+
+def test_a_backend_that_failed_to_import_shows_in_the_status(engine, monkeypatch):
+    """registry.load_backends keeps going when one generator module fails to import; the
+    status panel and /v1/status say which and why instead of the backend silently missing."""
+    from engine.status import status, status_markdown
+    from generators import registry
+
+    monkeypatch.setitem(registry._FAILED, "generators.image_broken", "ImportError: no module named 'libfoo'")
+    report = status(engine)
+    assert report["failed_backends"]["generators.image_broken"] == "ImportError: no module named 'libfoo'"
+    assert "| generators.image_broken | ⚠️ failed to import | ImportError: no module named 'libfoo' |" \
+        in status_markdown(report)
