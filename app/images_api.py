@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from engine.errors import InputError
 from engine.events import CancelToken
+from engine.toolrun import NoBackend
 from generators.base import Cancelled, GenerationError, RequestError, no_progress, validate
 from generators.tools import TOOLS
 
@@ -40,7 +41,9 @@ def make_image_router(engine) -> APIRouter:
         cancel = CancelToken()
 
         def work() -> list[dict]:
-            backend = engine.generators.pick(task, request, [SimpleNamespace(path=str(p)) for p in inputs])
+            from engine.toolrun import backend_for  # picks the backend and makes room, as a chat turn does
+
+            backend = backend_for(engine, task, request, [SimpleNamespace(path=str(p)) for p in inputs])
             with tempfile.TemporaryDirectory(prefix="omni-api-") as tmp:
                 result = backend.run(dict(request), inputs, Path(tmp), no_progress, cancel)
                 data = base64.b64encode(Path(result.path).read_bytes()).decode()
@@ -52,8 +55,10 @@ def make_image_router(engine) -> APIRouter:
         except asyncio.CancelledError:
             cancel.cancel("client went away")
             raise
+        except NoBackend as exc:
+            return _error(503, str(exc))
         except RequestError as exc:
-            return _error(503 if "No backend" in str(exc) else 400, str(exc))
+            return _error(400, str(exc))
         except Cancelled:
             return _error(499, "cancelled")
         except GenerationError as exc:

@@ -28,6 +28,10 @@ KIND_NAMES = {"image": "image", "video": "video", "model3d": "3D model", "audio"
 log = logging.getLogger(__name__)
 
 
+class NoBackend(RequestError):
+    """No backend for the task is available here; the message says what to set (HTTP 503)."""
+
+
 class Generators:
     """The engine's generator instances (one per backend, loaded on first use)."""
 
@@ -89,7 +93,7 @@ class Generators:
         ready, reasons = self._scan(task)
         if not ready:
             log.warning("no %s backend: %s", registry.TASKS[task], "; ".join(reasons) or "none is built in")
-            raise RequestError(self.setup_hint(task))
+            raise NoBackend(self.setup_hint(task))
         for entry in ready:
             backend = self.get(entry)
             can_do = getattr(backend, "can_do", None)
@@ -119,18 +123,25 @@ class Generators:
         self._made.clear()
 
 
+def backend_for(engine, task: str, request: dict, inputs: list):
+    """The backend that will run this request, with room made for it: the one way every edge
+    (a chat turn, /v1/images, the CLI) gets a generator. A diffusion pipeline stays the only
+    one resident and the LLM gives it GPU room first. Raises NoBackend / RequestError."""
+    backend = engine.generators.pick(task, request, inputs)
+    engine.generators.only(backend)
+    if hasattr(backend, "unload"):
+        make_room_for_diffusion(engine)
+    return backend
+
+
 def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, list, str]]:
     """Run `plan` (router.ToolPlan). Yields ToolCall, Progress and MediaResult events;
     returns (answer text, stored MediaRecords, status)."""
     yield ToolCall(plan.name, plan.arguments)
-    task = TOOLS[plan.name]["task"]
     try:
-        backend = engine.generators.pick(task, plan.arguments, plan.inputs)
+        backend = backend_for(engine, TOOLS[plan.name]["task"], plan.arguments, plan.inputs)
     except GenerationError as exc:
         return _without_paths(str(exc)), [], "error"
-    engine.generators.only(backend)
-    if hasattr(backend, "unload"):
-        make_room_for_diffusion(engine)
     events: queue.Queue = queue.Queue()
     outcome: dict = {}
     with tempfile.TemporaryDirectory(prefix="omni-gen-") as tmp:
