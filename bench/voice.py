@@ -193,14 +193,14 @@ def main() -> None:
         session.close()
         live_wer = sum(word_error_rate(q, h) for q, h in zip(QUESTIONS, transcripts)) / max(1, len(transcripts))
         return (eos_to_audio, (bargein, bargein_speech), cancels, breakdown, live_wer, session.duplex.energy_onsets,
-                tails)
+                tails, transcripts)
 
     # the plain alternative first: wait for the end of the utterance, then start the turn
     base_cfg = engine.config
     engine.config = replace(base_cfg, vad=replace(base_cfg.vad, speculate_ms=0))
-    plain_eos, _, _, _, plain_wer, _, _ = run_pass()
+    plain_eos, _, _, _, plain_wer, _, _, _ = run_pass()
     engine.config = base_cfg
-    eos_to_audio, (bargein, bargein_speech), cancels, breakdown, live_wer, energy_onsets, tails = run_pass()
+    eos_to_audio, (bargein, bargein_speech), cancels, breakdown, live_wer, energy_onsets, tails, heard = run_pass()
     load_after = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     engine.close()
 
@@ -229,6 +229,7 @@ def main() -> None:
         "vad_end_silence_ms": cfg.vad.end_silence_ms, "vad_speculate_ms": cfg.vad.speculate_ms, "min_barge_in_ms": cfg.vad.min_barge_in_ms,
         "llm": "smollm2-135m (transformers, cpu)", "asr": asr.name, "tts": tts.name,
         "loadavg_before": load_before, "loadavg_after": load_after,
+        "live_transcripts": heard,
     }
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -293,6 +293,8 @@ class Duplex:
             if self.state is State.IDLE or heard_s < needed:
                 return []
             onset = len(self._recent) + 3  # ~100 ms before the onset
+            if busy and self._paused:  # over the answer: from where its audio paused, if that was earlier
+                onset = max(onset, int((self.now - self._paused_at) / self.frame_s) + 4)
             self._utterance = list(self._preroll)[-onset:]
             self._silence_s = 0.0
             if busy:
