@@ -27,7 +27,7 @@ SMALL = 4  # up to this many tokens in one forward use the int8 kernel (it is ba
 class FastLM:
     """Owns the static KV cache; `forward(ids)` appends tokens and returns the last logits."""
 
-    def __init__(self, model, capacity: int, int8=None) -> None:
+    def __init__(self, model, capacity: int, int8=None, codes_path=None) -> None:
         import torch
 
         cfg = model.config
@@ -42,8 +42,14 @@ class FastLM:
         self.head = model.lm_head.weight
         self.device, dtype = self.head.device, self.head.dtype
         self.int8 = int8 if self.device.type == "cpu" and dtype == torch.float32 else None  # q8.load()'s library
+        # the int8 codes found at the first start, kept in the data dir: a warm start reads them
+        self._codes = _read_codes(codes_path) if self.int8 is not None else None
+        self._found: list[dict] = []
         self.layers = [_Layer(layer, self) for layer in model.model.layers]
         self.q8_head = self._q8(self.head, None)
+        if self.int8 is not None and codes_path is not None and self._codes is None:
+            _write_codes(codes_path, self._found)
+        self._codes = self._found = None
         shape = (1, self.kv_heads, capacity, self.head_dim)
         for layer in self.layers:  # untouched pages of an empty tensor cost no memory
             layer.k = torch.empty(shape, dtype=dtype, device=self.device)
@@ -57,7 +63,9 @@ class FastLM:
 
         if self.int8 is None:
             return None
-        layer = Q8Linear(weight, bias, self.int8)
+        saved = self._codes[len(self._found)] if self._codes is not None else None
+        layer = Q8Linear(weight, bias, self.int8, codes=saved)
+        self._found.append(layer.state())
         weight.data.copy_(layer.dequantized())
         return layer
 
@@ -70,7 +78,7 @@ class FastLM:
         return F.linear(x, weight, bias)
 
     @classmethod
-    def attach(cls, model, capacity: int, int8=None) -> "FastLM | None":
+    def attach(cls, model, capacity: int, int8=None, codes_path=None) -> "FastLM | None":
         """A FastLM for `model`, or None when its architecture or layers are not the plain
         Llama/Qwen2 shape this path computes (the caller keeps transformers' forward)."""
         import torch
@@ -85,7 +93,7 @@ class FastLM:
             linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
             if any(type(lin) is not torch.nn.Linear for lin in linears):  # bitsandbytes, MoE, ...
                 return None
-        return cls(model, capacity, int8)
+        return cls(model, capacity, int8, codes_path)
 
     def crop(self, length: int) -> None:
         """Keep the first `length` positions of the cache (prefix reuse across turns)."""
@@ -179,3 +187,26 @@ def _fuse(*linears):
             lin.bias = torch.nn.Parameter(bias[row:row + rows], requires_grad=False)
         row += rows
     return weight, bias
+
+
+def _read_codes(path):
+    """The codes saved by an earlier start, or None (absent, unreadable or from another format)."""
+    import torch
+
+    if path is None or not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # a torn or old file: found again and rewritten
+        return None
+
+
+def _write_codes(path, codes: list[dict]) -> None:
+    import os
+
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(codes, tmp)
+    os.replace(tmp, path)

@@ -69,7 +69,19 @@ class TransformersBackend(LLMBackend):
         if mode == "transformers" or self.moe is not None or self.omni is not None or self.talker_model:
             return None
         lib = q8.load(self.cache_dir / "kernels") if mode == "int8" else None
-        return FastLM.attach(self.model, self.context_tokens, int8=lib)
+        return FastLM.attach(self.model, self.context_tokens, int8=lib, codes_path=self._codes_path())
+
+    def _codes_path(self):
+        """Where the int8 codes of a converted model are kept (none for tiny test models)."""
+        import hashlib
+
+        where = getattr(self.model.config, "_name_or_path", "") or ""
+        if not where or not Path(where).is_dir():
+            return None
+        from engine.llm.kernels import q8
+
+        version = hashlib.sha256(Path(q8.__file__).read_bytes()).hexdigest()[:12]  # the search's format
+        return Path(where) / f"int8-codes-{version}.pt"
 
     @property
     def decode_path(self) -> str:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("q8.c")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 GROUP = 32  # columns per scale
+CHUNK = 4096  # rows quantized at a time (the search's temporaries stay ~10x one chunk)
 _lib = None
 _reason = ""
 
@@ -89,23 +90,40 @@ class Q8Linear:
     symmetric int8 per row agreed with fp32 on 0.90 of greedy tokens, symmetric per 32 on
     0.97 and lost 3-4 of 60 quality items."""
 
-    def __init__(self, weight, bias, lib) -> None:
-        import torch
-
-        w = weight.detach().float()
+    def __init__(self, weight, bias, lib, codes: dict | None = None) -> None:
+        """`codes`: a `state()` saved earlier for this very weight (a warm start skips the search)."""
+        w = weight.detach()
         self.rows, self.cols = w.shape
         self.group = GROUP if self.cols % GROUP == 0 else self.cols
-        blocks = w.reshape(self.rows, -1, self.group)
-        self.bits = 8
+        self.bias = bias.detach().float().contiguous() if bias is not None else None
+        self.lib = lib
+        if codes is not None:
+            self.q, self.scale, self.low, self.bits = codes["q"], codes["scale"], codes["low"], int(codes["bits"])
+        else:
+            import torch
+
+            parts = [self._quantize(w[i:i + CHUNK].float()) for i in range(0, self.rows, CHUNK)]  # bounded temporaries
+            self.bits = 8 if any(bits == 8 for *_, bits in parts) else 4
+            if self.bits == 8 and any(bits == 4 for *_, bits in parts):  # one layout per layer
+                parts = [self._quantize(w[i:i + CHUNK].float(), allow4=False) for i in range(0, self.rows, CHUNK)]
+            self.q, self.scale, self.low = (torch.cat([p[k] for p in parts]).contiguous() for k in range(3))
+
+    def state(self) -> dict:
+        return {"q": self.q, "scale": self.scale, "low": self.low, "bits": self.bits}
+
+    def _quantize(self, w, allow4: bool = True):
+        """(codes, scale, low, bits) for some rows of the weight."""
+        import torch
+
+        rows = w.shape[0]
+        blocks = w.reshape(rows, -1, self.group)
         grid = _levels(blocks)
         if grid is not None:  # a GGUF's blocks: exact in 8 bits, or in 4 when no group has over 16 levels
-            self.scale, self.low, codes = grid
-            if self.group == 32 and int(codes.max()) <= 15:
-                pairs = codes.view(self.rows, -1, 2, 16)
-                self.q = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(self.rows, self.cols // 2).contiguous()
-                self.bits = 4
-            else:
-                self.q = codes.reshape(self.rows, self.cols).contiguous()
+            scale, low, codes = grid
+            if allow4 and self.group == 32 and int(codes.max()) <= 15:
+                pairs = codes.view(rows, -1, 2, 16)
+                return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(rows, self.cols // 2), scale, low, 4
+            return codes.reshape(rows, self.cols), scale, low, 8
         else:  # (weights from fp16/bf16 files) the closer of two grids per group: min..max in
             # 255 steps, or symmetric +-absmax in 254 steps (llama.cpp's Q8_0)
             low, high = blocks.amin(-1), blocks.amax(-1)
@@ -115,12 +133,8 @@ class Q8Linear:
             codes = [torch.round((blocks - lo[..., None]) / sc[..., None]).clamp(0, 255) for sc, lo in grids]
             errors = [(lo[..., None] + q * sc[..., None] - blocks).abs().amax(-1) for (sc, lo), q in zip(grids, codes)]
             pick = errors[1] < errors[0]
-            self.scale = torch.where(pick, sym, step).contiguous()  # [rows, groups]
-            self.low = torch.where(pick, -128 * sym, low).contiguous()
-            self.q = torch.where(pick[..., None], codes[1], codes[0]).to(torch.uint8).reshape(
-                self.rows, self.cols).contiguous()
-        self.bias = bias.detach().float().contiguous() if bias is not None else None
-        self.lib = lib
+            q = torch.where(pick[..., None], codes[1], codes[0]).to(torch.uint8).reshape(rows, self.cols)
+            return q, torch.where(pick, sym, step), torch.where(pick, -128 * sym, low), 8
 
     def __call__(self, x):
         """x: [..., cols] fp32 -> [..., rows] fp32."""
