@@ -82,7 +82,7 @@ def make_image_router(engine) -> APIRouter:
             for key in ("seed", "steps", "negative_prompt"):
                 if key in body:
                     args[key] = body[key]
-            args = validate(TOOLS["generate_image"]["schema"], args)
+            args = validate(TOOLS["generate_image"].schema, args)
         except (ValueError, TypeError, RequestError) as exc:
             return _error(400, str(exc))
         return await run("image", args, [])
@@ -96,7 +96,7 @@ def make_image_router(engine) -> APIRouter:
             upload, prompt = form.get("image"), form.get("prompt", "")
             if upload is None or not hasattr(upload, "read"):
                 raise ValueError("send the image as a multipart file field named 'image'")
-            args = validate(TOOLS["edit_image"]["schema"], {"instruction": str(prompt), "image": "upload"})
+            args = validate(TOOLS["edit_image"].schema, {"instruction": str(prompt), "image": "upload"})
             with tempfile.TemporaryDirectory(prefix="omni-api-in-") as tmp:
                 src = Path(tmp) / "upload"  # the client's file name is shown, never used as a path
                 with open(src, "wb") as out:

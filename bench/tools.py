@@ -69,15 +69,15 @@ def validity(engine) -> dict:
     ok_c, ok_free, n, ms = 0, 0, 0, []
     for req in [r for r in REQUESTS if r["tool"] != "chat"][::2]:
         tool = TOOLS[req["tool"]]
-        schema = _schema_with_refs(tool["schema"], media)
+        schema = _schema_with_refs(tool.schema, tool.refs, media)
         messages = [{"role": "system", "content": f"Reply with only the JSON arguments of the {req['tool']} tool "
-                     f"({tool['description']}). JSON schema: {json.dumps(tool['schema'])[:600]}"},
+                     f"({tool.description}). JSON schema: {json.dumps(tool.schema)[:600]}"},
                     {"role": "user", "content": req["text"]}]
         n += 1
         start = time.perf_counter()
         try:
             args, _ = structured.json_call(llm, messages, schema)
-            validate(tool["schema"], args)
+            validate(tool.schema, args)
             ok_c += 1
         except (ValueError, GenerationError):
             pass
@@ -88,7 +88,7 @@ def validity(engine) -> dict:
         llm.forget()
         try:
             start_i = text.index("{")
-            validate(tool["schema"], json.loads(text[start_i:text.rindex("}") + 1]))
+            validate(tool.schema, json.loads(text[start_i:text.rindex("}") + 1]))
             ok_free += 1
         except (ValueError, GenerationError):
             pass

@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from generators.base import MediaKind
+from generators.tools import TOOLS
+
 Message = dict
 CUT_MARK = "[...earlier text cut to fit the context...] "
 STOPPED_MARK = " (interrupted)"  # (on SmolLM2, brackets or a longer mark made answers worse)
-REFERENCES = ("image", "video", "audio")  # the tool arguments that name a file of the conversation
 SPOKEN = "answer.wav"  # (the spoken answer stored with a turn: not something a tool made)
 
 
@@ -41,10 +43,9 @@ def as_message(turn) -> Message:
 def tool_note(tool: dict, kinds: Sequence[str], status: str) -> str:
     """"[video made: trim of clip.mp4]": what a tool turn made (`kinds`: the media kinds
     of its results), from what, in a few words."""
-    from engine.toolrun import KIND_NAMES
-
     args, name = tool.get("arguments") or {}, tool.get("name", "tool")
-    sources = ", ".join(str(args[f]) for f in REFERENCES if args.get(f))
+    refs = TOOLS[name].refs if name in TOOLS else ()  # the arguments that name a file of the conversation
+    sources = ", ".join(str(args[f]) for f, _ in refs if args.get(f))
     how = str(args.get("operation") or "").replace("_", " ")
     if how:
         how += f" of {sources}" if sources else ""
@@ -54,7 +55,7 @@ def tool_note(tool: dict, kinds: Sequence[str], status: str) -> str:
     if not kinds:
         done = "stopped" if status == "interrupted" else "done"
         return f"[{name.replace('_', ' ')} {done}, nothing made: {how}]"
-    what = KIND_NAMES.get(kinds[0], kinds[0])
+    what = MediaKind(kinds[0]).noun
     count = f"{len(kinds)} {what}s" if len(kinds) > 1 else what
     return f"[{count} made: {how}]"
 

@@ -25,9 +25,7 @@ from generators.tools import TOOLS
 
 CHAT = "chat"
 # what the LLM chooses between (its words for each tool)
-CHOICES = {CHAT: "chat", "generate_image": "draw image", "edit_image": "edit image", "generate_video": "make video",
-           "edit_video": "edit video", "generate_3d": "make 3D model", "generate_audio": "make sound"}
-REF_FIELDS = {"image": "image", "video": "video", "audio": "audio"}
+CHOICES = {CHAT: "chat", **{name: tool.words for name, tool in TOOLS.items()}}
 
 _CREATE = r"\b(make|create|generate|draw|paint|sketch|render|design|produce|compose|give me|show me|build|i want|i'd like)\b"
 _IMAGE_EDIT = (r"\b(crop|rotate|flip|mirror|resize|scale|brighter|darker|brighten|darken|contrast|saturat\w*|hue|blur"
@@ -216,10 +214,10 @@ def words_arguments(name: str, text: str) -> dict:
     return args
 
 
-def _schema_with_refs(schema: dict, media: list) -> dict:
+def _schema_with_refs(schema: dict, refs, media: list) -> dict:
     """The tool's schema with each reference field limited to the files that exist."""
     props = dict(schema["properties"])
-    for fld, kind in REF_FIELDS.items():
+    for fld, kind in refs:
         if fld in props:
             names = ["last", "first", "previous", *dict.fromkeys(m.name for _, m in media if m.kind == kind)]
             props[fld] = {**{k: v for k, v in props[fld].items() if k not in ("maxLength", "minLength")},
@@ -232,10 +230,10 @@ def _schema_with_refs(schema: dict, media: list) -> dict:
 def llm_arguments(llm, name: str, text: str, media: list, cancel=None) -> dict:
     tool = TOOLS[name]
     names = [m.name for _, m in media]
-    messages = [{"role": "system", "content": f"Write the JSON arguments of the {name} tool: {tool['description']}"
+    messages = [{"role": "system", "content": f"Write the JSON arguments of the {name} tool: {tool.description}"
                  + (f" Files in the conversation: {', '.join(names)}." if names else "")},
                 {"role": "user", "content": text}]
-    args, _ = llm.json_call(messages, _schema_with_refs(tool["schema"], media), cancel)
+    args, _ = llm.json_call(messages, _schema_with_refs(tool.schema, tool.refs, media), cancel)
     return args
 
 
@@ -271,10 +269,9 @@ def plan(engine, text: str, media: list, attached: tuple = (), cancel=None) -> T
     else:
         args = words_arguments(name, text)
     inputs = []
-    wants = [f for f in REF_FIELDS if f in TOOLS[name]["schema"]["properties"]]
-    for fld in wants:
-        kind = REF_FIELDS[fld]
-        default = TOOLS[name]["schema"]["properties"][fld].get("default")
+    tool = TOOLS[name]
+    for fld, kind in tool.refs:
+        default = tool.schema["properties"][fld].get("default")
         optional = default == ""
         if optional and fld not in args:
             mentioned = _has(r"\b(this|it|that|the (photo|picture|image|video|clip))\b", text) or \
@@ -291,13 +288,13 @@ def plan(engine, text: str, media: list, attached: tuple = (), cancel=None) -> T
                                f"attach one first.")
         args[fld] = record.name
         inputs.append(record)
-    accepted = {REF_FIELDS[f] for f in wants}
+    accepted = {kind for _, kind in tool.refs}
     other = sorted({m.kind for m in attached} - accepted)
     if other and not inputs and _has(r"\b(this|it|that)\b", text):
-        what = {"generate_3d": "a 3D model", "generate_video": "a video", "generate_image": "an image"}.get(
-            name, name.replace("_", " "))
+        what = f"{'an' if tool.kind.noun[0] in 'aeiou' else 'a'} {tool.kind.noun}" if name.startswith("generate") \
+            else name.replace("_", " ")
         uses = " or ".join(sorted(accepted)) or "a description"
         raise RequestError(f"I can't make {what} from {' or '.join(other)}: it works from a description"
                            f"{' or an ' + uses if accepted else ''}.")
-    args = validate(TOOLS[name]["schema"], args)
+    args = validate(tool.schema, args)
     return ToolPlan(name, args, inputs, by)

@@ -18,13 +18,9 @@ from typing import Generator
 from engine import media as media_mod
 from engine.events import CancelToken, Event, MediaResult, Progress, ToolCall
 from generators import registry
-from generators.base import Cancelled, GenerationError, RequestError
+from generators.base import Cancelled, GenerationError, MediaKind, RequestError
 from generators.tools import TOOLS
 
-# config field (GeneratorsConfig) with the model of each diffusion backend
-MODEL_FIELDS = {"image": "image_model", "edit_image": "edit_model", "video": "video_model", "3d": "model3d_model",
-                "audio": "audio_model"}
-KIND_NAMES = {"image": "image", "video": "video", "model3d": "3D model", "audio": "sound"}
 log = logging.getLogger(__name__)
 
 
@@ -42,11 +38,9 @@ class Generators:
         self._lock = threading.Lock()
 
     def _options(self, entry) -> dict:
-        """Settings for a diffusion backend: its model, and quantization on the gpu profile."""
-        if "diffusion" not in getattr(entry.factory, "__module__", ""):
-            return {}
-        fld = MODEL_FIELDS.get(entry.task)
-        model = getattr(self.config.generators, fld, "") if fld else ""
+        """Settings for a backend that takes a model (its entry names the config field): the
+        model, and quantization on the gpu profile."""
+        model = vars(self.config.generators).get(entry.config_field, "") if entry.config_field else ""
         if not model:
             return {}
         quant = self.config.generators.quantization
@@ -96,8 +90,7 @@ class Generators:
             raise NoBackend(self.setup_hint(task))
         for entry in ready:
             backend = self.get(entry)
-            can_do = getattr(backend, "can_do", None)
-            if can_do is None or can_do(request, [Path(r.path) for r in inputs]):
+            if backend.can_do(request, [Path(r.path) for r in inputs]):
                 return backend
         return self.get(ready[0])
 
@@ -109,17 +102,16 @@ class Generators:
             return self._made[key]
 
     def only(self, backend) -> None:
-        """Keep one diffusion pipeline resident: unload the others before `backend` loads
-        (on one GPU they would not fit together)."""
+        """Keep one resident pipeline: unload the others before `backend` loads (on one GPU
+        they would not fit together)."""
         with self._lock:
             for other in self._made.values():
-                if other is not backend and hasattr(other, "unload") and hasattr(backend, "unload"):
+                if other is not backend and other.resident and backend.resident:
                     other.unload()
 
     def close(self) -> None:
         for backend in self._made.values():
-            if hasattr(backend, "unload"):
-                backend.unload()
+            backend.unload()
         self._made.clear()
 
 
@@ -129,7 +121,7 @@ def backend_for(engine, task: str, request: dict, inputs: list):
     one resident and the LLM gives it GPU room first. Raises NoBackend / RequestError."""
     backend = engine.generators.pick(task, request, inputs)
     engine.generators.only(backend)
-    if hasattr(backend, "unload"):
+    if backend.resident:
         make_room_for_diffusion(engine)
     return backend
 
@@ -139,7 +131,7 @@ def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, 
     returns (answer text, stored MediaRecords, status)."""
     yield ToolCall(plan.name, plan.arguments)
     try:
-        backend = backend_for(engine, TOOLS[plan.name]["task"], plan.arguments, plan.inputs)
+        backend = backend_for(engine, TOOLS[plan.name].task, plan.arguments, plan.inputs)
     except GenerationError as exc:
         return _without_paths(str(exc)), [], "error"
     events: queue.Queue = queue.Queue()
@@ -173,7 +165,7 @@ def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, 
     for rec in records:
         yield MediaResult(rec.kind, rec.path, {**meta, "backend": backend.name, "name": rec.name,
                                                "tool": plan.name})
-    what = KIND_NAMES.get(records[0].kind, records[0].kind) if records else "result"
+    what = MediaKind(records[0].kind).noun if records else "result"
     detail = _describe(meta)
     count = f"{len(records)} {what}s" if len(records) > 1 else f"the {what}"
     return f"Here is {count}, made with {backend.name}{f' ({detail})' if detail else ''}.", records, "complete"

@@ -17,8 +17,8 @@ from typing import Generator
 from engine.adapters.base import mmss
 from engine.errors import InputError, Unavailable
 from engine.events import Event, Notice, Perceived, Transcript
+from generators.base import MediaKind
 
-KIND_WORDS = {"image": "images", "audio": "audio", "video": "video", "model3d": "3D models"}
 HEARD_MAX_S = 3600  # the fast path transcribes at most this much of a file (as AudioPerception does)
 
 
@@ -110,10 +110,10 @@ def with_facts(content: str, facts: dict) -> str:
 
 def unreadable_note(engine, records, got: Understood) -> str:
     unread = [r for r in records if r.name not in got.facts and not (r.kind == "audio" and r.sha256 in got.heard)]
-    kinds = sorted({r.kind for r in unread}, key=list(KIND_WORDS).index)
+    kinds = sorted({MediaKind(r.kind) for r in unread}, key=list(MediaKind).index)
     if not kinds:
         return ""
-    what = " or ".join(KIND_WORDS[k] for k in kinds)
+    what = " or ".join(k.plural for k in kinds)
     names = ", ".join(r.name for r in unread)
     if kinds == ["audio"]:
         why = f"speech recognition is unavailable ({engine.roles['asr'].state()[1]})"

@@ -53,7 +53,6 @@ def mux(video: Path, wav: Path, out: Path) -> None:
 @register("audio", "audioldm", available=lambda **config: AudioDiffusion.available(**config))
 class AudioDiffusion(DiffusionBackend):
     task, name = "audio", "audioldm"
-    config_field = "audio_model"
     default_model = "cvssp/audioldm2"
     default_steps = 50
 

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from generators._notes import layout, parse_notes
-from generators.base import RequestError, Result, check
+from generators.base import Backend, RequestError, Result, check
 from generators.registry import register
 
 SR = 44100
@@ -276,7 +276,7 @@ def _fresh(out_dir: Path, stem: str, ext: str) -> Path:
 
 
 @register("audio", "synth")
-class SynthAudio:
+class SynthAudio(Backend):
     task = "audio"
     name = "synth"
 

@@ -3,6 +3,11 @@
     backend = SomeBackend(**config)           # cheap; weights load on first run
     result = backend.run(request, inputs, out_dir, progress, cancel)
 
+Every backend subclasses `Backend`, which declares what the engine reads:
+its `task` and `name`, whether it is `resident` (holds a model that needs
+device room) with `unload()`, `can_do(request, inputs)` and the config field
+naming its model.
+
 - `request`: a dict already validated against the backend's tool schema
   (`validate(schema, args)`), defaults filled in.
 - `inputs`: paths of the media the request refers to (already resolved by
@@ -18,15 +23,30 @@ Returns `Result(kind, path, meta)`; bad arguments or unusable inputs raise
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-KINDS = ("image", "video", "model3d", "audio")
+
+class MediaKind(StrEnum):
+    """What a media file is, with the words for it: `noun` for one made file ("Here is the
+    sound"), `plural` for what a model cannot read ("reads text only, not images")."""
+
+    IMAGE = "image", "image", "images"
+    AUDIO = "audio", "sound", "audio"
+    VIDEO = "video", "video", "video"
+    MODEL3D = "model3d", "3D model", "3D models"
+
+    def __new__(cls, value: str, noun: str, plural: str):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.noun, member.plural = noun, plural
+        return member
 
 
 @dataclass(frozen=True)
 class Result:
-    kind: str  # one of KINDS
+    kind: str  # a MediaKind
     path: str
     meta: dict = field(default_factory=dict)  # width/height, duration_s, frames, backend, ...
 
@@ -52,12 +72,27 @@ class CancelLike(Protocol):
     def cancelled(self) -> bool: ...
 
 
-class Generator(Protocol):
-    task: str  # a registry task
-    name: str  # backend name shown with each result
+class Backend:
+    """What every generator backend declares; the defaults are a light backend (no model to
+    load, nothing to give back) that tries any request of its task. The engine reads these,
+    never probes for them."""
+
+    task: str = ""  # a registry task (a Tool's task)
+    name: str = ""  # backend name shown with each result
+    resident: bool = False  # holds a model that needs device room: one resident at a time, the LLM parks for it
+    config_field: str = ""  # the GeneratorsConfig field naming its model ("": it takes none)
+
+    def can_do(self, request: dict, inputs: Sequence[Path]) -> bool:
+        """Whether this backend does `request` well (the engine's pick among a task's backends);
+        no weights are touched."""
+        return True
+
+    def unload(self) -> None:
+        """Give back what the model holds (a resident backend reloads on its next run)."""
 
     def run(self, request: dict, inputs: Sequence[Path], out_dir: Path,
-            progress: ProgressFn, cancel: CancelLike) -> Result: ...
+            progress: ProgressFn, cancel: CancelLike) -> Result:
+        raise NotImplementedError
 
 
 def check(cancel: CancelLike) -> None:

@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from generators.base import Cancelled, GenerationError, ProgressFn, RequestError, check
+from generators.base import Backend, Cancelled, GenerationError, ProgressFn, RequestError, check
 
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -141,12 +141,18 @@ class _Steps:
             self._report(1, 1)
 
 
-class DiffusionBackend:
-    """Base of the diffusion generators; subclasses set the class attributes and write `run`."""
+class DiffusionBackend(Backend):
+    """Base of the diffusion generators; subclasses set the class attributes and write `run`.
+    The task (which also names the env var OMNI_GEN_<TASK>_MODEL) gives the config field
+    holding the model (--set generators.<field>=...), from the task's Tool record."""
 
-    task = ""  # registry task; also names the env var OMNI_GEN_<TASK>_MODEL
-    name = ""  # registry name
-    config_field = ""  # the engine's GeneratorsConfig field holding the model (--set generators.<field>=...)
+    resident = True  # a pipeline on the device: the engine keeps one and parks the LLM for it
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        from generators.tools import BY_TASK
+
+        cls.config_field = BY_TASK[cls.task].config_field
     pipeline_class = "DiffusionPipeline"  # diffusers class whose from_pretrained loads `model`
     default_model = ""  # hub id used when nothing is configured (used only if already in the cache)
     denoiser = "unet"  # the pipeline module called once per denoising step

@@ -34,7 +34,6 @@ def load_image(path: Path, max_side: int = MAX_SIDE):
 @register("edit_image", "instruct-pix2pix", available=lambda **config: EditDiffusion.available(**config))
 class EditDiffusion(DiffusionBackend):
     task, name = "edit_image", "instruct-pix2pix"
-    config_field = "edit_model"
     pipeline_class = "StableDiffusionInstructPix2PixPipeline"
     default_model = "timbrooks/instruct-pix2pix"
     default_steps = 20

@@ -12,7 +12,6 @@ from generators.registry import register
 @register("image", "diffusion", available=lambda **config: ImageDiffusion.available(**config))
 class ImageDiffusion(DiffusionBackend):
     task, name = "image", "diffusion"
-    config_field = "image_model"
     pipeline_class = "AutoPipelineForText2Image"
     default_model = "stabilityai/sdxl-turbo"
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from . import _imageops as ops
-from .base import GenerationError, RequestError, Result, check, validate
+from .base import Backend, GenerationError, RequestError, Result, check, validate
 from .registry import register
 from .tools import IMAGE_OP
 
@@ -351,7 +351,7 @@ def parse_instruction(text: str) -> list[dict]:
 # --- the backend -------------------------------------------------------------------
 
 @register("edit_image", "opencv")
-class OpenCVImageEditor:
+class OpenCVImageEditor(Backend):
     task = "edit_image"
     name = "opencv"
 

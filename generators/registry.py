@@ -9,22 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-TASKS = {
-    "image": "text-to-image",
-    "edit_image": "image editing",
-    "video": "text/image-to-video",
-    "edit_video": "video editing",
-    "3d": "text/image-to-3D",
-    "audio": "text/video-to-audio",
-}
+from generators.base import Backend
+from generators.tools import TOOLS
+
+TASKS = {tool.task: tool.task_title for tool in TOOLS.values()}  # task -> what it is, in words
 
 
 @dataclass(frozen=True)
 class Entry:
     task: str
     name: str
-    factory: Callable
+    factory: Callable[..., Backend]
     available: Callable[[], tuple[bool, str]]  # (ok, why not / what to set)
+    config_field: str = ""  # the GeneratorsConfig field with the backend's model ("": it takes none)
 
 
 _REGISTRY: dict[tuple[str, str], Entry] = {}
@@ -38,15 +35,18 @@ BACKENDS = ("image_opencv", "video_ffmpeg", "scene_trimesh", "audio_synth", "ima
 
 
 def register(task: str, name: str, available: Callable[[], tuple[bool, str]] = lambda: (True, "")):
-    """Class decorator: `@register("image", "opencv")`."""
+    """Class decorator for a `Backend` subclass: `@register("image", "opencv")`."""
     if task not in TASKS:
         raise ValueError(f"unknown generator task {task!r}; tasks are {', '.join(TASKS)}")
 
-    def wrap(factory):
+    def wrap(factory: type[Backend]):
         key = (task, name)
+        if not (isinstance(factory, type) and issubclass(factory, Backend)):
+            raise ValueError(f"the {name!r} generator must subclass generators.base.Backend (it declares what "
+                             "the engine reads)")
         if key in _REGISTRY:
             raise ValueError(f"a generator named {name!r} is already registered for {task!r}")
-        _REGISTRY[key] = Entry(task, name, factory, available)
+        _REGISTRY[key] = Entry(task, name, factory, available, factory.config_field)
         return factory
 
     return wrap

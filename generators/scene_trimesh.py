@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from generators._shapes import dims, parse_color, rotation, shapes_from_prompt
-from generators.base import GenerationError, RequestError, Result, check, validate
+from generators.base import Backend, GenerationError, RequestError, Result, check, validate
 from generators.registry import register
 from generators.tools import SHAPE
 
@@ -194,7 +194,7 @@ def _media_kind(path: Path) -> str:
 
 
 @register("3d", "trimesh")
-class TrimeshScene:
+class TrimeshScene(Backend):
     """Text/shapes/image -> .glb with trimesh; no weights, CPU only."""
 
     task = "3d"

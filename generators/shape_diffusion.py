@@ -29,7 +29,6 @@ def to_trimesh(mesh):
 @register("3d", "shap-e", available=lambda **config: ShapeDiffusion.available(**config))
 class ShapeDiffusion(DiffusionBackend):
     task, name = "3d", "shap-e"
-    config_field = "model3d_model"
     pipeline_class = "ShapEPipeline"
     default_model = "openai/shap-e"
     denoiser = "prior"

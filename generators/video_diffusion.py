@@ -40,7 +40,6 @@ def write_mp4(path: Path, frames, fps: int, cancel=None) -> None:
 @register("video", "diffusion", available=lambda **config: VideoDiffusion.available(**config))
 class VideoDiffusion(DiffusionBackend):
     task, name = "video", "diffusion"
-    config_field = "video_model"
     default_model = "ali-vilab/text-to-video-ms-1.7b"
 
     def __init__(self, *args, motion_adapter: str | None = None, **kwargs) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from generators.base import Cancelled, GenerationError, RequestError, Result, check
+from generators.base import Backend, Cancelled, GenerationError, RequestError, Result, check
 from generators.ffmpeg import AAC, EVEN, H264, ffmpeg_exe, mux_audio, probe, run_ffmpeg
 from generators.registry import register
 from generators import ffmpeg as _ff
@@ -65,7 +65,7 @@ class _Job:
 
 
 @register("edit_video", "ffmpeg", available=_ff.available)
-class FFmpegVideoEditor:
+class FFmpegVideoEditor(Backend):
     task = "edit_video"
     name = "ffmpeg"
 

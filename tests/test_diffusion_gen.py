@@ -59,7 +59,7 @@ class Case:
         return backend_class(self.task)(model="", pipeline=pipe, steps=2, **{**self.options, **options})
 
     def request(self) -> dict:
-        return validate(TOOLS[self.tool]["schema"], self.args)
+        return validate(TOOLS[self.tool].schema, self.args)
 
 
 CASES = [
@@ -250,7 +250,7 @@ def test_audio_for_a_video_is_muxed_into_it(tmp_path, mp4):
 def test_requests_it_cannot_do_are_refused(case_id, args, inputs, message, tmp_path, request):
     case = next(c for c in CASES if c.id == case_id)
     backend = backend_class(case.task)(model="", pipeline=object())  # never reached
-    schema = TOOLS[case.tool]["schema"]
+    schema = TOOLS[case.tool].schema
     paths = [request.getfixturevalue(name) for name in inputs]
     request = validate(schema, args)
     with pytest.raises(RequestError, match=message):

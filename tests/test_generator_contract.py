@@ -16,7 +16,7 @@ from generators.base import Cancelled, RequestError, validate
 from generators.tools import TOOLS
 
 registry.load_backends()
-TASK_TOOL = {tool["task"]: name for name, tool in TOOLS.items()}
+TASK_TOOL = {tool.task: name for name, tool in TOOLS.items()}
 
 
 def _photo(tmp: Path) -> Path:
@@ -73,7 +73,7 @@ def _prepare(case, tmp, backends):
     key = (task, name)
     if key not in backends:
         backends[key] = _backend(task, name)
-    request = validate(TOOLS[TASK_TOOL[task]]["schema"], dict(request))
+    request = validate(TOOLS[TASK_TOOL[task]].schema, dict(request))
     inputs = [make_input(tmp)] if make_input else []
     if make_input is _photo:
         request["image"] = "photo.png"
@@ -112,7 +112,7 @@ def test_cancel_mid_run_leaves_nothing(case, tmp_path, backends):
 
 @pytest.mark.parametrize("tool", sorted(TOOLS))
 def test_request_validation_names_the_field(tool):
-    schema = TOOLS[tool]["schema"]
+    schema = TOOLS[tool].schema
     with pytest.raises(RequestError, match="required"):
         validate(schema, {})
     with pytest.raises(RequestError, match="unknown field"):

@@ -27,7 +27,7 @@ def save(tmp_path, arr, name="in.png", mode=None):
 
 
 def edit(tmp_path, path, operations=(), instruction="edit", cancel=None, progress=None):
-    request = validate(TOOLS["edit_image"]["schema"], {"instruction": instruction, "operations": list(operations)})
+    request = validate(TOOLS["edit_image"].schema, {"instruction": instruction, "operations": list(operations)})
     out = tmp_path / "out"
     res = OpenCVImageEditor().run(request, [path], out, progress or (lambda s, f: None),
                                   cancel or SimpleNamespace(cancelled=False))
@@ -207,7 +207,7 @@ def test_input_modes_and_exif(tmp_path):
 def test_parse_instruction(text, ops):
     assert parse_instruction(text) == ops
     for op in ops:
-        validate(TOOLS["edit_image"]["schema"]["properties"]["operations"]["items"], op)
+        validate(TOOLS["edit_image"].schema["properties"]["operations"]["items"], op)
 
 
 def test_instruction_drives_the_edit(tmp_path):
@@ -246,7 +246,7 @@ def test_errors(tmp_path, setup, operations, instruction, message):
 
 
 def test_needs_exactly_one_input(tmp_path):
-    request = validate(TOOLS["edit_image"]["schema"], {"instruction": "invert"})
+    request = validate(TOOLS["edit_image"].schema, {"instruction": "invert"})
     for inputs in ([], [tmp_path / "a.png", tmp_path / "b.png"]):
         with pytest.raises(RequestError, match="exactly one image"):
             OpenCVImageEditor().run(request, inputs, tmp_path, lambda s, f: None, SimpleNamespace(cancelled=False))

@@ -1,6 +1,7 @@
 import pytest
 
 from generators import registry
+from generators.base import Backend
 
 
 def test_registry_refuses_duplicates_and_reports_why_unavailable(monkeypatch):
@@ -9,17 +10,19 @@ def test_registry_refuses_duplicates_and_reports_why_unavailable(monkeypatch):
     assert "no text-to-image backend" in registry.task_status("image")[1]
 
     @registry.register("image", "a", available=lambda: (False, "weights absent; set --image-model"))
-    class A:
+    class A(Backend):
         pass
 
     with pytest.raises(ValueError, match="already registered"):
         registry.register("image", "a")(A)
     with pytest.raises(ValueError, match="unknown generator task"):
         registry.register("smell", "x")
+    with pytest.raises(ValueError, match="must subclass generators.base.Backend"):
+        registry.register("image", "c")(type("C", (), {}))
     assert registry.task_status("image") == (False, "a: weights absent; set --image-model")
 
     @registry.register("image", "b")
-    class B:
+    class B(Backend):
         pass
 
     assert registry.task_status("image") == (True, "b")

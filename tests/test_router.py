@@ -14,7 +14,7 @@ from engine.config import load_config
 from engine.engine import Engine
 from engine.media import MediaRecord
 from engine.session import Session, Turn
-from generators.base import RequestError, validate
+from generators.base import Backend, RequestError, validate
 from generators.tools import TOOLS
 
 REQUESTS = json.loads((Path(__file__).parent / "data" / "tool_requests.json").read_text())
@@ -29,7 +29,7 @@ def test_clear_wording_picks_the_tool_and_arguments(req):
         for key, value in req.get("args", {}).items():
             assert args[key] == pytest.approx(value), key
         if "video" not in req["media"] or got != "generate_audio":
-            validate(TOOLS[got]["schema"], {k: v for k, v in args.items()})
+            validate(TOOLS[got].schema, {k: v for k, v in args.items()})
 
 
 def _rec(name, kind="image"):
@@ -70,7 +70,7 @@ def test_constrained_calls_from_a_random_model_are_always_valid(tmp_path):
                 continue
             chosen.add(plan.name)
             assert plan.chosen_by == "llm"
-            validate(TOOLS[plan.name]["schema"], plan.arguments)
+            validate(TOOLS[plan.name].schema, plan.arguments)
             for fld in ("image", "video"):
                 if plan.arguments.get(fld):
                     assert plan.arguments[fld] in ("beach.png", "clip.mp4")
@@ -79,8 +79,8 @@ def test_constrained_calls_from_a_random_model_are_always_valid(tmp_path):
         from engine.llm import structured
 
         for name, tool in TOOLS.items():  # every schema, straight from the decoder
-            args, n = structured.json_call(llm, [{"role": "user", "content": name}], tool["schema"])
-            validate(tool["schema"], args)
+            args, n = structured.json_call(llm, [{"role": "user", "content": name}], tool.schema)
+            validate(tool.schema, args)
             assert n > 0
     finally:
         eng.close()
@@ -150,7 +150,7 @@ def test_nothing_to_edit_says_so(tmp_path):
         eng.close()
 
 
-class _Crashing:
+class _Crashing(Backend):
     task, name = "edit_image", "crashy"
 
     def __init__(self, exc):
@@ -161,7 +161,7 @@ class _Crashing:
         raise self.exc
 
 
-class _Slow:
+class _Slow(Backend):
     task, name = "edit_image", "slow"
 
     def run(self, request, inputs, out_dir, progress, cancel):

@@ -24,7 +24,7 @@ class Flag:
 
 
 def run(tmp_path, shapes=(), prompt="a scene", image="", inputs=(), cancel=None, progress=None):
-    req = validate(TOOLS["generate_3d"]["schema"], {"prompt": prompt, "shapes": list(shapes), "image": image})
+    req = validate(TOOLS["generate_3d"].schema, {"prompt": prompt, "shapes": list(shapes), "image": image})
     return TrimeshScene().run(req, list(inputs), tmp_path / "out", progress or (lambda s, f: None),
                               cancel or Flag())
 
@@ -100,7 +100,7 @@ def test_unknown_colour_and_shape_are_refused(tmp_path):
     with pytest.raises(RequestError, match="unknown colour 'sparkly'.*red"):
         run(tmp_path, [{"shape": "box", "color": "sparkly"}])
     with pytest.raises(RequestError, match="must be one of box, sphere"):
-        validate(TOOLS["generate_3d"]["schema"], {"prompt": "x", "shapes": [{"shape": "pyramid"}]})
+        validate(TOOLS["generate_3d"].schema, {"prompt": "x", "shapes": [{"shape": "pyramid"}]})
     with pytest.raises(RequestError, match="shapes\\[0\\].shape must be one of"):
         TrimeshScene().run({"prompt": "x", "shapes": [{"shape": "pyramid"}], "image": ""}, [], tmp_path,
                            lambda s, f: None, Flag())

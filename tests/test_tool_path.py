@@ -12,13 +12,13 @@ from PIL import Image
 
 import engine.toolrun as toolrun
 from app.images_api import make_image_router
-from generators.base import Result
+from generators.base import Backend, Result
 from generators.registry import Entry
 
 
-class Resident:
-    """A fake diffusion-style backend: it holds a model (`unload`), so it needs device room."""
-    task, name = "image", "resident-fake"
+class Resident(Backend):
+    """A fake diffusion-style backend: it holds a model, so it needs device room."""
+    task, name, resident = "image", "resident-fake", True
 
     def __init__(self) -> None:
         self.unloaded = 0

@@ -61,7 +61,7 @@ def media(tmp_path_factory):
 
 
 def edit(inputs, out_dir, progress=None, cancel=None, **args):
-    request = validate(TOOLS["edit_video"]["schema"], args)
+    request = validate(TOOLS["edit_video"].schema, args)
     calls = []
 
     def record(stage, fraction):
@@ -76,7 +76,7 @@ def edit(inputs, out_dir, progress=None, cancel=None, **args):
 
 
 def make_sound(out_dir, inputs=(), progress=None, cancel=None, **args):
-    request = validate(TOOLS["generate_audio"]["schema"], args)
+    request = validate(TOOLS["generate_audio"].schema, args)
     return SynthAudio().run(request, [Path(p) for p in inputs], Path(out_dir),
                             progress or (lambda s, f: None), cancel or Flag())
 
@@ -258,7 +258,7 @@ def test_cancel_mid_run_leaves_nothing(media, tmp_path, args):
     out = tmp_path / "out"
     inputs = [media["clip"], media["clip"]]  # the clip's own sound serves replace_audio
     with pytest.raises(Cancelled):
-        FFmpegVideoEditor().run(validate(TOOLS["edit_video"]["schema"], args), inputs, out, cancel.progress, cancel)
+        FFmpegVideoEditor().run(validate(TOOLS["edit_video"].schema, args), inputs, out, cancel.progress, cancel)
     assert files(out) == []
 
 

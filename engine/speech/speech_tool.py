@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from generators.base import RequestError, Result, check
+from generators.base import Backend, RequestError, Result, check
 
 SAY = re.compile(r"\b(say|saying|says|speak|read|pronounce|voice[- ]?over|narrat\w*|announce\w*)\b", re.I)
 QUOTED = re.compile(r"[\"“'‘]([^\"”’]{1,600}?)[\"”'’](?:\s|$|[.,!?])")
@@ -24,7 +24,7 @@ def words_to_say(prompt: str) -> str:
     return m.group(1).strip(" .") if m else ""
 
 
-class SpeechAudio:
+class SpeechAudio(Backend):
     task, name = "audio", "tts"
 
     def __init__(self, tts_role) -> None:
