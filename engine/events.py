@@ -32,10 +32,6 @@ class CancelToken:
         return self._event.wait(timeout)
 
 
-class Cancelled(Exception):
-    """Raised inside a producer that noticed its CancelToken."""
-
-
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 

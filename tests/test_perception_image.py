@@ -19,6 +19,7 @@ from PIL import Image
 from engine.adapters.colors import color_name
 from engine.adapters.image_tools import ImagePerception, merge_lines
 from engine.errors import InputError
+from generators.base import Cancelled
 
 pytest.importorskip("rapidocr", reason="rapidocr is not installed")
 
@@ -198,7 +199,7 @@ def test_pixel_bombs_are_refused_before_decoding(tmp_path, w, h):
 
 def test_cancel_between_stages(seer, tmp_path):
     path = save(tmp_path, sign()[0])
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):
         seer.perceive(path, tmp_path / "a", SimpleNamespace(cancelled=True))
 
     class Later:  # cancelled from the fourth check on: after load and OCR, before faces
@@ -208,7 +209,7 @@ def test_cancel_between_stages(seer, tmp_path):
         def cancelled(self):
             self.n += 1
             return self.n > 3
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):
         seer.perceive(path, tmp_path / "b", Later())
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from engine.speech.talker import SAMPLE_RATE, ThinkerTrace, build_tiny_omni, talk  # noqa: E402
+from generators.base import Cancelled  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -139,7 +140,7 @@ def test_cancelled_before_start_raises(tiny):
     model, ids, _ = tiny
     trace = greedy_trace(model, ids, 4)
     start = time.monotonic()
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Cancelled):
         talk(model, trace, do_sample=False, max_new_tokens=TALKER_TOKENS, cancel=Cancel(True))
     assert time.monotonic() - start < 1.0
 
@@ -156,7 +157,7 @@ def test_cancel_during_talker_generation_raises(tiny):
 
     hook = model.talker.register_forward_hook(step)
     try:
-        with pytest.raises(InterruptedError):
+        with pytest.raises(Cancelled):
             talk(model, trace, do_sample=False, max_new_tokens=500, cancel=cancel)
     finally:
         hook.remove()

@@ -10,14 +10,15 @@ and the API; `overlays` are images the UI shows to explain the answer
 (text boxes and faces drawn on the picture, keyframe strips).
 Bad media raise engine.errors.InputError with a message for the user;
 `cancel` (anything with `.cancelled`) is checked between stages and raises
-InterruptedError. Memory and time stay bounded for any input size.
+`Cancelled` (generators.base: the one cancellation exception). Memory and time stay bounded for any input size.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+
+from generators.base import CancelLike, check  # (adapters import `check` from here: one cancel contract)
 
 
 @dataclass
@@ -30,27 +31,17 @@ class Perception:
     timings_ms: dict = field(default_factory=dict)  # per stage
 
 
-class CancelLike(Protocol):
-    @property
-    def cancelled(self) -> bool: ...
-
-
-def check(cancel) -> None:
-    if cancel is not None and cancel.cancelled:
-        raise InterruptedError("cancelled")
-
-
-def stop_on_cancel(cancel):
-    """A transformers StoppingCriteria that raises InterruptedError between tokens once
-    `cancel` is set (for model.generate calls)."""
+def stop_on_cancel(cancel: CancelLike):
+    """A transformers StoppingCriteria that raises Cancelled between tokens once `cancel`
+    is set (for model.generate calls)."""
     from transformers import StoppingCriteria
 
-    class Cancelled(StoppingCriteria):
+    class StopOnCancel(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             check(cancel)
             return False
 
-    return Cancelled()
+    return StopOnCancel()
 
 
 def mmss(seconds: float) -> str:

@@ -83,7 +83,7 @@ def talk(model, trace: ThinkerTrace, speaker: str = "Chelsie", max_new_tokens: i
     """The reply in `trace` spoken by Qwen2.5-Omni's talker + token2wav: mono float32 at
     SAMPLE_RATE. `eos_token_id` defaults to the talker's codec pad and end tokens (HF's
     hard-coded [8292, 8294] on the real model). `seed` seeds talker sampling and the DiT's
-    noise without touching the global RNG. Raises InterruptedError once `cancel.cancelled`."""
+    noise without touching the global RNG. Raises Cancelled once `cancel.cancelled`."""
     import torch
 
     if not getattr(model, "has_talker", False):
@@ -242,7 +242,7 @@ class TalkerVoice:
         self.name = f"{backend.name} talker ({speaker})"
 
     def speak(self, trace: ThinkerTrace, cancel=None, lock=None) -> np.ndarray:
-        """The traced answer as float32 samples at SAMPLE_RATE (InterruptedError on cancel)."""
+        """The traced answer as float32 samples at SAMPLE_RATE (Cancelled on cancel)."""
         from contextlib import nullcontext
 
         with lock if lock is not None else nullcontext():
