@@ -62,7 +62,8 @@ def media_content(path: str, kind: str, mime: str = "", name: str = ""):
 def media_panel(engine, cid: str | None):
     """The conversation's media for the side panel: images, the latest 3D model, and every
     file as (path, name) for `named_files` (downloaded under its own name)."""
-    records = [m for t in engine.store.turns(cid) for m in t.media if m.name != "answer.wav"] if cid else []
+    records = [m for t in engine.store.turns(cid) for m in t.media
+               if not (m.spoken and t.role == "assistant")] if cid else []  # (spoken answers play in the chat)
     images = [(m.path, m.name) for m in records if m.kind == "image"]
     models = [m.path for m in records if m.kind == "model3d"]
     return (gr.Gallery(value=images or None), gr.Model3D(value=models[-1] if models else None),

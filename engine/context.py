@@ -18,7 +18,6 @@ from generators.tools import TOOLS
 Message = dict
 CUT_MARK = "[...earlier text cut to fit the context...] "
 STOPPED_MARK = " (interrupted)"  # (on SmolLM2, brackets or a longer mark made answers worse)
-SPOKEN = "answer.wav"  # (the spoken answer stored with a turn: not something a tool made)
 
 
 def as_message(turn) -> Message:
@@ -32,7 +31,7 @@ def as_message(turn) -> Message:
     from engine.understand import with_facts
 
     if turn.role == "assistant" and "tool" in turn.meta:
-        kinds = [m.kind for m in turn.media if m.name != SPOKEN]
+        kinds = [m.kind for m in turn.media if not m.spoken]  # (a spoken reply is not something the tool made)
         return {"role": "assistant", "content": tool_note(turn.meta["tool"], kinds, turn.status)}
     content = with_facts(turn.content, turn.meta.get("perception", {}))
     if turn.role == "assistant" and turn.status == "interrupted":

@@ -53,6 +53,7 @@ class MediaRecord:
     size: int
     name: str  # the user's file name
     meta: dict = field(default_factory=dict)  # width/height, duration, ...
+    spoken: bool = False  # the conversation's own speech (a voice message, a spoken answer): not a file to refer to
 
 
 def sniff(head: bytes) -> tuple[str, str, str] | None:

@@ -124,8 +124,7 @@ def conversation_media(store, cid: str | None) -> list:
     voice messages and spoken answers are left out (they are not what "it" means)."""
     if not cid:
         return []
-    return [(t.role, m) for t in store.turns(cid) for m in t.media
-            if m.name not in ("answer.wav", "voice message.wav")]
+    return [(t.role, m) for t in store.turns(cid) for m in t.media if not m.spoken]
 
 
 def resolve(ref: str, kind: str, media: list, text: str = ""):

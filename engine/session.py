@@ -215,8 +215,8 @@ class Session:
             raise InputError(f"The message is {len(text):,} characters; the limit is {cfg.max_prompt_chars:,} "
                              "(raise it with --set max_prompt_chars=N).")
         names = list(turn.names) + [None] * (len(turn.attachments) - len(turn.names))
-        return tuple(media_mod.ingest(p, self.engine.media_dir, cfg.max_upload_mb * 1_000_000, n)
-                     for p, n in zip(turn.attachments, names))
+        return tuple(replace(media_mod.ingest(p, self.engine.media_dir, cfg.max_upload_mb * 1_000_000, n),
+                             spoken=turn.spoken) for p, n in zip(turn.attachments, names))
 
     def _speech(self, turn: Turn, cancel: CancelToken):
         if not turn.speak:
@@ -272,7 +272,7 @@ class _Speaker:
         audio = np.frombuffer(b"".join(self.pcm), dtype="<i2").astype(np.float32) / 32767.0
         with tempfile.TemporaryDirectory() as tmp:
             path = write_wav(Path(tmp) / "answer.wav", audio, self.rate)
-            return media_mod.ingest(path, engine.media_dir, 1 << 31, "answer.wav")
+            return replace(media_mod.ingest(path, engine.media_dir, 1 << 31, "answer.wav"), spoken=True)
 
 
 class _TalkerSpeaker(_Speaker):

@@ -46,8 +46,15 @@ CREATE TABLE IF NOT EXISTS turn_media (
     turn_id INTEGER NOT NULL REFERENCES turns(id) ON DELETE CASCADE,
     sha256 TEXT NOT NULL REFERENCES media(sha256),
     name TEXT NOT NULL,
-    position INTEGER NOT NULL
+    position INTEGER NOT NULL,
+    spoken INTEGER NOT NULL DEFAULT 0
 );
+"""
+# a database made before turn_media had `spoken`: the column, and the spoken files of then
+# (known only by the names they were stored under) marked
+SPOKEN_COLUMN = """
+ALTER TABLE turn_media ADD COLUMN spoken INTEGER NOT NULL DEFAULT 0;
+UPDATE turn_media SET spoken = 1 WHERE name IN ('answer.wav', 'voice message.wav');
 """
 
 
@@ -75,6 +82,8 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        if "spoken" not in {row["name"] for row in self._db.execute("PRAGMA table_info(turn_media)")}:
+            self._db.executescript(SPOKEN_COLUMN)
 
     def close(self) -> None:
         with self._lock:
@@ -136,7 +145,8 @@ class Store:
             for pos, rec in enumerate(media):
                 db.execute("INSERT OR IGNORE INTO media VALUES (?, ?, ?, ?, ?, ?)",
                            (rec.sha256, rec.kind, rec.mime, rec.path, rec.size, json.dumps(rec.meta)))
-                db.execute("INSERT INTO turn_media VALUES (?, ?, ?, ?)", (turn_id, rec.sha256, rec.name, pos))
+                db.execute("INSERT INTO turn_media VALUES (?, ?, ?, ?, ?)",
+                           (turn_id, rec.sha256, rec.name, pos, int(rec.spoken)))
         return int(turn_id)
 
     def set_status(self, turn_id: int, status: str) -> None:
@@ -145,11 +155,12 @@ class Store:
     def turns(self, cid: str) -> list[StoredTurn]:
         rows = self._query("SELECT * FROM turns WHERE conversation_id = ? ORDER BY id", (cid,))
         media = self._query(
-            "SELECT tm.turn_id, tm.name, m.* FROM turn_media tm JOIN media m ON m.sha256 = tm.sha256 "
+            "SELECT tm.turn_id, tm.name, tm.spoken, m.* FROM turn_media tm JOIN media m ON m.sha256 = tm.sha256 "
             "JOIN turns t ON t.id = tm.turn_id WHERE t.conversation_id = ? ORDER BY tm.turn_id, tm.position", (cid,))
         by_turn: dict[int, list[MediaRecord]] = {}
         for m in media:
             by_turn.setdefault(m["turn_id"], []).append(
-                MediaRecord(m["sha256"], m["kind"], m["mime"], m["path"], m["size"], m["name"], json.loads(m["meta"])))
+                MediaRecord(m["sha256"], m["kind"], m["mime"], m["path"], m["size"], m["name"], json.loads(m["meta"]),
+                            bool(m["spoken"])))
         return [StoredTurn(r["id"], r["role"], r["content"], r["status"], r["created_at"],
                            tuple(by_turn.get(r["id"], ())), json.loads(r["meta"])) for r in rows]

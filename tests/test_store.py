@@ -101,3 +101,30 @@ def test_server_killed_with_sigkill_keeps_answered_turns(tmp_path):
     turns = store.turns(conv["id"])
     assert [t.role for t in turns] == ["user", "assistant"] and turns[0].content == "remember me"
     assert turns[1].content and turns[1].content in chat[-1]["content"][0]["text"]
+
+
+def test_spoken_media_are_marked_on_the_record_not_by_file_name(tmp_path, png):
+    """The conversation's own speech (a voice message, a spoken answer) is a field on the
+    stored record: "it" never means it, whatever the file is called; a database from before
+    the field gets it, with the spoken files of then marked."""
+    import sqlite3
+    from dataclasses import replace
+
+    from engine.router import conversation_media
+
+    store = Store(tmp_path)
+    cid = store.create_conversation()
+    rec = ingest(png, store.media_dir, 10**6, "answer.png")
+    store.add_turn(cid, "user", "hi", media=(replace(rec, spoken=True),))
+    store.add_turn(cid, "assistant", "here", media=(replace(rec, name="answer.wav"),))
+    assert [m.spoken for t in store.turns(cid) for m in t.media] == [True, False]
+    assert [m.name for _, m in conversation_media(store, cid)] == ["answer.wav"]
+    store.close()
+
+    db = sqlite3.connect(tmp_path / "conversations.sqlite3")  # as an older version left it
+    db.executescript("CREATE TABLE old AS SELECT turn_id, sha256, name, position FROM turn_media;"
+                     "DROP TABLE turn_media; ALTER TABLE old RENAME TO turn_media;")
+    db.close()
+    store = Store(tmp_path)
+    assert [m.spoken for t in store.turns(cid) for m in t.media] == [False, True]  # by the names of then
+    store.close()
