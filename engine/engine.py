@@ -69,8 +69,10 @@ class Engine:
         return state, detail or self.config.llm.model
 
     def start_loading(self) -> threading.Thread:
-        """Load every role in the background; the returned thread ends when all have."""
-        threads = [role.start() for role in self.roles.values()]
+        """Load every role in the background, the language model first (every answer waits on
+        it; the voice roles follow); the returned thread ends when all have."""
+        first = self.roles["llm"].start()
+        threads = [first, *(role.start(after=first) for name, role in self.roles.items() if name != "llm")]
         waiter = threading.Thread(target=lambda: [t.join() for t in threads], name="load-all", daemon=True)
         waiter.start()
         return waiter

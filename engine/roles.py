@@ -41,11 +41,14 @@ class Role(Generic[T]):
                 raise self._error
             return self._value  # type: ignore[return-value]
 
-    def start(self) -> threading.Thread:
-        """Load in the background so the page is usable at once."""
+    def start(self, after: threading.Thread | None = None) -> threading.Thread:
+        """Load in the background so the page is usable at once (once `after` has finished:
+        on two cores, models loading side by side each take as long as all of them)."""
         self._loading = True
 
         def load() -> None:
+            if after is not None:
+                after.join()
             try:
                 self.get()
             except Unavailable:

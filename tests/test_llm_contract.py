@@ -170,6 +170,27 @@ class TestQuantizedBackend(TestTransformersBackend):
         assert [e.text for e in reused] == [e.text for e in plain]
 
 
+class TestLeanBackend(TestTransformersBackend):
+    """A checkpoint folder read without transformers (engine/llm/lean.py), as the cpu
+    profile's converted GGUF is: the same contract."""
+
+    @pytest.fixture(scope="class")
+    def backend(self, tmp_path_factory):
+        from engine.llm.tiny import build_tiny_model, save_tiny_checkpoint
+        from tests.test_fastpath import on_gguf_grids
+
+        model, tokenizer = build_tiny_model(6)
+        folder = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), on_gguf_grids(model), tokenizer)
+        cfg = load_config("tiny", overrides={"llm.model": str(folder)}, env={}).llm
+        b = load_backend(cfg, tmp_path_factory.mktemp("models"))
+        assert b.lean is not None
+        yield b
+        b.close()
+
+    def test_next_turn_reuses_the_kv_cache_and_answers_the_same(self, backend, tmp_path):
+        TestQuantizedBackend.test_next_turn_reuses_the_kv_cache_and_answers_the_same(self, backend, tmp_path)
+
+
 class TestOmniBackbone(TestTransformersBackend):
     """The omni backbone (Qwen2.5-Omni's thinker, tiny) as a text LLM: the same contract."""
 

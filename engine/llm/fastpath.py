@@ -20,33 +20,47 @@ hidden states) keeps transformers' forward: `FastLM.attach` returns None for it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 SMALL = 4  # up to this many tokens in one forward use the int8 kernel (it is bandwidth-bound, BLAS is not)
+
+
+@dataclass
+class Weights:
+    """One model's tensors in the layout this path computes: from a transformers model
+    (`FastLM.attach`) or straight from a checkpoint's files (engine/llm/lean.py)."""
+
+    config: object  # hidden_size, rms_norm_eps, num_attention_heads, num_key_value_heads, head_dim
+    embed: object  # [vocab, hidden]
+    norm: object
+    head: object  # [vocab, hidden]; the embedding itself when tied
+    rotary: Callable  # (x, positions) -> (cos, sin)
+    layers: list[dict] = field(default_factory=list)  # ln1, ln2, qkv(+_bias), o(+_bias), gate_up, down(+_bias)
+    head_in_place: bool = True  # the fp32 head takes the codes' values (transformers' forward reads it)
 
 
 class FastLM:
     """Owns the static KV cache; `forward(ids)` appends tokens and returns the last logits."""
 
-    def __init__(self, model, capacity: int, int8=None, codes_path=None) -> None:
+    def __init__(self, weights: Weights, capacity: int, int8=None, codes_path=None) -> None:
         import torch
 
-        cfg = model.config
-        self.model, self.capacity, self.length = model, capacity, 0
+        cfg = weights.config
+        self.capacity, self.length = capacity, 0
         self.hidden, self.eps = cfg.hidden_size, cfg.rms_norm_eps
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
-        self.rotary = model.model.rotary_emb
-        self.embed = model.model.embed_tokens
-        self.norm = model.model.norm.weight
-        self.head = model.lm_head.weight
+        self.rotary, self.embed, self.norm, self.head = weights.rotary, weights.embed, weights.norm, weights.head
         self.device, dtype = self.head.device, self.head.dtype
         self.int8 = int8 if self.device.type == "cpu" and dtype == torch.float32 else None  # q8.load()'s library
         # the int8 codes found at the first start, kept in the data dir: a warm start reads them
         self._codes = _read_codes(codes_path) if self.int8 is not None else None
         self._found: list[dict] = []
-        self.layers = [_Layer(layer, self) for layer in model.model.layers]
-        self.q8_head = self._q8(self.head, None)
+        self.layers = [_Layer(parts, self) for parts in weights.layers]
+        self.q8_head = self._q8(self.head, None, in_place=weights.head_in_place)
         if self.int8 is not None and codes_path is not None and self._codes is None:
             _write_codes(codes_path, self._found)
         self._codes = self._found = None
@@ -55,7 +69,7 @@ class FastLM:
             layer.k = torch.empty(shape, dtype=dtype, device=self.device)
             layer.v = torch.empty(shape, dtype=dtype, device=self.device)
 
-    def _q8(self, weight, bias):
+    def _q8(self, weight, bias, in_place: bool = True):
         """The int8 copy of a weight; the fp32 weight (shared with the model) is set to its
         dequantized values, so prompts, decode steps and transformers' own forward all
         compute the same model and a reused KV cache matches a fresh one."""
@@ -66,7 +80,8 @@ class FastLM:
         saved = self._codes[len(self._found)] if self._codes is not None else None
         layer = Q8Linear(weight, bias, self.int8, codes=saved)
         self._found.append(layer.state())
-        weight.data.copy_(layer.dequantized())
+        if in_place:
+            weight.data.copy_(layer.dequantized())
         return layer
 
     def linear(self, x, weight, bias, q8, count: int):
@@ -79,21 +94,30 @@ class FastLM:
 
     @classmethod
     def attach(cls, model, capacity: int, int8=None, codes_path=None) -> "FastLM | None":
-        """A FastLM for `model`, or None when its architecture or layers are not the plain
-        Llama/Qwen2 shape this path computes (the caller keeps transformers' forward)."""
+        """A FastLM for a transformers `model`, or None when its architecture or layers are not
+        the plain Llama/Qwen2 shape this path computes (the caller keeps transformers' forward).
+        The model's q/k/v and gate/up become views of the fused weights: it keeps working."""
         import torch
 
         cfg = model.config
-        if ARCHS.get(type(model).__name__) != cfg.model_type or cfg.hidden_act != "silu":
+        if not plain_config(type(model).__name__, cfg):
             return None
-        if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "pretraining_tp", 1) != 1:
-            return None
+        layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
             if any(type(lin) is not torch.nn.Linear for lin in linears):  # bitsandbytes, MoE, ...
                 return None
-        return cls(model, capacity, int8, codes_path)
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, qkv_bias = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+            layers.append({"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
+                           "qkv": qkv, "qkv_bias": qkv_bias, "o": attn.o_proj.weight, "o_bias": attn.o_proj.bias,
+                           "gate_up": _fuse(mlp.gate_proj, mlp.up_proj)[0],
+                           "down": mlp.down_proj.weight, "down_bias": mlp.down_proj.bias})
+        weights = Weights(cfg, model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight,
+                          model.model.rotary_emb, layers)
+        return cls(weights, capacity, int8, codes_path)
 
     def crop(self, length: int) -> None:
         """Keep the first `length` positions of the cache (prefix reuse across turns)."""
@@ -107,7 +131,7 @@ class FastLM:
         start, count = self.length, len(ids)
         if start + count > self.capacity:
             raise ValueError(f"the context holds {self.capacity} tokens")
-        x = self.embed(torch.tensor([ids], device=self.device))
+        x = F.embedding(torch.tensor([ids], device=self.device), self.embed)
         positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
         cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -122,17 +146,23 @@ class FastLM:
         return self.linear(x, self.head, None, self.q8_head, 1)[:, -1].float()
 
 
+def plain_config(arch: str, cfg) -> bool:
+    """Whether a model of class `arch` with config `cfg` (a transformers config, or a
+    config.json read as attributes) has the plain dense Llama/Qwen2 shape computed here."""
+    if ARCHS.get(arch) != getattr(cfg, "model_type", None) or getattr(cfg, "hidden_act", "silu") != "silu":
+        return False
+    return not getattr(cfg, "use_sliding_window", False) and getattr(cfg, "pretraining_tp", 1) == 1
+
+
 class _Layer:
-    def __init__(self, layer, fast: FastLM) -> None:
+    def __init__(self, parts: dict, fast: FastLM) -> None:
         import torch
 
-        attn, mlp = layer.self_attn, layer.mlp
         self.fast = fast
-        self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        self.qkv, self.qkv_bias = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.gate_up, _ = _fuse(mlp.gate_proj, mlp.up_proj)
-        self.o, self.o_bias = attn.o_proj.weight, attn.o_proj.bias
-        self.down, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
+        self.ln1, self.ln2 = parts["ln1"], parts["ln2"]
+        self.qkv, self.qkv_bias, self.gate_up = parts["qkv"], parts["qkv_bias"], parts["gate_up"]
+        self.o, self.o_bias = parts["o"], parts["o_bias"]
+        self.down, self.down_bias = parts["down"], parts["down_bias"]
         self.q8 = {name: fast._q8(w, b) for name, w, b in (("qkv", self.qkv, self.qkv_bias), ("o", self.o, self.o_bias),
                                                             ("gate_up", self.gate_up, None),
                                                             ("down", self.down, self.down_bias))}

@@ -57,6 +57,7 @@ def _load_kwargs(cfg: LLMConfig, device: str, moe: bool) -> dict:
 
 def load_model(source: ModelSource, cfg: LLMConfig, cache_dir: Path):
     """(model, tokenizer, processor or None) from a manifest file, local dir, .gguf or cached hub id."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import engine.llm.omni as omni
@@ -66,7 +67,7 @@ def load_model(source: ModelSource, cfg: LLMConfig, cache_dir: Path):
     where = source.path
     try:
         if source.is_gguf:
-            where = _converted(source, cache_dir)
+            where = converted_dir(source, cache_dir)
         config = omni.read_config(where, source.hub)
         model_type, moe = config.get("model_type", ""), omni.is_moe_config(config)
         kwargs = _load_kwargs(cfg, device, moe)
@@ -79,7 +80,7 @@ def load_model(source: ModelSource, cfg: LLMConfig, cache_dir: Path):
         else:
             tokenizer, proc = AutoTokenizer.from_pretrained(str(where)), None
             model = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # a missing, torn or foreign file
         hint = ("download it first and point --llm at the local directory"
                 if source.hub else "check the files at " + str(source.path))
         raise Unavailable(f"could not load {source.label}: {str(exc).splitlines()[0][:200]}", hint) from exc
@@ -143,14 +144,14 @@ def max_positions(config) -> int | None:
     return getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
 
 
-def _converted(source: ModelSource, cache_dir: Path) -> Path:
+def converted_dir(source: ModelSource, cache_dir: Path) -> Path:
     """Dequantize a GGUF once and keep it as safetensors; return the directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = cache_dir / f"{source.path.stem}-{source.cache_key[:16]}"
     if (target / "READY").exists():
         return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     started = time.monotonic()
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -20,28 +20,23 @@ FINISH_MARGIN = 48  # tokens before the budget ends from which the call is steer
 
 
 def choose(backend, messages: Sequence[dict], options: Sequence[str]) -> tuple[str, list[float]]:
-    """(best option, log-probability of each option as the whole answer)."""
+    """(best option, log-probability of each option as the whole answer). The prompt runs once
+    (`backend.steps`, on the fast path when the model has one); each option's tokens are
+    scored one by one on its KV cache, then rewound."""
     import torch
 
     tok = backend.tokenizer
-    prompt = backend.encode(messages)
-    backend.ready()
     end = sorted(backend.stop_ids)[:1]  # the answer ends after the option
     scores = []
     with torch.inference_mode():
-        out = backend.model(input_ids=torch.tensor([prompt], device=backend.device), use_cache=True,
-                            logits_to_keep=1)
-        first = torch.log_softmax(out.logits[0, -1].float(), -1)
-        cache = out.cache
+        steps = backend.steps(backend.encode(messages))
+        first, start = torch.log_softmax(steps.logits[0].float(), -1), steps.length
         for option in options:
             ids = tok(option, add_special_tokens=False).input_ids + end
             score = float(first[ids[0]])
-            if len(ids) > 1:
-                step = backend.model(input_ids=torch.tensor([ids[:-1]], device=backend.device), cache=cache,
-                                     use_cache=True)
-                logp = torch.log_softmax(step.logits[0].float(), -1)
-                score += float(sum(logp[i, t] for i, t in enumerate(ids[1:])))
-                cache.crop(-(len(ids) - 1))  # (this API takes how many to drop)
+            for prev, token in zip(ids, ids[1:]):
+                score += float(torch.log_softmax(steps.push(prev)[0].float(), -1)[token])
+            steps.rewind(start)
             scores.append(score)
     backend.forget()  # the chat's kept KV cache no longer matches what the model saw
     best = max(range(len(options)), key=scores.__getitem__)
@@ -56,7 +51,8 @@ def _compiler(backend):
     if backend.grammar_compiler is None:
         import torch
 
-        info = xgr.TokenizerInfo.from_huggingface(backend.tokenizer, vocab_size=backend.model.config.vocab_size)
+        tokenizer = backend.tokenizer.hf() if backend.lean is not None else backend.tokenizer  # (xgrammar reads an HF one)
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=backend.vocab_size)
         closing = torch.zeros(info.vocab_size)
         for i, piece in enumerate(info.decoded_vocab):
             if any(c in piece for c in (b'"', b"}", b"]")):

@@ -91,3 +91,15 @@ def build_tiny_moe(seed: int = 0):
     model = Qwen3MoeForCausalLM(config).eval()
     torch.random.set_rng_state(generator_state)
     return model, tokenizer
+
+
+def save_tiny_checkpoint(folder, model=None, tokenizer=None, seed: int = 0):
+    """The tiny Llama (or `model`) written as a checkpoint folder, as a converted GGUF is:
+    config, safetensors, tokenizer.json and chat template."""
+    from pathlib import Path
+
+    if model is None:
+        model, tokenizer = build_tiny_model(seed)
+    model.save_pretrained(folder)
+    (tokenizer or build_tiny_tokenizer()).save_pretrained(folder)
+    return Path(folder)

@@ -22,6 +22,7 @@ from engine.llm.loading import device_of, load_model, load_tiny, max_positions
 from engine.llm.sources import resolve
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+MAX_KV_POSITIONS = 32768
 
 
 class TransformersBackend(LLMBackend):
@@ -32,27 +33,40 @@ class TransformersBackend(LLMBackend):
         from engine.llm.tiny_omni import NAMES as TINY_OMNI
 
         self.cfg, self.cache_dir = cfg, Path(cache_dir)
+        self.lean, self._model, proc, self.talker_model = None, None, None, None
         if cfg.model in ("tiny", "tiny-moe", *TINY_OMNI):
-            self.model, self.tokenizer, proc, self.talker_model = load_tiny(cfg)
-            self.name, model_ctx = f"{cfg.model}-random", max_positions(self.model.config)
+            self._model, self.tokenizer, proc, self.talker_model = load_tiny(cfg)
+            self.name, model_ctx = f"{cfg.model}-random", max_positions(self._model.config)
         else:
-            source = resolve(cfg.model, cache_dir, cfg.sha256)
-            self.model, self.tokenizer, proc, self.talker_model = load_model(source, cfg, cache_dir)
+            source = self.source = resolve(cfg.model, cache_dir, cfg.sha256)
+            self.lean = self._open_lean(source)  # (no transformers import on this path)
+            if self.lean is not None:
+                self.tokenizer, model_ctx = self.lean.tokenizer, self.lean.max_positions
+            else:
+                self._model, self.tokenizer, proc, self.talker_model = load_model(source, cfg, cache_dir)
+                model_ctx = max_positions(self._model.config)
             self.name = source.label
-            model_ctx = source.context_tokens or max_positions(self.model.config)
+            model_ctx = source.context_tokens or model_ctx
         self.context_tokens = min(cfg.context_tokens, model_ctx or cfg.context_tokens)
+        # the fast path's KV cache: room for all the model can attend to (pages are only touched
+        # as they fill); the conversation itself is held to context_tokens by generate()
+        self.kv_capacity = max(self.context_tokens, min(model_ctx or 0, MAX_KV_POSITIONS))
         # an omni backbone (Qwen2.5-Omni, Qwen3-Omni, Qwen2.5-VL): images and video go in through its processor
-        self.omni = OmniInputs(self.model, proc) if proc is not None else None
+        self.omni = OmniInputs(self._model, proc) if proc is not None else None
         self.media_kinds = self.omni.kinds if self.omni else frozenset()
-        from engine.moe.runtime import MoERuntime
-
         # MoE models: experts offloaded within --vram-gb, router statistics every turn
-        self.moe = MoERuntime.attach(self.model, cfg, device_of(cfg))
-        self.device = _input_device(self.model)
+        self.moe = None
+        if self.lean is None:
+            from engine.moe.runtime import MoERuntime
+
+            self.moe = MoERuntime.attach(self._model, cfg, device_of(cfg))
+        self.device = _input_device(self._model) if self.lean is None else _cpu()
         self._kept: tuple[list[int], object] = ([], None)  # (token ids, KV cache) of the last turn
         self._reused = 0
-        self.stop_ids = _stop_ids(self.model, self.tokenizer)
-        self.suppress = list(getattr(self.model.generation_config, "suppress_tokens", None) or [])
+        meta = self.lean or self._model  # (both carry .config and .generation_config)
+        self.vocab_size = (getattr(meta.config, "text_config", None) or meta.config).vocab_size  # (omni: its text part)
+        self.stop_ids = _stop_ids(meta, self.tokenizer)
+        self.suppress = list(getattr(meta.generation_config, "suppress_tokens", None) or [])
         self.parked = False  # weights moved to CPU memory for a diffusion pipeline (park / ready)
         self.fast = self._attach_fast()
         self.grammar_compiler = None  # xgrammar's, built on the first json_call (structured.py)
@@ -69,13 +83,40 @@ class TransformersBackend(LLMBackend):
         if mode == "transformers" or self.moe is not None or self.omni is not None or self.talker_model:
             return None
         lib = q8.load(self.cache_dir / "kernels") if mode == "int8" else None
-        return FastLM.attach(self.model, self.context_tokens, int8=lib, codes_path=self._codes_path())
+        if self.lean is not None:
+            return FastLM(self.lean.weights(), self.kv_capacity, int8=lib, codes_path=self._codes_path())
+        return FastLM.attach(self._model, self.kv_capacity, int8=lib, codes_path=self._codes_path())
+
+    def _open_lean(self, source):
+        """The checkpoint read without transformers (engine/llm/lean.py), when the fast path
+        computes all of it: a plain dense model decoded on the CPU, no talker, no bitsandbytes."""
+        from engine.llm import lean
+        from engine.llm.loading import converted_dir
+
+        cfg = self.cfg
+        if cfg.decode not in ("int8", "fp32") or cfg.talker or cfg.quantization != "none" or device_of(cfg) != "cpu":
+            return None
+        if source.is_gguf:
+            where = converted_dir(source, self.cache_dir)
+        elif source.path is not None and source.path.is_dir():
+            where = source.path
+        else:
+            return None
+        return lean.Checkpoint.open(where)
+
+    @property
+    def model(self):
+        """transformers' model of these weights. A lean load (engine/llm/lean.py) never needs
+        it to answer; it is built on first use (the benches compare with its forward)."""
+        if self._model is None and self.lean is not None:
+            self._model = load_model(self.source, self.cfg, self.cache_dir)[0]
+        return self._model
 
     def _codes_path(self):
         """Where the int8 codes of a converted model are kept (none for tiny test models)."""
         import hashlib
 
-        where = getattr(self.model.config, "_name_or_path", "") or ""
+        where = str(self.lean.folder) if self.lean is not None else getattr(self._model.config, "_name_or_path", "")
         if not where or not Path(where).is_dir():
             return None
         from engine.llm.kernels import q8
@@ -105,8 +146,8 @@ class TransformersBackend(LLMBackend):
             self.moe.cache.clear()
             _empty_cuda_cache()
             return freed
-        if self.parked or (self.device.type != "cuda" and not force):
-            return 0
+        if self.parked or self.lean is not None or (self.device.type != "cuda" and not force):
+            return 0  # (a lean load is on the CPU: nothing to give)
         whole = self.talker_model or self.model  # (with a talker: thinker, talker and vocoder)
         try:
             whole.to("cpu")
@@ -291,7 +332,7 @@ class TransformersBackend(LLMBackend):
         return self.fast.forward(prompt[common:])
 
     def close(self) -> None:
-        self.model = None
+        self._model = self.fast = self.lean = None
         _empty_cuda_cache()
 
     def plain_generate(self, messages, max_new_tokens: int):
@@ -306,13 +347,23 @@ class TransformersBackend(LLMBackend):
 
 
 class _Steps:
+    """A prompt's KV cache stepped one token at a time: `push` appends, `rewind` drops back."""
+
     def __init__(self, backend: TransformersBackend, prompt: list[int]) -> None:
-        self.backend, self.fast, self.cache = backend, backend.fast, None
+        self.backend, self.fast, self.cache, self.length = backend, backend.fast, None, len(prompt)
         if self.fast is not None:
             self.fast.crop(0)
             self.logits = self.fast.forward(prompt)
         else:
             self.logits = self._forward(prompt, logits_to_keep=1)
+
+    def rewind(self, length: int) -> None:
+        """Forget the positions from `length` on (the logits are those of the last push)."""
+        if self.fast is not None:
+            self.fast.crop(length)
+        elif self.cache.get_seq_length() > length:
+            self.cache.crop(length - self.cache.get_seq_length())  # (this API takes how many to drop)
+        self.length = min(self.length, length)
 
     def _forward(self, ids, **kwargs):
         import torch
@@ -324,6 +375,7 @@ class _Steps:
 
     def push(self, token: int):
         self.logits = self.fast.forward([token]) if self.fast is not None else self._forward([token])
+        self.length += 1
         return self.logits
 
 
@@ -394,6 +446,12 @@ def _stop_ids(model, tokenizer) -> set[int]:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id:
             ids.add(tid)
     return ids
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
 
 
 def _input_device(model):
