@@ -96,7 +96,9 @@ def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelTok
     backend.forget()
     text = backend.tokenizer.decode(out_ids, skip_special_tokens=True)
     if cancel is not None and cancel.cancelled:
-        raise InterruptedError("cancelled")
+        from generators.base import Cancelled
+
+        raise Cancelled("cancelled")
     if not matcher.is_terminated():
         raise ValueError(f"the tool call did not finish within {max_new_tokens} tokens")
     return json.loads(text), len(out_ids)
