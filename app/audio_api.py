@@ -85,7 +85,7 @@ async def _upload_audio(engine, upload) -> tuple[np.ndarray, str]:
     from app.images_api import shown_name
     from engine import media as media_mod
 
-    name = shown_name(getattr(upload, "filename", None), 80)
+    name = shown_name(upload.filename, 80)
     limit = engine.config.max_upload_mb * 1_000_000
     with tempfile.TemporaryDirectory(prefix="omni-audio-") as tmp:
         src, size = Path(tmp) / "upload", 0

@@ -94,7 +94,7 @@ def make_image_router(engine) -> APIRouter:
         try:
             form = await request.form()
             upload, prompt = form.get("image"), form.get("prompt", "")
-            if upload is None or not hasattr(upload, "read"):
+            if upload is None or isinstance(upload, str):
                 raise ValueError("send the image as a multipart file field named 'image'")
             args = validate(TOOLS["edit_image"].schema, {"instruction": str(prompt), "image": "upload"})
             with tempfile.TemporaryDirectory(prefix="omni-api-in-") as tmp:

@@ -217,11 +217,12 @@ def gradio_session(app) -> Callable[[dict[str, str]], bool]:
     """cookies -> whether they hold a live login of the Gradio page mounted in `app` (the page's
     own fetches and its voice socket then need no token of their own)."""
     def ok(cookies: dict[str, str]) -> bool:
+        from gradio.routes import App as GradioApp
         from starlette.routing import Mount
 
         for route in app.routes:
-            sub = getattr(route, "app", None) if isinstance(route, Mount) else None
-            if sub is not None and hasattr(sub, "tokens") and hasattr(sub, "cookie_id"):
+            sub = route.app if isinstance(route, Mount) else None
+            if isinstance(sub, GradioApp):
                 for name in (f"access-token-{sub.cookie_id}", f"access-token-unsecure-{sub.cookie_id}"):
                     if cookies.get(name) and cookies[name] in sub.tokens:
                         return True

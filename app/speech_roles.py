@@ -45,7 +45,7 @@ def voices(engine) -> list[str]:
 def pick_voice(engine, voice: str):
     """The TTS for a voice name; ValueError listing the voices; Unavailable when speech is off."""
     from engine.packaged import names
-    from engine.speech.tts import TTS, PiperTTS
+    from engine.speech.tts import PiperTTS
 
     if voice and voice not in voices(engine):
         raise ValueError(f"unknown voice {voice[:40]!r}; choose one of {', '.join(voices(engine))}")
@@ -57,7 +57,7 @@ def pick_voice(engine, voice: str):
                 _VOICES.pop(next(iter(_VOICES)))
             _VOICES[voice] = PiperTTS(voice)
         tts = _VOICES[voice]
-    if not isinstance(tts, TTS):
-        raise Unavailable(f"{getattr(tts, 'name', 'this voice')} speaks answers, not given text",
+    if tts.from_trace:
+        raise Unavailable(f"{tts.name or 'this voice'} speaks answers, not given text",
                           "set --tts-backend piper for /v1/audio/speech")
     return tts

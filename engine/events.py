@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 
@@ -50,7 +50,7 @@ class Event:
             if f.name == "pcm":
                 out["bytes"] = len(value)  # raw audio is not JSON
                 continue
-            out[f.name] = asdict(value) if hasattr(value, "__dataclass_fields__") else value
+            out[f.name] = asdict(value) if is_dataclass(value) else value
         return out
 
 

@@ -225,7 +225,7 @@ class Session:
             tts = self.engine.roles["tts"].get()
         except Unavailable as exc:
             return Notice(f"Not speaking this answer: speech synthesis is {exc}")
-        if getattr(tts, "speak", None) is not None:  # the omni LLM's own talker (engine/speech/talker.py)
+        if tts.from_trace:  # the omni LLM's own talker (engine/speech/talker.py)
             return _TalkerSpeaker(tts, cancel, self.engine.model_lock)
         return _Speaker(tts, self.engine.config.tts, cancel)
 

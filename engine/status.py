@@ -36,8 +36,8 @@ def status(engine) -> dict:
         roles[f"generator:{task}"] = {"state": "ready" if ok else "unavailable", "detail": detail}
     model = model_info(config.llm)
     llm = engine.roles["llm"].loaded if "llm" in engine.roles else None
-    if (decode := getattr(llm, "decode_path", None)) is not None:
-        model["decode"] = decode  # e.g. "fast path, int8 weights (C kernel)"
+    if llm is not None and llm.decode_path is not None:
+        model["decode"] = llm.decode_path  # e.g. "fast path, int8 weights (C kernel)"
     return {"profile": config.profile, "roles": roles, "model": model, "memory": memory_mb(),
             "data_dir": str(config.data_path),
             # generator modules whose import failed: their backends are missing from the roles above

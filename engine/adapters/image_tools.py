@@ -158,7 +158,8 @@ class ImagePerception:
             if name not in self._models:
                 t = time.perf_counter()
                 try:
-                    self._models[name] = getattr(self, f"_load_{name}")()
+                    load = {"ocr": self._load_ocr, "faces": self._load_faces, "labels": self._load_labels}[name]
+                    self._models[name] = load()
                 except Exception as e:  # noqa: BLE001 - a missing tool is reported, not fatal
                     self._models[name] = f"{type(e).__name__}: {e}"
                 timings[f"{name}_load"] = round((time.perf_counter() - t) * 1000, 1)

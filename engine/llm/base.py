@@ -9,7 +9,8 @@ finish_reason is "stop", "length" or "cancelled".
 What a backend can do beyond that it declares here, with defaults that say
 "cannot": `media_kinds` (attachments the model itself sees), `constrained`
 (`choose` and `json_call`: local weights whose logits it can score and mask),
-and `park`/`ready` (giving its GPU room to a diffusion pipeline). Callers read
+`decode_path`, `talker_model` (an omni model's speech head) and
+`park`/`ready` (giving its GPU room to a diffusion pipeline). Callers read
 these; they never probe a backend's attributes.
 """
 from __future__ import annotations
@@ -55,6 +56,10 @@ class LLMBackend(ABC):
     media_kinds: frozenset = frozenset()
     #: it can score a few options and decode schema-constrained JSON (`choose`, `json_call`)
     constrained: bool = False
+    #: how the answer is decoded, for the status panel (e.g. "fast path, int8 weights"); None: not said
+    decode_path: str | None = None
+    #: the omni model's speech head, which speaks from the thinker's states (engine/speech/talker.py); None: none
+    talker_model: object | None = None
 
     @abstractmethod
     def generate(

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from engine.adapters.base import check, stop_on_cancel
+from engine.speech.tts import TTS
 
 SAMPLE_RATE = 24000
 _RATE_KWARGS = ("image_grid_thw", "video_grid_thw", "video_second_per_grid", "audio_feature_lengths")
@@ -219,19 +220,20 @@ def build_tiny_omni(seed: int = 0):
     return model, proc
 
 
-class TalkerVoice:
+class TalkerVoice(TTS):
     """The tts role when tts.backend=talker: the LLM backend's own talker speaks its answers.
 
     It speaks from the thinker's hidden states (a ThinkerTrace the backend fills when a
     turn asks for it), not from text, so it starts once the answer is complete."""
 
     sample_rate = SAMPLE_RATE
+    from_trace = True
 
     def __init__(self, llm_role, speaker: str) -> None:
         from engine.errors import Unavailable
 
         backend = llm_role.get()
-        model = getattr(backend, "talker_model", None)
+        model = backend.talker_model
         if model is None:
             raise Unavailable(f"{backend.name} has no talker (speech head)",
                               "set --tts-backend piper, or --llm to a Qwen2.5-Omni model")
@@ -240,6 +242,12 @@ class TalkerVoice:
                               f"set --set tts.talker_speaker= one of {', '.join(sorted(model.speaker_map))}")
         self.backend, self.speaker = backend, speaker
         self.name = f"{backend.name} talker ({speaker})"
+
+    def synthesize(self, text: str, rate: float = 1.0, cancel=None):
+        from engine.errors import Unavailable
+
+        raise Unavailable(f"{self.name} speaks the model's own answers, not given text",
+                          "set --tts-backend piper to speak given text")
 
     def speak(self, trace: ThinkerTrace, cancel=None, lock=None) -> np.ndarray:
         """The traced answer as float32 samples at SAMPLE_RATE (Cancelled on cancel)."""

@@ -26,6 +26,9 @@ from engine.speech.audio import to_int16
 class TTS(ABC):
     name: str = ""
     sample_rate: int = 22050
+    #: it speaks the LLM's own answer from the thinker's states (`speak(trace)`: the omni talker),
+    #: not given text
+    from_trace: bool = False
 
     @abstractmethod
     def synthesize(self, text: str, rate: float = 1.0, cancel: CancelToken | None = None) -> Iterator[np.ndarray]:
