@@ -63,6 +63,7 @@ def test_the_tokenizer_and_chat_template_match_transformers(tmp_path):
             assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
     assert (ours.eos_token_id, ours.unk_token_id) == (theirs.eos_token_id, theirs.unk_token_id)
     assert ours.convert_tokens_to_ids("<|im_end|>") == theirs.convert_tokens_to_ids("<|im_end|>")
+    assert ours.convert_ids_to_tokens(ids) == theirs.convert_ids_to_tokens(ids)  # (bench/text.py: CTranslate2's input)
 
 
 def _edit_json(path: Path, **changes) -> None:

@@ -127,6 +127,9 @@ class LeanTokenizer:
     def convert_tokens_to_ids(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        return [self._tok.id_to_token(i) for i in ids]
+
     def __call__(self, text: str, add_special_tokens: bool = False) -> SimpleNamespace:
         return SimpleNamespace(input_ids=self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
