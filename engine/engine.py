@@ -13,7 +13,7 @@ from typing import Generator, Iterator, Sequence
 from engine.config import Config
 from engine.context import fit
 from engine.errors import Unavailable
-from engine.events import CancelToken, Done, Error, Event, Notice, RouterStats, TextDelta
+from engine.events import CancelToken, Done, Error, Event, Notice, Returning, TextDelta
 from engine.llm.base import GenParams, LLMBackend, Message
 from engine.queueing import FairLock, QueueFull
 from engine.roles import Role, build_roles
@@ -34,8 +34,7 @@ class Engine:
         # media tools: generators/ backends loaded on first use, plus this engine's voice for spoken audio
         self.generators = Generators(config, [speech_tool.entry(self.roles["tts"], config.tts)])
         self.perceiver = Perceiver(self)  # attached media -> grounded facts (engine/adapters/)
-        self.last_usage: dict = {}
-        self.last_router_stats: dict | None = None  # MoE models: which experts the last answer used
+        # (what one answer used, its usage and experts, travels in that turn's events, not here)
 
     @property
     def media_dir(self):
@@ -139,19 +138,12 @@ class Engine:
                 yield Notice(f"{llm.name} reads text only, so it answers from what the perception tools found in "
                              f"the {' and '.join(unseen)}; set --llm to an omni model (Qwen2.5-Omni, Qwen3-Omni) "
                              "for it to look at them itself.")
-            stream = llm.generate(fitted.messages, seen, params, cancel)
-            while True:
-                try:
-                    event = next(stream)
-                except StopIteration as stop:
-                    usage = stop.value or usage
-                    break
+            for event in (stream := Returning(llm.generate(fitted.messages, seen, params, cancel))):
                 if isinstance(event, TextDelta):
                     first = first or time.monotonic()
                     parts.append(event.text)
-                elif isinstance(event, RouterStats):
-                    self.last_router_stats = event.experts
                 yield event
+            usage = stream.value or usage
         except Exception as exc:  # the backend failed mid-answer: keep what we have
             yield Error(f"The language model failed: {exc}", recoverable=True)
             usage = {**usage, "finish_reason": "error"}
@@ -163,7 +155,6 @@ class Engine:
                    "ttft_ms": round((first - queued) * 1000, 1) if first else None,
                    "total_ms": round((end - started) * 1000, 1),
                    "decode_tok_s": round((n - 1) / (end - first), 2) if first and n > 1 and end > first else None}
-        self.last_usage = {**usage, **timings}
         return "".join(parts), usage, timings
 
     def close(self) -> None:

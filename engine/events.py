@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, Generator, Iterator
 
 
 class CancelToken:
@@ -30,6 +30,17 @@ class CancelToken:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._event.wait(timeout)
+
+
+class Returning:
+    """A generator's events, and what it returned once they are all read: the one place a
+    StopIteration's value is unpacked. `for event in (run := Returning(gen)): ...` then `run.value`."""
+
+    def __init__(self, generator: Generator) -> None:
+        self._generator, self.value = generator, None
+
+    def __iter__(self) -> Iterator:
+        self.value = yield from self._generator
 
 
 def _snake(name: str) -> str:

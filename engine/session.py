@@ -1,31 +1,29 @@
 """The turn loop: `Session.submit(turn) -> Iterator[Event]`.
 
-One conversation. A turn: validate input and media -> transcribe speech
-(audio attachments, or the user's live utterance) -> store the user turn ->
-stream the answer (cancel checked every token) -> speak it sentence by
-sentence while it is written, when asked -> store the answer (complete /
-interrupted / error, with its audio) -> Done.
+One conversation. A turn is three short steps:
+- prepare: validate the input and store its media, transcribe and perceive them
+  (the user's live utterance: its words are the message), plan a tool call;
+- answer: the tool's result, or the LLM's answer streamed with the cancel checked
+  every token; spoken sentence by sentence while it is written, when asked;
+- commit: store the user turn (at once when it is certain) and the answer
+  (complete / interrupted / error, with its audio) -> Done.
 """
 from __future__ import annotations
 
-import tempfile
 import threading
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Iterator
-
-import numpy as np
+from dataclasses import dataclass, field, replace
+from typing import Generator, Iterator
 
 from engine import media as media_mod
 from engine import router
 from engine.context import as_message
 from engine.engine import Engine
-from engine.errors import InputError, Unavailable
-from engine.events import AudioChunk, CancelToken, Done, Error, Event, Notice, RouterStats, TextDelta
+from engine.errors import InputError
+from engine.events import CancelToken, Done, Error, Event, Notice, Returning, RouterStats, TextDelta
 from engine.llm.base import Message
-from engine.understand import understand, unreadable_note, user_message, with_facts
+from engine.speech.speaker import Speaker, speaker_for
+from engine.understand import Understood, understand, unreadable_note, user_message, with_facts
 from generators.base import Cancelled, RequestError
-
 
 
 @dataclass(frozen=True)
@@ -60,6 +58,32 @@ class Gate:
         return self.ok
 
 
+@dataclass
+class Prepared:
+    """The user's turn, validated, perceived and planned; not stored yet."""
+
+    turn: Turn
+    text: str  # the message: the typed text, or what was heard
+    records: tuple[media_mod.MediaRecord, ...]
+    got: Understood
+    history: list[Message]  # the conversation before this turn, as the LLM reads it
+    plan: router.ToolPlan | None = None
+    refusal: str = ""  # why the tool call it asks for cannot be made
+
+
+@dataclass
+class Answered:
+    """The answer, made but not stored yet."""
+
+    text: str = ""
+    status: str | None = None  # None: complete, or interrupted / error as the turn ended
+    media: tuple = ()
+    meta: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    speaker: Speaker | None = None  # its voice, whose audio is stored with it
+
+
 class Session:
     """One conversation. Created lazily in the store on the first turn."""
 
@@ -78,134 +102,133 @@ class Session:
                 if t.content and t.status != "error" and (before is None or t.id < before)]
 
     def submit(self, turn: Turn, cancel: CancelToken | None = None, gate: Gate | None = None) -> Iterator[Event]:
-        """Run one turn. With a `gate`, the user turn is stored only once the gate opens
-        (the answer is prepared meanwhile), and nothing is stored if it closes."""
+        """Run one turn: prepare -> answer -> commit. With a `gate` (a voice answer prepared
+        while the user may still go on), the answer is made meanwhile and the commit waits for
+        the gate: opened, the turn is stored; closed, nothing is."""
         cancel = cancel or CancelToken()
-        engine, store = self.engine, self.engine.store
+        prepared = yield from self._prepare(turn, cancel)
+        if prepared is None:  # refused, or nothing heard: said so, nothing stored
+            yield Done(conversation_id=self.id or "")
+            return
+        if gate is None:
+            self._store_user(prepared)  # certain: stored before the answer, whatever becomes of it
+        elif prepared.plan is not None and not gate.wait():  # no media made for an utterance that goes on
+            yield Done(conversation_id=self.id or "", interrupted=True)
+            return
+        answered = yield from self._answer(prepared, turn.speak, cancel)
+        if gate is not None:
+            if not gate.wait():
+                yield Done(answered.usage, answered.timings, True, self.id or "")  # the user went on: never was
+                return
+            self._store_user(prepared)
+        yield self._commit(answered, cancel)
+
+    def _prepare(self, turn: Turn, cancel: CancelToken) -> Generator[Event, None, Prepared | None]:
+        """Validate and store the attachments, transcribe and perceive them, plan a tool call."""
         text = turn.text.strip()
         try:
             records = self._validate(turn, text)
         except InputError as exc:
             yield Error(str(exc), recoverable=True)
-            yield Done(conversation_id=self.id or "")
-            return
-        got = yield from understand(engine, records, turn.spoken, cancel, text)
-        heard = got.heard
-        text = user_message(text, records, heard, turn.spoken)
+            return None
+        got = yield from understand(self.engine, records, turn.spoken, cancel, text)
+        text = user_message(text, records, got.heard, turn.spoken)
         if turn.spoken and not text:
             yield Notice("I didn't catch any words in that.")
-            yield Done(conversation_id=self.id or "")
-            return
-        history = self.history()
-        stored = False
-
-        def store_user() -> bool:
-            """Store the user turn once it is certain (at once without a gate)."""
-            nonlocal stored
-            if not stored and (gate is None or gate.poll()):
-                if self.id is None:
-                    self.id = store.create_conversation()
-                store.add_turn(self.id, "user", text, media=records,
-                               meta={"transcripts": {r.name: heard[r.sha256] for r in records if r.sha256 in heard},
-                                     **({"perception": got.facts, "overlays": got.overlays} if got.facts else {})})
-                if not store.get_conversation(self.id)["title"]:
-                    store.rename_conversation(self.id, _title(text, records))
-                stored = True
-            return stored
-
-        earlier = router.conversation_media(store, self.id)
-        store_user()
-
-        speech = self._speech(turn, cancel)
-        plan = None
+            return None
+        prepared = Prepared(turn, text, records, got, self.history())
         if text:
             try:
-                plan = router.plan(engine, text, earlier, records, cancel)
-            except RequestError as exc:
-                plan = str(exc)
-            if plan is not None and gate is not None and not gate.wait():
-                yield Done(conversation_id=self.id or "", interrupted=True)  # the user went on speaking
-                return
-            store_user()
-        if plan is not None:
-            yield from self._tool_turn(plan, speech, cancel)
-            return
-        if speech is not None and not isinstance(speech, _Speaker):
-            yield speech  # a Notice: not speaking, and why
-            speech = None
-        answer, usage, timings, errors = "", {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}, {}, []
-        experts = None  # MoE models: which experts this answer used (the Experts panel reads it from the turn)
-        prefix = unreadable_note(engine, records, got)
-        if prefix:
-            yield TextDelta(prefix)
-            if speech:
-                speech.push(prefix)
-        if not text and not prefix:
-            prefix = f"(I couldn't make out any words in {', '.join(r.name for r in records)}.)"
-            yield TextDelta(prefix)
-        if text:
-            messages = [{"role": "system", "content": engine.config.system_prompt}, *history,
-                        {"role": "user", "content": with_facts(text, got.facts)}]
-            grounded = bool(got.facts) or (bool(got.heard) and not turn.spoken)  # facts or an attached transcript
-            params = engine.params(turn.max_new_tokens, turn.temperature, facts=grounded)
-            if isinstance(speech, _TalkerSpeaker):
-                params = replace(params, trace=speech.trace)  # the talker speaks from the thinker's states
-            stream = engine.answer(messages, params, cancel, records)
-            while True:
-                try:
-                    event = next(stream)
-                except StopIteration as stop:
-                    answer, usage, timings = stop.value
-                    break
-                if isinstance(event, Error):
-                    errors.append(event.message)
-                elif isinstance(event, RouterStats):
-                    experts = event.experts
-                store_user()
-                yield event
-                if speech and isinstance(event, TextDelta):
-                    speech.push(event.text)
-                    yield from speech.ready()
-        audio_rec = None
-        if speech:
-            yield from speech.finish()
-        if gate is not None and not gate.wait():
-            yield Done(usage, timings, True, self.id or "")  # the user went on: this answer never was
-            return
-        store_user()
-        if speech:
-            audio_rec = speech.store(engine)
-        interrupted = cancel.cancelled
-        status = "interrupted" if interrupted else ("error" if errors else "complete")
-        meta = {"usage": usage, "timings": timings, **({"error": " ".join(errors)} if errors else {})}
-        if speech:
-            meta["speech"] = speech.timings()
-        if experts:
-            meta["router_stats"] = experts
-        turn_id = store.add_turn(self.id, "assistant", prefix + answer, status=status,
-                                 media=(audio_rec,) if audio_rec else (), meta=meta)
-        yield Done(usage, timings, interrupted, self.id, turn_id)
+                earlier = router.conversation_media(self.engine.store, self.id)
+                prepared.plan = router.plan(self.engine, text, earlier, records, cancel)
+            except RequestError as exc:  # e.g. nothing to edit: said as an error, stored as one
+                prepared.refusal = str(exc)
+            except Cancelled:  # stopped while the LLM chose: the answer stops at once too
+                if not cancel.cancelled:
+                    raise
+        return prepared
 
-    def _tool_turn(self, plan, speech, cancel: CancelToken) -> Iterator[Event]:
-        """A turn that makes media: run the tool, say what was made, store it all."""
+    def _answer(self, p: Prepared, speak: bool, cancel: CancelToken) -> Generator[Event, None, Answered]:
+        """The answer: a refusal, a tool's result, or the LLM's words; spoken when asked."""
+        speaker, why_not = speaker_for(self.engine, cancel) if speak else (None, None)
+        if p.refusal:
+            yield Error(p.refusal, recoverable=True)
+            return Answered(p.refusal, "error", meta={"error": p.refusal})
+        if p.plan is not None:
+            return (yield from self._tool(p.plan, speaker, cancel))
+        if why_not is not None:
+            yield why_not
+        return (yield from self._reply(p, speaker, cancel))
+
+    def _tool(self, plan, speaker: Speaker | None, cancel: CancelToken) -> Generator[Event, None, Answered]:
+        """Run the tool and say what was made."""
         from engine import toolrun
 
-        if isinstance(plan, str):  # the request could not be planned (e.g. nothing to edit)
-            answer, records, status = plan, [], "error"
-        else:
-            answer, records, status = yield from toolrun.run(self.engine, plan, cancel)
-        yield TextDelta(answer)
-        audio = ()
-        if isinstance(speech, _Speaker) and not cancel.cancelled:
-            speech.push(answer)
-            yield from speech.finish()
-            rec = speech.store(self.engine)
-            audio = (rec,) if rec else ()
-        meta = {"tool": {"name": plan.name, "arguments": plan.arguments, "chosen_by": plan.chosen_by}}\
-            if not isinstance(plan, str) else {"error": plan}
-        turn_id = self.engine.store.add_turn(self.id, "assistant", answer, status=status,
-                                             media=(*records, *audio), meta=meta)
-        yield Done({}, {}, cancel.cancelled, self.id, turn_id)
+        text, records, status = yield from toolrun.run(self.engine, plan, cancel)
+        yield TextDelta(text)
+        if speaker is not None and not cancel.cancelled:
+            speaker.push(text)
+            yield from speaker.finish()
+        meta = {"tool": {"name": plan.name, "arguments": plan.arguments, "chosen_by": plan.chosen_by}}
+        return Answered(text, status, tuple(records), meta, speaker=speaker)
+
+    def _reply(self, p: Prepared, speaker: Speaker | None, cancel: CancelToken) -> Generator[Event, None, Answered]:
+        """The LLM's answer, streamed (and spoken while it is written)."""
+        engine = self.engine
+        prefix = unreadable_note(engine, p.records, p.got)
+        if prefix:
+            yield TextDelta(prefix)
+            if speaker is not None:
+                speaker.push(prefix)
+        if not p.text and not prefix:
+            prefix = f"(I couldn't make out any words in {', '.join(r.name for r in p.records)}.)"
+            yield TextDelta(prefix)
+        answered = Answered(prefix, usage={"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"},
+                            speaker=speaker)
+        if p.text:
+            messages = [{"role": "system", "content": engine.config.system_prompt}, *p.history,
+                        {"role": "user", "content": with_facts(p.text, p.got.facts)}]
+            grounded = bool(p.got.facts) or (bool(p.got.heard) and not p.turn.spoken)  # facts or a file's transcript
+            params = replace(engine.params(p.turn.max_new_tokens, p.turn.temperature, facts=grounded),
+                             trace=speaker.trace if speaker is not None else None)  # (the talker's states)
+            errors = []
+            for event in (stream := Returning(engine.answer(messages, params, cancel, p.records))):
+                if isinstance(event, Error):
+                    errors.append(event.message)
+                elif isinstance(event, RouterStats):  # MoE models: which experts this answer used
+                    answered.meta["router_stats"] = event.experts
+                yield event
+                if speaker is not None and isinstance(event, TextDelta):
+                    speaker.push(event.text)
+                    yield from speaker.ready()
+            text, answered.usage, answered.timings = stream.value
+            answered.text += text
+            answered.meta.update({"usage": answered.usage, "timings": answered.timings,
+                                  **({"error": " ".join(errors)} if errors else {})})
+        if speaker is not None:
+            yield from speaker.finish()
+        return answered
+
+    def _store_user(self, p: Prepared) -> None:
+        """The user's turn, with its media, transcripts and what perception found."""
+        store = self.engine.store
+        if self.id is None:
+            self.id = store.create_conversation()
+        heard = p.got.heard
+        store.add_turn(self.id, "user", p.text, media=p.records,
+                       meta={"transcripts": {r.name: heard[r.sha256] for r in p.records if r.sha256 in heard},
+                             **({"perception": p.got.facts, "overlays": p.got.overlays} if p.got.facts else {})})
+        if not store.get_conversation(self.id)["title"]:
+            store.rename_conversation(self.id, _title(p.text, p.records))
+
+    def _commit(self, answered: Answered, cancel: CancelToken) -> Done:
+        """Store the answer (with its spoken audio) and say the turn is done."""
+        audio = answered.speaker.store(self.engine) if answered.speaker is not None else None
+        meta = {**answered.meta, **({"speech": answered.speaker.timings()} if answered.speaker is not None else {})}
+        status = answered.status or ("interrupted" if cancel.cancelled else "error" if "error" in meta else "complete")
+        turn_id = self.engine.store.add_turn(self.id, "assistant", answered.text, status=status,
+                                             media=(*answered.media, *((audio,) if audio else ())), meta=meta)
+        return Done(answered.usage, answered.timings, cancel.cancelled, self.id, turn_id)
 
     def _validate(self, turn: Turn, text: str) -> tuple[media_mod.MediaRecord, ...]:
         cfg = self.engine.config
@@ -217,101 +240,6 @@ class Session:
         names = list(turn.names) + [None] * (len(turn.attachments) - len(turn.names))
         return tuple(replace(media_mod.ingest(p, self.engine.media_dir, cfg.max_upload_mb * 1_000_000, n),
                              spoken=turn.spoken) for p, n in zip(turn.attachments, names))
-
-    def _speech(self, turn: Turn, cancel: CancelToken):
-        if not turn.speak:
-            return None
-        try:
-            tts = self.engine.roles["tts"].get()
-        except Unavailable as exc:
-            return Notice(f"Not speaking this answer: speech synthesis is {exc}")
-        if tts.from_trace:  # the omni LLM's own talker (engine/speech/talker.py)
-            return _TalkerSpeaker(tts, cancel, self.engine.model_lock)
-        return _Speaker(tts, self.engine.config.tts, cancel)
-
-
-class _Speaker:
-    """Speaks the answer while it is written (engine/speech/tts.SpeechStream) and keeps the audio."""
-
-    def __init__(self, tts, cfg, cancel: CancelToken) -> None:
-        import time
-
-        from engine.speech.tts import SpeechStream
-
-        self.rate, self.started = tts.sample_rate, time.monotonic()
-        self.stream = SpeechStream(tts, rate=cfg.rate, cancel=cancel, first_clause_chars=cfg.first_piece_chars)
-        self.pcm: list[bytes] = []
-
-    def push(self, text: str) -> None:
-        self.stream.push(text)
-
-    def _keep(self, chunks) -> Iterator[AudioChunk]:
-        for chunk in chunks:
-            self.pcm.append(chunk.pcm)
-            yield chunk
-
-    def ready(self) -> Iterator[AudioChunk]:
-        return self._keep(self.stream.poll())
-
-    def finish(self) -> Iterator[AudioChunk]:
-        self.stream.close()
-        return self._keep(self.stream.events())
-
-    def timings(self) -> dict:
-        first = self.stream.first_audio_at
-        samples = sum(len(p) for p in self.pcm) // 2
-        return {"first_audio_ms": round((first - self.started) * 1000, 1) if first else None,
-                "audio_s": round(samples / self.rate, 3)}
-
-    def store(self, engine: Engine):
-        """The spoken answer as a WAV in the media store, so it can be replayed."""
-        if not self.pcm:
-            return None
-        from engine.speech.audio import write_wav
-
-        audio = np.frombuffer(b"".join(self.pcm), dtype="<i2").astype(np.float32) / 32767.0
-        with tempfile.TemporaryDirectory() as tmp:
-            path = write_wav(Path(tmp) / "answer.wav", audio, self.rate)
-            return replace(media_mod.ingest(path, engine.media_dir, 1 << 31, "answer.wav"), spoken=True)
-
-
-class _TalkerSpeaker(_Speaker):
-    """The answer spoken by the omni model's talker, once the thinker has finished: it speaks
-    from the thinker's hidden states (filled into `trace` during the answer), not from text."""
-
-    def __init__(self, voice, cancel: CancelToken, lock) -> None:
-        import time
-
-        self.voice, self.cancel, self.lock = voice, cancel, lock
-        self.rate, self.started, self.first = voice.sample_rate, time.monotonic(), None
-        self.trace: list = []
-        self.pcm: list[bytes] = []
-
-    def push(self, text: str) -> None:
-        pass  # (a tool turn's short reply has no trace: it is shown, not spoken)
-
-    def ready(self) -> Iterator[AudioChunk]:
-        return iter(())
-
-    def finish(self) -> Iterator[AudioChunk]:
-        import time
-
-        if not self.trace or self.cancel.cancelled:
-            return
-        try:
-            wav = self.voice.speak(self.trace[-1], self.cancel, self.lock)
-        except Cancelled:
-            return
-        if len(wav):
-            self.first = time.monotonic()
-            pcm = (np.clip(wav, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-            self.pcm.append(pcm)
-            yield AudioChunk(pcm, self.rate)
-
-    def timings(self) -> dict:
-        samples = sum(len(p) for p in self.pcm) // 2
-        return {"first_audio_ms": round((self.first - self.started) * 1000, 1) if self.first else None,
-                "audio_s": round(samples / self.rate, 3), "voice": "talker"}
 
 
 def _title(text: str, records) -> str:

@@ -69,6 +69,25 @@ def long_server(tmp_path_factory):
 
 
 @pytest.fixture
+def answers(monkeypatch):
+    """answers(engine) -> a list that gets each answer's usage and timings as `engine.answer`
+    returns them (an answer's figures travel in its own events; this is how a test sees those
+    of a turn it does not read, such as an API request's on the server side)."""
+    def watch(engine) -> list[dict]:
+        seen, real = [], engine.answer
+
+        def answer(*args, **kwargs):
+            text, usage, timings = yield from real(*args, **kwargs)
+            seen.append({**usage, **timings})
+            return text, usage, timings
+
+        monkeypatch.setattr(engine, "answer", answer)
+        return seen
+
+    return watch
+
+
+@pytest.fixture
 def png(tmp_path):
     from PIL import Image
 

@@ -61,7 +61,8 @@ def test_bad_requests_are_400_with_a_message(server):
     assert r.status_code == 400
 
 
-def test_client_disconnect_cancels_generation(server, client):
+def test_client_disconnect_cancels_generation(server, client, answers):
+    seen = answers(server.engine)
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go"}],
                                             max_tokens=4000, stream=True)
     got = 0
@@ -73,7 +74,7 @@ def test_client_disconnect_cancels_generation(server, client):
     deadline = time.monotonic() + 30
     while server.engine.model_lock.locked() and time.monotonic() < deadline:
         time.sleep(0.05)
-    usage = server.engine.last_usage
+    usage = seen[-1]
     assert usage["finish_reason"] == "cancelled"
     assert usage["completion_tokens"] < 4000
     # and the server is free for the next request

@@ -34,7 +34,8 @@ def bot_text(page) -> str:
     return bots.last.inner_text() if bots.count() else ""
 
 
-def test_type_stream_stop_and_screenshot(browser, long_server, tmp_path):
+def test_type_stream_stop_and_screenshot(browser, long_server, tmp_path, answers):
+    seen = answers(long_server.engine)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(long_server.url + "/", wait_until="load")
     box = page.locator("#input textarea")
@@ -53,7 +54,7 @@ def test_type_stream_stop_and_screenshot(browser, long_server, tmp_path):
     shot = tmp_path / "chat-stopped.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    assert long_server.engine.last_usage["finish_reason"] == "cancelled"
+    assert seen[-1]["finish_reason"] == "cancelled"
     # the conversation is listed in the sidebar under its first message
     assert page.locator("#conversations").get_by_text("Hello from the browser").count() == 1
     page.close()

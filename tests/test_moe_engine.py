@@ -96,6 +96,36 @@ def test_router_heatmap_image_comes_from_the_conversations_own_answer(tmp_path):
         eng.close()
 
 
+def test_an_api_turn_does_not_change_the_experts_another_conversation_shows(tmp_path):
+    """Per-turn results travel in the turn's events and its stored turn, not on the shared
+    engine: an API completion (an MoE answer with experts of its own) leaves the Experts
+    panel of a browser conversation as its own last answer left it."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from app.api import make_router
+    from app.panels import router_panel, router_view
+    from engine.events import CancelToken
+
+    eng = Engine(load_config("tiny", overrides={"llm": "tiny-moe", "data_dir": str(tmp_path), "max_new_tokens": "8",
+                                                "vram_gb": "0.0004"}, env={}))
+    try:
+        s = Session(eng)
+        list(s.submit(Turn("tell me about the sea")))
+        shown = router_panel(eng, s.id)[1]
+        app = FastAPI()
+        app.include_router(make_router(eng))
+        asked = [{"role": "user", "content": "what do mountains look like in winter, and why?"}]
+        r = TestClient(app).post("/v1/chat/completions", json={"model": "tiny", "messages": asked, "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        assert router_panel(eng, s.id)[1] == shown
+        # (the API's answer had experts of its own: a panel reading the engine's last answer would differ)
+        api = [e for e in eng.complete(asked, eng.params(8), CancelToken()) if e.type == "router_stats"][-1]
+        assert router_view(api.experts)[1] != shown
+    finally:
+        eng.close()
+
+
 def test_a_diffusion_generator_takes_the_experts_gpu_room_and_they_come_back(tmp_path):
     """One GPU for the LLM and the generators: running a diffusion pipeline first evicts the
     LLM's cached experts; the next answer loads them again through the cache."""
