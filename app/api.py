@@ -18,8 +18,10 @@ from typing import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from app import chat_audio
+from app.bodies import ChatMessage, ChatRequest, error, invalid
 from engine.errors import InputError, Unavailable
 from engine.events import CancelToken, Done, Error, Event, Notice, TextDelta
 from engine.engine import Engine
@@ -61,16 +63,10 @@ async def iterate_in_thread(make: Callable[[], Iterator[Event]], cancel: CancelT
         cancel.cancel("client disconnected")
 
 
-def _error(status_code: int, message: str, kind: str = "invalid_request_error",
-           headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status_code}}, status_code=status_code,
-                        headers=headers)
-
-
 def busy(engine: Engine) -> JSONResponse:
     """429 while the model's queue is full: say so now rather than keep the client for minutes."""
-    return _error(429, f"the assistant is busy: {engine.model_lock.waiting} requests are waiting for the model; "
-                       "try again shortly", "rate_limit_error", {"retry-after": "10"})
+    return error(429, f"the assistant is busy: {engine.model_lock.waiting} requests are waiting for the model; "
+                       "try again shortly", "rate_limit_error", headers={"retry-after": "10"})
 
 
 async def read_json(request: Request) -> dict:
@@ -126,17 +122,12 @@ def _data_part(kind: str, part: dict, i: int, n: int, max_bytes: int) -> tuple[s
         raise ValueError(f"messages[{i}]: the {kind} part is not valid base64") from None
 
 
-def _messages(body: dict, max_bytes: int) -> tuple[list[dict], list[str], list[tuple[int, str, bytes]]]:
+def _messages(raw: list[ChatMessage], max_bytes: int) -> tuple[list[dict], list[str], list[tuple[int, str, bytes]]]:
     """OpenAI messages -> engine messages (text), notes on parts that cannot be read,
     and the inline media to look at: (message index, name, bytes)."""
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise ValueError("'messages' must be a non-empty list")
     out, notes, media = [], [], []
     for i, msg in enumerate(raw):
-        if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant", "tool"):
-            raise ValueError(f"messages[{i}] needs a role of system, user or assistant")
-        content = msg.get("content") or ""
+        content = msg.content or ""
         if isinstance(content, list):
             texts = []
             for part in content:
@@ -153,9 +144,7 @@ def _messages(body: dict, max_bytes: int) -> tuple[list[dict], list[str], list[t
                 else:
                     raise ValueError(f"messages[{i}] has a content part of unsupported type {str(kind)[:40]!r}")
             content = "\n".join(texts)
-        elif not isinstance(content, str):
-            raise ValueError(f"messages[{i}]: content must be a string or a list of parts")
-        role = {"developer": "system", "tool": "user"}.get(msg["role"], msg["role"])
+        role = {"developer": "system", "tool": "user"}.get(msg.role, msg.role)
         out.append({"role": role, "content": content})
     return out, sorted(set(notes)), media
 
@@ -189,17 +178,6 @@ def _look(engine: Engine, messages: list[dict], media: list) -> list[str]:
     return notes
 
 
-def _number(body: dict, key: str, kind: type, *aliases: str):
-    for k in (key, *aliases):
-        value = body.get(k)
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    (kind is int and value != int(value)):
-                raise ValueError(f"{k} must be a{'n integer' if kind is int else ' number'}")
-            return kind(value)
-    return None
-
-
 def make_router(engine: Engine) -> APIRouter:
     router = APIRouter(prefix="/v1")  # the token, when set, is checked in app/security.Edge
 
@@ -221,21 +199,23 @@ def make_router(engine: Engine) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = await read_json(request)
-            messages, unreadable, media = _messages(body, engine.config.max_upload_mb * 1_000_000)
+            body = ChatRequest.model_validate(await read_json(request))
+            messages, unreadable, media = _messages(body.messages, engine.config.max_upload_mb * 1_000_000)
             total = sum(len(m["content"]) for m in messages)
             if total > engine.config.max_prompt_chars:
                 raise ValueError(f"the messages hold {total:,} characters; the limit is "
                                  f"{engine.config.max_prompt_chars:,}")
-            asked = (_number(body, "max_completion_tokens", int, "max_tokens"), _number(body, "temperature", float),
-                     _number(body, "top_p", float), _number(body, "seed", int))
+            tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            asked = (tokens, body.temperature, body.top_p, body.seed)
             params = engine.params(*asked)
             cancel = CancelToken()
             spoken = await asyncio.to_thread(chat_audio.requested, engine, body, cancel)  # modalities: audio
+        except ValidationError as exc:
+            return invalid(exc)
         except (ValueError, TypeError) as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         except Unavailable as exc:
-            return _error(503, f"speech synthesis is unavailable: {exc.why}; {exc.what_to_set}", "server_error")
+            return error(503, f"speech synthesis is unavailable: {exc.why}; {exc.what_to_set}", "server_error")
         if engine.model_lock.full():
             return busy(engine)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -243,7 +223,7 @@ def make_router(engine: Engine) -> APIRouter:
             media, heard = await asyncio.to_thread(chat_audio.hear, engine, messages, media)  # input_audio
             unread = await asyncio.to_thread(_look, engine, messages, media) if media else []
         except InputError as exc:
-            return _error(400, f"messages: {exc}")
+            return error(400, f"messages: {exc}", param="messages")
         if heard or len(unread) < len(media):  # facts or a transcript joined a message: llm.facts_temperature
             params = engine.params(*asked, facts=True)
         prefix = (f"(I can't read {' or '.join(unreadable)} sent as links or files: send them inline "
@@ -259,7 +239,7 @@ def make_router(engine: Engine) -> APIRouter:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj)}\n\n"
 
-        if body.get("stream"):
+        if body.stream:
             async def sse() -> AsyncIterator[str]:
                 yield chunk({"role": "assistant", "content": prefix})
                 for delta in spoken.push(prefix) if spoken else ():
@@ -294,7 +274,7 @@ def make_router(engine: Engine) -> APIRouter:
         if done is not None and done.usage.get("finish_reason") == "busy":  # the queue filled while it waited
             return busy(engine)
         if errors and len(parts) == 1:
-            return _error(503, " ".join(errors), "server_error")
+            return error(503, " ".join(errors), "server_error")
         usage = done.usage if done else {}
         message = {"role": "assistant", "content": "".join(parts)}
         if spoken:

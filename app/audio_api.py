@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.bodies import error, invalid
 from app.speech_roles import decode_16k, pick_voice, voices
 from engine.errors import InputError, Unavailable
 from engine.events import CancelToken, Error
@@ -56,17 +57,9 @@ class SpeechRequest(BaseModel):
     stream_format: Literal["audio"] = Field("audio", description="audio (the bytes, streamed)")
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
 def _unavailable(role: str, exc: Unavailable) -> JSONResponse:
     how = f"; {exc.what_to_set}" if exc.what_to_set else ""
-    return _error(503, f"{role} is unavailable: {exc.why}{how}", "server_error")
-
-
-def _invalid(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+    return error(503, f"{role} is unavailable: {exc.why}{how}", "server_error")
 
 
 def _schema(model: type[BaseModel], media_type: str) -> dict:
@@ -181,7 +174,7 @@ def make_audio_router(engine) -> APIRouter:
         try:
             form = await request.form(max_files=1, max_fields=20)
         except Exception as exc:  # noqa: BLE001 - a malformed multipart body
-            return _error(400, f"the body must be multipart/form-data with a 'file' field ({type(exc).__name__})")
+            return error(400, f"the body must be multipart/form-data with a 'file' field ({type(exc).__name__})")
         try:
             upload = form.get("file")
             fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
@@ -206,11 +199,11 @@ def make_audio_router(engine) -> APIRouter:
                                  f"language {language[:20]!r}")
             audio, _ = await _upload_audio(engine, upload)
         except ValidationError as exc:
-            return _error(400, _invalid(exc))
+            return invalid(exc)
         except (ValueError, InputError) as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         except Unavailable as exc:
-            return _unavailable("speech recognition", exc) if task == "transcribe" else _error(400, str(exc))
+            return _unavailable("speech recognition", exc) if task == "transcribe" else error(400, str(exc))
         work = (lambda: asr.transcribe(audio, language)) if task == "transcribe" else (lambda: translate(asr, audio))
         result = await asyncio.to_thread(work)
         return transcript_response(result, fmt, task)
@@ -245,9 +238,9 @@ def make_audio_router(engine) -> APIRouter:
             tts = await asyncio.to_thread(pick_voice, engine, args.voice)
             encoder = Encoder(args.response_format, tts.sample_rate)
         except ValidationError as exc:
-            return _error(400, _invalid(exc))
+            return invalid(exc)
         except ValueError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         except Unavailable as exc:
             return _unavailable("speech synthesis", exc)
         cancel = CancelToken()

@@ -83,26 +83,21 @@ class SpokenAnswer:
                 "transcript": text}
 
 
-def requested(engine, body: dict, cancel) -> SpokenAnswer | None:
-    """The spoken answer a request asks for, or None. ValueError (a 400) for a bad request;
-    Unavailable when speech synthesis is off."""
-    modalities = body.get("modalities")
-    if modalities is None:
+def requested(engine, body, cancel) -> SpokenAnswer | None:
+    """The spoken answer a request (app/bodies.ChatRequest) asks for, or None. ValueError (a 400)
+    for a bad request; Unavailable when speech synthesis is off."""
+    if body.modalities is None:
         return None
-    if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"text", "audio"}:
+    if not body.modalities:
         raise ValueError("modalities must be ['text'] or ['text', 'audio']")
-    if "audio" not in modalities:
+    if "audio" not in body.modalities:
         return None
-    audio = body.get("audio")
-    if not isinstance(audio, dict):
+    if body.audio is None:
         raise ValueError("modalities with 'audio' needs audio: {'voice': ..., 'format': ...}")
-    fmt = str(audio.get("format", "wav")).lower()
+    fmt = body.audio.format.lower()
     if fmt not in FORMATS:
         raise ValueError(f"audio.format {fmt[:20]!r}: choose one of {', '.join(FORMATS)}")
-    voice = audio.get("voice", "")
-    if not isinstance(voice, str):
-        raise ValueError("audio.voice must be a string")
-    return SpokenAnswer(engine, voice, fmt, cancel)
+    return SpokenAnswer(engine, body.audio.voice, fmt, cancel)
 
 
 def hear(engine, messages: list[dict], media: list) -> tuple[list, bool]:

@@ -12,20 +12,18 @@ import base64
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from app.bodies import ImageEditForm, ImageRequest, error, invalid
 
 from engine.errors import InputError
 from engine.events import CancelToken
 from engine.toolrun import NoBackend
 from generators.base import Cancelled, GenerationError, RequestError, no_progress, validate
 from generators.tools import TOOLS
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
 
 
 def shown_name(filename: str | None, limit: int = 80) -> str:
@@ -43,7 +41,7 @@ def make_image_router(engine) -> APIRouter:
         def work() -> list[dict]:
             from engine.toolrun import backend_for  # picks the backend and makes room, as a chat turn does
 
-            backend = backend_for(engine, task, request, [SimpleNamespace(path=str(p)) for p in inputs])
+            backend = backend_for(engine, task, request, inputs)
             with tempfile.TemporaryDirectory(prefix="omni-api-") as tmp:
                 result = backend.run(dict(request), inputs, Path(tmp), no_progress, cancel)
                 data = base64.b64encode(Path(result.path).read_bytes()).decode()
@@ -56,13 +54,13 @@ def make_image_router(engine) -> APIRouter:
             cancel.cancel("client went away")
             raise
         except NoBackend as exc:
-            return _error(503, str(exc))
+            return error(503, str(exc), "server_error")
         except RequestError as exc:
-            return _error(400, str(exc))
+            return error(400, str(exc))
         except Cancelled:
-            return _error(499, "cancelled")
+            return error(499, "cancelled")
         except GenerationError as exc:
-            return _error(500, str(exc))
+            return error(500, str(exc), "server_error")
         return JSONResponse({"created": int(time.time()), "data": data})
 
     @router.post("/generations")
@@ -70,21 +68,12 @@ def make_image_router(engine) -> APIRouter:
         from app.api import read_json
 
         try:
-            body = await read_json(request)
-            if body.get("response_format", "b64_json") != "b64_json":
-                raise ValueError("only response_format b64_json is served (files stay on this machine)")
-            if int(body.get("n", 1)) != 1:
-                raise ValueError("n must be 1")
-            args = {"prompt": body.get("prompt", "")}
-            if body.get("size"):
-                w, _, h = str(body["size"]).partition("x")
-                args["width"], args["height"] = int(w), int(h)
-            for key in ("seed", "steps", "negative_prompt"):
-                if key in body:
-                    args[key] = body[key]
-            args = validate(TOOLS["generate_image"].schema, args)
-        except (ValueError, TypeError, RequestError) as exc:
-            return _error(400, str(exc))
+            asked = ImageRequest.model_validate(await read_json(request))
+            args = validate(TOOLS["generate_image"].schema, asked.arguments())
+        except ValidationError as exc:
+            return invalid(exc)
+        except (ValueError, RequestError) as exc:
+            return error(400, str(exc))
         return await run("image", args, [])
 
     @router.post("/edits")
@@ -93,10 +82,11 @@ def make_image_router(engine) -> APIRouter:
 
         try:
             form = await request.form()
-            upload, prompt = form.get("image"), form.get("prompt", "")
+            fields = ImageEditForm.model_validate({k: v for k, v in form.multi_items() if isinstance(v, str)})
+            upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise ValueError("send the image as a multipart file field named 'image'")
-            args = validate(TOOLS["edit_image"].schema, {"instruction": str(prompt), "image": "upload"})
+            args = validate(TOOLS["edit_image"].schema, {"instruction": fields.prompt, "image": "upload"})
             with tempfile.TemporaryDirectory(prefix="omni-api-in-") as tmp:
                 src = Path(tmp) / "upload"  # the client's file name is shown, never used as a path
                 with open(src, "wb") as out:
@@ -106,8 +96,10 @@ def make_image_router(engine) -> APIRouter:
                                           shown_name(upload.filename))
             if record.kind != "image":
                 raise ValueError(f"{record.name} is {record.kind}, not an image")
-        except (ValueError, TypeError, RequestError, InputError) as exc:
-            return _error(400, str(exc))
+        except ValidationError as exc:
+            return invalid(exc)
+        except (ValueError, RequestError, InputError) as exc:
+            return error(400, str(exc))
         return await run("edit_image", args, [Path(record.path)])
 
     return router

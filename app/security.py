@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
+from app.bodies import error_body
 from engine.config import LOOPBACK, Config
 
 PROTECTED = ("/v1", "/voice")
@@ -206,7 +207,7 @@ async def _refuse(kind: str, send, status: int, message: str, extra: dict | None
     if kind == "websocket":  # closing before accept answers the handshake with HTTP 403
         await send({"type": "websocket.close", "code": 4000 + status, "reason": message[:120]})
         return
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": status}}).encode()
+    body = json.dumps(error_body(status, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Generator
 
 from engine import media as media_mod
+from engine.errors import without_paths
 from engine.events import CancelToken, Event, MediaResult, Progress, ToolCall
 from generators import registry
 from generators.base import Cancelled, GenerationError, MediaKind, RequestError
@@ -80,7 +81,7 @@ class Generators:
                 return entry.factory.setup_hint(self._options(entry).get("model"))
         return f"{registry.TASKS[task].capitalize()} is not available here; the Status panel says what to set."
 
-    def pick(self, task: str, request: dict, inputs: list):
+    def pick(self, task: str, request: dict, inputs: list[Path]):
         """The backend for this request: the first available one that says it can do it,
         else the first available one (its error then says what it can do). None available:
         RequestError with a plain sentence for the user; the detail goes to the log."""
@@ -90,7 +91,7 @@ class Generators:
             raise NoBackend(self.setup_hint(task))
         for entry in ready:
             backend = self.get(entry)
-            if backend.can_do(request, [Path(r.path) for r in inputs]):
+            if backend.can_do(request, inputs):
                 return backend
         return self.get(ready[0])
 
@@ -115,7 +116,7 @@ class Generators:
         self._made.clear()
 
 
-def backend_for(engine, task: str, request: dict, inputs: list):
+def backend_for(engine, task: str, request: dict, inputs: list[Path]):
     """The backend that will run this request, with room made for it: the one way every edge
     (a chat turn, /v1/images, the CLI) gets a generator. A diffusion pipeline stays the only
     one resident and the LLM gives it GPU room first. Raises NoBackend / RequestError."""
@@ -131,9 +132,9 @@ def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, 
     returns (answer text, stored MediaRecords, status)."""
     yield ToolCall(plan.name, plan.arguments)
     try:
-        backend = backend_for(engine, TOOLS[plan.name].task, plan.arguments, plan.inputs)
+        backend = backend_for(engine, TOOLS[plan.name].task, plan.arguments, [Path(r.path) for r in plan.inputs])
     except GenerationError as exc:
-        return _without_paths(str(exc)), [], "error"
+        return without_paths(str(exc)), [], "error"
     events: queue.Queue = queue.Queue()
     outcome: dict = {}
     with tempfile.TemporaryDirectory(prefix="omni-gen-") as tmp:
@@ -234,12 +235,7 @@ def _failure(exc: BaseException, backend: str) -> str:
         log.info("the %s generator did not run: %s", backend, exc)
     else:
         log.warning("the %s generator failed", backend, exc_info=exc)
-    return _without_paths(_reason(exc, backend))
-
-
-def _without_paths(text: str) -> str:
-    """"/root/.cache/x/model.bin" -> "model.bin": a chat message never shows where the server keeps things."""
-    return re.sub(r"(?<![\w.:/~])(?:/[\w.@+-]+)+/?", lambda m: Path(m.group(0)).name or "/", text)
+    return without_paths(_reason(exc, backend))
 
 
 def _reason(exc: BaseException, backend: str) -> str:

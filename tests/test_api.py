@@ -110,3 +110,20 @@ def test_image_generation_and_edit_endpoints(server, client, png):
     r = httpx.post(server.url + "/v1/images/edits", files={"image": ("x.png", b"not an image")},
                    data={"prompt": "blur"})
     assert r.status_code == 400 and "not a valid PNG" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "lots"}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ("/v1/images/generations", {"prompt": "a boat", "size": "big"}, "size"),
+    ("/v1/images/generations", {"prompt": "a boat", "n": 3}, "n"),
+    ("/v1/audio/speech", {"input": "hello", "speed": 9}, "speed"),
+])
+def test_a_malformed_body_is_a_400_naming_the_field(server, path, body, field):
+    """Every /v1 body is a typed model: a bad field is OpenAI's 400 with the field as `param`
+    and in the message (their clients show the message)."""
+    r = httpx.post(server.url + path, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["message"].startswith(f"{field}: ") and err["type"] == "invalid_request_error"

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.errors import without_paths
 from generators.base import CancelLike, check  # (adapters import `check` from here: one cancel contract)
 
 
@@ -52,7 +53,6 @@ def mmss(seconds: float) -> str:
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _DIGEST = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?:\.[a-z0-9]{2,4})?(?![0-9a-f])")
-_ABS_PATH = re.compile(r"(?<![\w.:/\\])(?:/[^\s/'\"<>|:]+)+/(?P<base>[^\s/'\"<>|:,;]+)")
 
 
 def printable(name: str) -> str:
@@ -70,7 +70,7 @@ def public_message(text: str, path, name: str) -> str:
     text = text.replace(str(path), "\0")
     if path.name:
         text = re.sub(rf"(?<![\w.-]){re.escape(path.name)}(?![\w-])", "\0", text)
-    text = _ABS_PATH.sub(lambda m: m.group("base"), _DIGEST.sub("\0", text))
+    text = without_paths(_DIGEST.sub("\0", text))
     text = " / ".join(line.strip() for line in text.splitlines() if line.strip())
     return printable(text).replace("\\x00", shown)
 
