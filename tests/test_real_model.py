@@ -52,3 +52,20 @@ def test_opt_in_qwen_joins_verifies_and_answers(tmp_path):
     assert "Paris" in answer
     assert (tmp_path / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.sha256").exists()
     eng.close()
+
+
+def test_the_cpu_profile_model_loads_lean_and_its_tokenizer_matches_transformers(real_engine):
+    """The converted GGUF is read without transformers (engine/llm/lean.py), and the prompts
+    it builds are the ones transformers' tokenizer builds from the same folder."""
+    from transformers import AutoTokenizer
+
+    llm = real_engine.llm()
+    assert llm.lean is not None and llm.decode_path == "fast path, int8 weights (C kernel)"
+    ours, theirs = llm.tokenizer, AutoTokenizer.from_pretrained(str(llm.lean.folder))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Caf\u00e9 \u2603, a story?"},
+            {"role": "assistant", "content": "Once."}, {"role": "user", "content": "more"}]
+    text = ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = ours(text).input_ids
+    assert ids == theirs(text, add_special_tokens=False).input_ids
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
