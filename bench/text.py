@@ -8,7 +8,8 @@ fast path) and int8 (fast path, int8 weights), beside `generate()`; llama.cpp on
 model's GGUF when `llama_cpp` is installed (`make llamacpp`), CTranslate2 int8 on the same
 weights. A quality guard: greedy top-1 agreement of int8 with fp32, teacher-forced over
 bench/agreement.txt and every prompt of bench/quality_items.json in the chat template
-(> 2,000 tokens). Then start the real app twice (cold: fresh data dir; warm: cached) and
+(> 2,000 tokens), through transformers' forward on the int8-valued weights and through the
+fast path's own decode steps (the C decode step). Then start the real app twice (cold: fresh data dir; warm: cached) and
 time the page and the first streamed token, sampling the server's RSS.
 Prints one JSON object as its last line and writes bench/results/text.json.
 
@@ -152,6 +153,19 @@ def top1(model, ids: list[int], chunk: int = 512):
     return torch.cat(out)
 
 
+def top1_steps(fast, ids: list[int], chunk: int = 512):
+    """The same predictions from the fast path's own decode steps (one token per forward:
+    the C decode step with int8 weights), in the same chunks as `top1`."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(ids), chunk):
+            fast.crop(0)
+            out.extend(int(fast.forward([t]).argmax(-1)) for t in ids[i:i + chunk])
+    return torch.tensor(out)
+
+
 def ctranslate2_rate(model_dir: Path, out_dir: Path, tokenizer, prompt_ids: list[int], n: int, runs: int):
     try:
         import ctranslate2
@@ -194,7 +208,7 @@ def measure(name: str, data: Path, runs: int, tokens: int) -> dict:
     except Unavailable as exc:
         return {"skipped": str(exc)}
     load_s = time.perf_counter() - t0
-    fp32 = backend.fast
+    fp32 = backend.fast  # (the app's own load: read without transformers when lean.py can, engine/llm/lean.py)
     params = GenParams(max_new_tokens=tokens, temperature=0.0)
     ours(backend, params, tokens)  # warm-up
     n = ours(backend, params, tokens)["n"]
@@ -216,6 +230,7 @@ def measure(name: str, data: Path, runs: int, tokens: int) -> dict:
         rows["int8"].append(ours(backend, params, n))
         rows["generate_b"].append(plain(backend, n))
     agree = float((top1(backend.model, ids) == reference).float().mean())
+    steps_agree = float((top1_steps(backend.fast, ids) == reference).float().mean())
     med = lambda key, field: round(statistics.median(r[field] for r in rows[key]), 2)  # noqa: E731
     prompt_ids = backend.encode(PROMPT)
     prompt_text = backend.tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
@@ -225,7 +240,9 @@ def measure(name: str, data: Path, runs: int, tokens: int) -> dict:
     ct2 = ctranslate2_rate(converted, data / f"ct2-{name}", backend.tokenizer, prompt_ids, n, runs) if converted else None
     result = {
         "model": backend.name, "new_tokens": n, "runs": runs, "load_s": round(load_s, 2),
+        "load": "lean (no transformers import)" if backend.lean is not None else "transformers",
         "agreement_tokens": len(ids), "int8_top1_agreement": round(agree, 4),
+        "int8_decode_steps_top1_agreement": round(steps_agree, 4),
         "generate_tok_s": med("generate", "e2e_tok_s"), "generate_tok_s_int8_phase": med("generate_b", "e2e_tok_s"),
     }
     for setting in SETTINGS:

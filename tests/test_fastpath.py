@@ -219,3 +219,22 @@ def test_status_says_how_the_model_decodes(engine):
     assert report["model"]["decode"] == "fast path, int8 weights (C kernel)"
     assert "**Decode:** fast path, int8 weights (C kernel)" in status_markdown(report)
 
+
+
+@pytest.mark.parametrize("build", [lambda: on_gguf_grids(build_tiny_model(7)[0]), tiny_qwen2], ids=["llama", "qwen2"])
+def test_the_c_decode_step_equals_the_torch_ops(build, lib):
+    """q8_decode (every layer of a decode step in one C call) computes what the torch ops
+    compute with the same int8 layers: the logits at every position, grouped-query heads,
+    q/k/v biases, a cropped cache."""
+    fast = FastLM.attach(build(), capacity=64, int8=lib)
+    assert fast.decoder is not None
+    with torch.inference_mode():
+        c_steps = [fast.forward([t]) for t in IDS]
+        decoder, fast.decoder = fast.decoder, None
+        fast.crop(0)
+        torch_steps = [fast.forward([t]) for t in IDS]
+        fast.decoder = decoder
+        fast.crop(5)
+        again = [fast.forward([t]) for t in IDS[5:]]
+    assert torch.allclose(torch.cat(c_steps), torch.cat(torch_steps), atol=1e-4)
+    assert torch.allclose(torch.cat(again), torch.cat(torch_steps[5:]), atol=1e-4)

@@ -10,10 +10,12 @@ SmolLM2-135M streams its weights in ~20 ms of CPU time per token but the forward
 - a static KV cache: one preallocated tensor per layer (pages are only touched as the
   conversation grows), written in place; prefix reuse is "set the length";
 - rotary embeddings from the model's own `rotary_emb` (so scaled RoPE variants work);
-- `int8`: the weights are rounded to int8 (groups of 32, like llama.cpp's Q8_0); decode
-  steps (a few tokens) multiply by the int8 copy with a C kernel (engine/llm/kernels/q8.py),
-  a quarter of the bytes; prompts (many tokens at once, compute-bound) use the same values
-  in fp32 with the BLAS matmul.
+- `int8`: the weights as 4/8-bit codes in groups of 32 (the GGUF's own blocks, found
+  again); a decode step (one token) runs every layer in one C call (engine/llm/kernels/q8.c
+  `q8_decode`: norms, RoPE, the KV cache, attention, the int8 matvecs), since on a 135M
+  model the ~15 torch ops per layer cost as much as the matvecs; 2-4 tokens use the int8
+  matvec from torch; prompts (many tokens at once, compute-bound) use the same values in
+  fp32 with the BLAS matmul.
 
 Anything else (MoE, omni/VLM backbones, bitsandbytes layers, a talker that needs
 hidden states) keeps transformers' forward: `FastLM.attach` returns None for it.
@@ -68,6 +70,11 @@ class FastLM:
         for layer in self.layers:  # untouched pages of an empty tensor cost no memory
             layer.k = torch.empty(shape, dtype=dtype, device=self.device)
             layer.v = torch.empty(shape, dtype=dtype, device=self.device)
+        self.decoder = None  # int8: a decode step's every layer in one C call (kernels/q8.py)
+        if self.int8 is not None:
+            from engine.llm.kernels.q8 import Decoder
+
+            self.decoder = Decoder(self)
 
     def _q8(self, weight, bias, in_place: bool = True):
         """The int8 copy of a weight; the fp32 weight (shared with the model) is set to its
@@ -134,6 +141,11 @@ class FastLM:
         x = F.embedding(torch.tensor([ids], device=self.device), self.embed)
         positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
         cos, sin = self.rotary(x, positions)
+        if count == 1 and self.decoder is not None:
+            logits = self.decoder(x.reshape(-1).contiguous(), start, cos.reshape(-1).contiguous(),
+                                  sin.reshape(-1).contiguous())
+            self.length = start + 1
+            return logits
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         mask = None
         if count > 1:  # a causal mask offset by the cached positions

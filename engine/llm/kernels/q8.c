@@ -101,3 +101,107 @@ void q8_linear(const float *x, const uint8_t *w, const float *scale, const float
     }
     free(xsum);
 }
+
+/* ---- one whole decode step (engine/llm/kernels/q8.py: Decoder) ---------------------------
+   A dense Llama/Qwen2 model for one token at `pos`, every layer in C: RMSNorm, the fused
+   q/k/v matvec, RoPE (cos/sin given), the KV cache write, attention over positions 0..pos
+   (grouped-query heads), o, RMSNorm, the fused gate/up matvec, SiLU, down, the residuals;
+   then the final norm and the head. The same arithmetic as engine/llm/fastpath.py's torch
+   ops, without a Python call per op. */
+#include <math.h>
+#include <string.h>
+
+typedef struct {
+    const uint8_t *q; const float *scale, *low, *bias;
+    int rows, cols, group, bits;
+} q8_mat;
+
+typedef struct {
+    const float *ln1, *ln2;
+    q8_mat qkv, o, gate_up, down;
+    float *k, *v;  /* [kv_heads, capacity, head_dim] */
+} q8_layer;
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, inter, capacity, n_layers, threads;
+    float eps, scale;
+    const q8_layer *layers;
+    const float *norm;
+    q8_mat head;
+    float *scratch;  /* q8_scratch_floats() floats */
+} q8_model;
+
+static void matvec(const q8_mat *m, const float *x, float *y, int threads) {
+    q8_linear(x, m->q, m->scale, m->low, m->bias, y, 1, m->rows, m->cols, m->group, m->bits, threads);
+}
+
+static void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+static void rope(float *v, int heads, int hd, const float *cos, const float *sin) {
+    int half = hd / 2;
+    for (int h = 0; h < heads; h++, v += hd)
+        for (int i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+}
+
+long q8_scratch_floats(int hidden, int heads, int kv_heads, int head_dim, int inter, int capacity) {
+    return (long)hidden + (long)(heads + 2 * kv_heads) * head_dim + (long)heads * head_dim
+           + 3L * inter + (long)heads * capacity;
+}
+
+void q8_decode(const q8_model *m, float *x, int pos, const float *cos, const float *sin, float *logits) {
+    int hd = m->head_dim, qd = m->heads * hd, kvd = m->kv_heads * hd, group = m->heads / m->kv_heads;
+    long cap = m->capacity;
+    float *h = m->scratch, *qkv = h + m->hidden, *att = qkv + qd + 2 * kvd, *gu = att + qd,
+          *act = gu + 2 * m->inter, *scores = act + m->inter;  /* (layout: q8_scratch_floats) */
+    for (int l = 0; l < m->n_layers; l++) {
+        const q8_layer *L = m->layers + l;
+        rms_norm(x, L->ln1, h, m->hidden, m->eps);
+        matvec(&L->qkv, h, qkv, m->threads);
+        float *q = qkv, *k = qkv + qd, *v = qkv + qd + kvd;
+        rope(q, m->heads, hd, cos, sin);
+        rope(k, m->kv_heads, hd, cos, sin);
+        for (int kh = 0; kh < m->kv_heads; kh++) {
+            memcpy(L->k + (kh * cap + pos) * hd, k + kh * hd, sizeof(float) * hd);
+            memcpy(L->v + (kh * cap + pos) * hd, v + kh * hd, sizeof(float) * hd);
+        }
+        #pragma omp parallel for num_threads(m->threads) schedule(static)
+        for (int hh = 0; hh < m->heads; hh++) {
+            const float *qh = q + hh * hd, *kc = L->k + (long)(hh / group) * cap * hd,
+                        *vc = L->v + (long)(hh / group) * cap * hd;
+            float *sc = scores + (long)hh * cap, *out = att + hh * hd, mx = -3.0e38f, sum = 0.0f;
+            for (int t = 0; t <= pos; t++) {
+                float s = 0.0f;
+                for (int i = 0; i < hd; i++) s += qh[i] * kc[(long)t * hd + i];
+                sc[t] = s * m->scale;
+                if (sc[t] > mx) mx = sc[t];
+            }
+            for (int t = 0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+            for (int i = 0; i < hd; i++) out[i] = 0.0f;
+            for (int t = 0; t <= pos; t++) {
+                float p = sc[t] / sum;
+                for (int i = 0; i < hd; i++) out[i] += p * vc[(long)t * hd + i];
+            }
+        }
+        matvec(&L->o, att, h, m->threads);
+        for (int i = 0; i < m->hidden; i++) x[i] += h[i];
+        rms_norm(x, L->ln2, h, m->hidden, m->eps);
+        matvec(&L->gate_up, h, gu, m->threads);
+        for (int i = 0; i < m->inter; i++) {
+            float g = gu[i];
+            act[i] = g / (1.0f + expf(-g)) * gu[m->inter + i];
+        }
+        matvec(&L->down, act, h, m->threads);
+        for (int i = 0; i < m->hidden; i++) x[i] += h[i];
+    }
+    rms_norm(x, m->norm, h, m->hidden, m->eps);
+    matvec(&m->head, h, logits, m->threads);
+}

@@ -25,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("q8.c")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lm"]  # (after the source: expf/sqrtf and their vector forms, libmvec)
 GROUP = 32  # columns per scale
 CHUNK = 4096  # rows quantized at a time (the search's temporaries stay ~10x one chunk)
 _lib = None
@@ -47,7 +48,7 @@ def build(build_dir: Path) -> Path | None:
     if compiler is None:
         _reason = "no C compiler (install gcc for the int8 decode kernel)"
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_key().encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + LIBS).encode() + _cpu_key().encode()
                          + compiler.encode()).hexdigest()[:16]
     target = build_dir / f"libq8-{key}.so"
     if target.exists():
@@ -55,7 +56,7 @@ def build(build_dir: Path) -> Path | None:
     build_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, timeout=120)
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), *LIBS], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
@@ -72,6 +73,10 @@ def load(build_dir: Path):
         lib = ctypes.CDLL(str(target))
         lib.q8_linear.restype = None
         lib.q8_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+        lib.q8_decode.restype = None
+        lib.q8_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3
+        lib.q8_scratch_floats.restype = ctypes.c_long
+        lib.q8_scratch_floats.argtypes = [ctypes.c_int] * 6
         _lib = lib
     return _lib
 
@@ -181,3 +186,57 @@ def _levels(blocks):
     if bool((off > step[..., None] * 1e-3 + tol).any()):  # a value off its level: not a grid
         return None
     return step.contiguous(), low.contiguous(), codes.to(torch.uint8)
+
+
+# ---- a whole decode step in C (q8.c: q8_decode) --------------------------------------------
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("low", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("rows", ctypes.c_int), ("cols", ctypes.c_int),
+                ("group", ctypes.c_int), ("bits", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1", ctypes.c_void_p), ("ln2", ctypes.c_void_p), ("qkv", _Mat), ("o", _Mat),
+                ("gate_up", _Mat), ("down", _Mat), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
+                ("head_dim", ctypes.c_int), ("inter", ctypes.c_int), ("capacity", ctypes.c_int),
+                ("n_layers", ctypes.c_int), ("threads", ctypes.c_int), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)), ("norm", ctypes.c_void_p),
+                ("head", _Mat), ("scratch", ctypes.c_void_p)]
+
+
+def _mat(layer: Q8Linear) -> _Mat:
+    bias = layer.bias.data_ptr() if layer.bias is not None else None
+    return _Mat(layer.q.data_ptr(), layer.scale.data_ptr(), layer.low.data_ptr(), bias,
+                layer.rows, layer.cols, layer.group, layer.bits)
+
+
+class Decoder:
+    """One token through every layer of a FastLM in a single C call (its int8 weights, its
+    KV cache): the dozen torch ops per layer cost more than the matvecs on a 135M model."""
+
+    def __init__(self, fast) -> None:
+        import torch
+
+        ptr = lambda t: t.data_ptr()  # noqa: E731 (every tensor here is contiguous fp32 and outlives the Decoder)
+        self.lib = fast.int8
+        inter = fast.layers[0].q8["gate_up"].rows // 2
+        self._layers = (_Layer * len(fast.layers))(*[
+            _Layer(ptr(la.ln1), ptr(la.ln2), _mat(la.q8["qkv"]), _mat(la.q8["o"]), _mat(la.q8["gate_up"]),
+                   _mat(la.q8["down"]), ptr(la.k), ptr(la.v)) for la in fast.layers])
+        floats = self.lib.q8_scratch_floats(fast.hidden, fast.heads, fast.kv_heads, fast.head_dim, inter, fast.capacity)
+        self.scratch = torch.empty(floats, dtype=torch.float32)
+        self.logits = torch.empty(fast.q8_head.rows, dtype=torch.float32)
+        self.model = _Model(fast.hidden, fast.heads, fast.kv_heads, fast.head_dim, inter, fast.capacity,
+                            len(fast.layers), torch.get_num_threads(), fast.eps, fast.scale, self._layers,
+                            ptr(fast.norm), _mat(fast.q8_head), ptr(self.scratch))
+        self._ref = ctypes.byref(self.model)
+
+    def __call__(self, x, pos: int, cos, sin):
+        """x: the token's embedding, [hidden] fp32 (overwritten); cos/sin: [head_dim] at `pos`."""
+        self.lib.q8_decode(self._ref, x.data_ptr(), pos, cos.data_ptr(), sin.data_ptr(), self.logits.data_ptr())
+        return self.logits.clone().view(1, -1)
