@@ -156,9 +156,9 @@ def _look(engine: Engine, messages: list[dict], media: list) -> list[str]:
     import tempfile
     from pathlib import Path
 
-    from engine.adapters.base import public_message
+    from engine.perception.base import public_message
     from engine.media import ingest
-    from engine.understand import with_facts
+    from engine.perception.understand import with_facts
 
     notes = []
     with tempfile.TemporaryDirectory(prefix="omni-api-") as tmp:

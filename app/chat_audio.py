@@ -107,7 +107,7 @@ def hear(engine, messages: list[dict], media: list) -> tuple[list, bool]:
     With speech recognition unavailable, the audio is left to the perceiver, which says so."""
     from app.speech_roles import decode_16k
     from engine import media as media_mod
-    from engine.adapters.base import public_message
+    from engine.perception.base import public_message
     from engine.errors import Unavailable
 
     audio = [m for m in media if m[1].startswith("audio-")]

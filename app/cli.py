@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.adapters.base import printable
+from engine.perception.base import printable
 from engine.config import Config
 from engine.errors import InputError
 from engine.events import AudioChunk, CancelToken, Done, Error, MediaResult, Notice, Perceived, TextDelta, Transcript

@@ -21,7 +21,7 @@ from app.bodies import ImageEditForm, ImageRequest, error, invalid
 
 from engine.errors import InputError
 from engine.events import CancelToken
-from engine.toolrun import NoBackend
+from engine.tools.run import NoBackend
 from generators.base import Cancelled, GenerationError, RequestError, no_progress, validate
 from generators.tools import TOOLS
 
@@ -39,7 +39,7 @@ def make_image_router(engine) -> APIRouter:
         cancel = CancelToken()
 
         def work() -> list[dict]:
-            from engine.toolrun import backend_for  # picks the backend and makes room, as a chat turn does
+            from engine.tools.run import backend_for  # picks the backend and makes room, as a chat turn does
 
             backend = backend_for(engine, task, request, inputs)
             with tempfile.TemporaryDirectory(prefix="omni-api-") as tmp:

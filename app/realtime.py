@@ -203,7 +203,7 @@ class Connection:
             await self.commit({})  # one utterance is held in memory until it ends: end it here
 
     async def start_voice(self) -> None:
-        from engine.speech.voice import VoiceSession
+        from engine.voice_session import VoiceSession
 
         self.voice = await asyncio.to_thread(VoiceSession, self.view, self.post, self.session.id)
 

@@ -35,7 +35,7 @@ def make_voice_router(engine: Engine) -> APIRouter:
 
     @router.websocket("/voice/ws")
     async def voice(ws: WebSocket) -> None:
-        from engine.speech.voice import VoiceSession
+        from engine.voice_session import VoiceSession
 
         # Origin, Host and the token (when set: ?token=, or the page's login cookie) were checked
         # in app/security.Edge before this socket was accepted

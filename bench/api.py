@@ -189,7 +189,7 @@ def bench_direct(engine, say, n: int) -> dict:
     engine side, as bench/voice.py drives it): the WebSocket's own cost is the difference."""
     from engine.events import AudioChunk
     from engine.speech.audio import resample
-    from engine.speech.voice import VoiceSession
+    from engine.voice_session import VoiceSession
 
     got: list = []
     session = VoiceSession(engine, lambda e: got.append((time.perf_counter(), e)))

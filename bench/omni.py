@@ -15,7 +15,7 @@ suppressed so every answer decodes all --new-tokens.
 backbone: one 640x480 picture and a question through the engine's own token loop
 (TransformersBackend.generate): time to first token (processor, vision tower and
 prefill), decode tok/s, the picture's tokens, peak VRAM; one warm-up turn, then --runs.
-handoff: what engine/toolrun.py does around a diffusion tool call: the LLM parks
+handoff: what engine/tools/run.py does around a diffusion tool call: the LLM parks
 (park(): weights to CPU memory), an InstructPix2Pix pipeline at its real size
 (bench/diffusion.py) loads and runs 2 steps, the LLM answers again with the pipeline
 still resident (as the engine leaves it), the pipeline unloads; VRAM at each point,
@@ -92,7 +92,7 @@ def processor(vocab_size: int):
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from engine.adapters.vlm_inputs import TEMPLATE, frames_processor
+    from engine.llm.vlm_inputs import TEMPLATE, frames_processor
     from engine.llm.tiny import _byte_of
 
     keep = sorted(c for c in pre_tokenizers.ByteLevel.alphabet() if _byte_of(c) in set(range(32, 127)) | {10})

@@ -67,7 +67,7 @@ def norm(s: str) -> str:
 def bench_images(tmp: Path) -> dict:
     from PIL import Image
 
-    from engine.adapters.image_tools import ImagePerception
+    from engine.perception.image_tools import ImagePerception
 
     rng = np.random.default_rng(7)
     adapter = ImagePerception()
@@ -135,9 +135,9 @@ def plain_scenes(path: Path, image, out: Path) -> tuple[int, float]:
 
 
 def bench_video(tmp: Path, asr, tts) -> dict:
-    from engine.adapters.audio_tools import AudioPerception
-    from engine.adapters.image_tools import ImagePerception
-    from engine.adapters.video_tools import VideoPerception
+    from engine.perception.audio_tools import AudioPerception
+    from engine.perception.image_tools import ImagePerception
+    from engine.perception.video_tools import VideoPerception
 
     video = make_video(tmp, tts)
     image, audio = ImagePerception(), AudioPerception(asr=asr)
@@ -164,7 +164,7 @@ def bench_video(tmp: Path, asr, tts) -> dict:
 def bench_audio_events(tmp: Path) -> dict:
     import soundfile as sf
 
-    from engine.adapters.audio_tools import AudioPerception
+    from engine.perception.audio_tools import AudioPerception
 
     rng = np.random.default_rng(1)
     sr = 16000

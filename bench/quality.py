@@ -4,7 +4,7 @@
 60 fixed items (bench/quality_items.json), 15 in each of four groups:
 instructions (use the given name, one word, yes/no, a list of three),
 facts (a user turn carrying perception facts exactly as the engine formats
-them, engine.understand.with_facts: the answer must quote them), knowledge,
+them, engine.perception.understand.with_facts: the answer must quote them), knowledge,
 memory (2-3 turns of history, then a question about an earlier one).
 Each item is scored automatically (all of its checks must pass). For facts
 items, a quoted string in the answer that is in no fact counts as "invented".
@@ -96,14 +96,14 @@ def facts_first(content: str, facts: dict) -> str:
 
 def facts_note(content: str, facts: dict) -> str:
     """A candidate layout: the engine's, then a short instruction."""
-    from engine.understand import with_facts
+    from engine.perception.understand import with_facts
 
     return with_facts(content, facts) + ("\n\nAnswer the question from these facts." if facts else "")
 
 
 def facts_repeat(content: str, facts: dict) -> str:
     """A candidate layout: the engine's, then the question again."""
-    from engine.understand import with_facts
+    from engine.perception.understand import with_facts
 
     return with_facts(content, facts) + (f"\n\nQuestion: {content}" if facts else "")
 
@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
                     help="any config field, as run_app.py --set (e.g. llm.decode=fp32)")
     ap.add_argument("--layout", choices=("engine", *LAYOUTS), default="engine",
-                    help="engine: engine.understand.with_facts; the others: candidate layouts (see LAYOUTS)")
+                    help="engine: engine.perception.understand.with_facts; the others: candidate layouts (see LAYOUTS)")
     ap.add_argument("--groups", default=",".join(GROUPS), help="a subset, e.g. facts (for a quick layout check)")
     ap.add_argument("--data-dir", default="/tmp/omni-quality-data", help="the converted model is cached here")
     ap.add_argument("--out", default="", help="default: bench/results/quality-<llm>.json")
@@ -189,7 +189,7 @@ def main() -> None:
 
     from engine.config import load_config
     from engine.engine import Engine
-    from engine.understand import with_facts
+    from engine.perception.understand import with_facts
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,7 +32,7 @@ HELDOUT = json.loads((ROOT / "tests" / "data" / "tool_requests_heldout.json").re
 
 
 def routing(engine, requests: list, prefix: str = "") -> dict:
-    from engine.router import CHAT, llm_choice, rule_choice
+    from engine.tools.plan import CHAT, llm_choice, rule_choice
 
     llm = engine.roles["llm"].get()
     hits = {"rules": 0, "llm": 0, "hybrid": 0}
@@ -60,7 +60,7 @@ def routing(engine, requests: list, prefix: str = "") -> dict:
 
 def validity(engine) -> dict:
     from engine.llm import structured
-    from engine.router import _schema_with_refs
+    from engine.tools.plan import _schema_with_refs
     from generators.base import GenerationError, validate
     from generators.tools import TOOLS
 

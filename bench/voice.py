@@ -2,7 +2,7 @@
 """Voice latency on the cpu profile, driven at real-time pace like a person.
 
 Synthesized questions (Piper) are fed as microphone audio in 20 ms frames at
-real-time pace into engine.speech.voice.VoiceSession, the same object the
+real-time pace into engine.voice_session.VoiceSession, the same object the
 browser's WebSocket drives. Each answer is interrupted by the next question,
 so one run measures both:
  (a) end of user speech -> first answer audio sample released, p50/p90, with
@@ -108,7 +108,7 @@ def main() -> None:
     from engine.engine import Engine
     from engine.speech.asr import word_error_rate
     from engine.speech.audio import prepare
-    from engine.speech.voice import VoiceSession
+    from engine.voice_session import VoiceSession
 
     cfg = load_config("cpu", overrides={"data_dir": tempfile.mkdtemp(prefix="omni-voice-"),
                                         "max_new_tokens": "60", "temperature": "0",

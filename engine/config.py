@@ -110,7 +110,7 @@ class GeneratorsConfig:
 
 @dataclass(frozen=True)
 class PerceptionConfig:
-    """Understanding attached media (engine/adapters/): grounded facts the LLM answers from."""
+    """Understanding attached media (engine/perception/): grounded facts the LLM answers from."""
 
     backend: str = "tools"  # tools: OCR, faces, colours, audio events, keyframes (offline) | neural: tools + a VLM | none
     ocr: bool = True

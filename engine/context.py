@@ -28,7 +28,7 @@ def as_message(turn) -> Message:
     "Here is the video, made with ffmpeg..."); as a note of what was made it is not.
     A stopped answer is kept (the user saw it) but marked, so that the model does not
     take its unfinished story for the answer to go on with."""
-    from engine.understand import with_facts
+    from engine.perception.understand import with_facts
 
     if turn.role == "assistant" and "tool" in turn.meta:
         kinds = [m.kind for m in turn.media if not m.spoken]  # (a spoken reply is not something the tool made)

@@ -27,13 +27,13 @@ class Engine:
         self.roles: dict[str, Role] = build_roles(config)
         # one model, one turn at a time, served in arrival order; beyond max_queue waiting, refused
         self.model_lock = FairLock(config.max_queue)
-        from engine.perception import Perceiver
-        from engine.speech import speech_tool
-        from engine.toolrun import Generators
+        from engine.perception.perceiver import Perceiver
+        from engine.tools import speech_tool
+        from engine.tools.run import Generators
 
         # media tools: generators/ backends loaded on first use, plus this engine's voice for spoken audio
         self.generators = Generators(config, [speech_tool.entry(self.roles["tts"], config.tts)])
-        self.perceiver = Perceiver(self)  # attached media -> grounded facts (engine/adapters/)
+        self.perceiver = Perceiver(self)  # attached media -> grounded facts (engine/perception/)
         # (what one answer used, its usage and experts, travels in that turn's events, not here)
 
     @property

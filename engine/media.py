@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.adapters.base import printable, public_message, release_memory
+from engine.perception.base import printable, public_message, release_memory
 from engine.errors import InputError
 
 ACCEPTED = "images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3) or video (MP4, MOV, WebM, MKV, AVI) or 3D models (GLB)"

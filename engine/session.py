@@ -15,14 +15,14 @@ from dataclasses import dataclass, field, replace
 from typing import Generator, Iterator
 
 from engine import media as media_mod
-from engine import router
+from engine.tools import plan as tool_plan
 from engine.context import as_message
 from engine.engine import Engine
 from engine.errors import InputError
 from engine.events import CancelToken, Done, Error, Event, Notice, Returning, RouterStats, TextDelta
 from engine.llm.base import Message
 from engine.speech.speaker import Speaker, speaker_for
-from engine.understand import Understood, understand, unreadable_note, user_message, with_facts
+from engine.perception.understand import Understood, understand, unreadable_note, user_message, with_facts
 from generators.base import Cancelled, RequestError
 
 
@@ -67,7 +67,7 @@ class Prepared:
     records: tuple[media_mod.MediaRecord, ...]
     got: Understood
     history: list[Message]  # the conversation before this turn, as the LLM reads it
-    plan: router.ToolPlan | None = None
+    plan: tool_plan.ToolPlan | None = None
     refusal: str = ""  # why the tool call it asks for cannot be made
 
 
@@ -139,8 +139,8 @@ class Session:
         prepared = Prepared(turn, text, records, got, self.history())
         if text:
             try:
-                earlier = router.conversation_media(self.engine.store, self.id)
-                prepared.plan = router.plan(self.engine, text, earlier, records, cancel)
+                earlier = tool_plan.conversation_media(self.engine.store, self.id)
+                prepared.plan = tool_plan.plan(self.engine, text, earlier, records, cancel)
             except RequestError as exc:  # e.g. nothing to edit: said as an error, stored as one
                 prepared.refusal = str(exc)
             except Cancelled:  # stopped while the LLM chose: the answer stops at once too
@@ -162,7 +162,7 @@ class Session:
 
     def _tool(self, plan, speaker: Speaker | None, cancel: CancelToken) -> Generator[Event, None, Answered]:
         """Run the tool and say what was made."""
-        from engine import toolrun
+        from engine.tools import run as toolrun
 
         text, records, status = yield from toolrun.run(self.engine, plan, cancel)
         yield TextDelta(text)

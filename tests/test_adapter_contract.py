@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from engine.adapters.base import Perception
-from engine.adapters.image_tools import ImagePerception
-from engine.adapters.neural import SETTING, VisionLanguageAdapter
+from engine.perception.base import Perception
+from engine.perception.image_tools import ImagePerception
+from engine.llm.vlm_inputs import SETTING
+from engine.perception.neural import VisionLanguageAdapter
 from engine.llm.tiny_omni import build_tiny_vlm
 from engine.errors import InputError, Unavailable
 from engine.session import Session

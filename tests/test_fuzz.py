@@ -19,11 +19,11 @@ import pytest
 
 import hostile
 import memprobe
-from engine.adapters.base import printable
+from engine.perception.base import printable
 from engine.errors import InputError
 from engine.events import Notice, Perceived
 from engine.media import ingest
-from engine.understand import understand
+from engine.perception.understand import understand
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = hostile.build(seed=0)

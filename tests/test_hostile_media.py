@@ -56,7 +56,7 @@ def test_ocr_pads_a_long_strip_instead_of_blowing_it_up(tmp_path):
     """A legible 1900x40 strip is read (padded to a sane aspect ratio), boxes in its own pixels."""
     import cv2
 
-    from engine.adapters.image_tools import ImagePerception
+    from engine.perception.image_tools import ImagePerception
 
     strip = np.full((40, 1900, 3), 240, np.uint8)
     cv2.putText(strip, "LONG STRIP OF TEXT", (10, 32), cv2.FONT_HERSHEY_SIMPLEX, 1.1, (10, 10, 10), 2)
@@ -72,7 +72,7 @@ def test_ocr_pads_a_long_strip_instead_of_blowing_it_up(tmp_path):
 def test_the_vision_language_model_sees_thin_images_padded(tmp_path):
     """Qwen2-VL's processor refuses an aspect ratio over 200 with a ValueError (a crash on the
     neural path); images and video frames reach it padded to at most 50:1."""
-    from engine.adapters.neural import VisionLanguageAdapter
+    from engine.perception.neural import VisionLanguageAdapter
 
     vlm = VisionLanguageAdapter("tiny", max_new_tokens=2)
     for name, data in (("line.png", hostile.png(1999, 1)), ("tall.png", hostile.png(1, 60000)),
@@ -109,7 +109,7 @@ def test_thin_and_tall_video_frames_are_downscaled_at_once(tmp_path):
 
 
 def test_keyframe_thumbnails_are_bounded_by_the_longest_side():
-    from engine.adapters.video_tools import THUMB, VideoPerception
+    from engine.perception.video_tools import THUMB, VideoPerception
 
     for shape in ((60000, 1, 3), (5000, 300, 3), (300, 5000, 3), (4, 4, 3)):
         t = VideoPerception._thumb(np.zeros(shape, np.uint8))
@@ -235,7 +235,7 @@ def test_perception_errors_name_the_upload_not_the_stored_copy(engine, tmp_path)
 
 
 def test_ffmpeg_errors_are_scrubbed(tmp_path):
-    from engine.adapters.base import public_message
+    from engine.perception.base import public_message
 
     stored = tmp_path / "data" / "ab" / ("ab" + "0" * 62 + ".wav")
     text = f"could not decode the audio of {stored.name}: {stored}: Invalid data found when processing input"
@@ -249,7 +249,7 @@ def test_a_sound_track_that_cannot_be_read_is_described_without_its_path(tmp_pat
     """The video's facts quote why its sound could not be analysed: ffmpeg names the file by path."""
     from generators.ffmpeg import mux_audio
 
-    from engine.adapters.video_tools import VideoPerception
+    from engine.perception.video_tools import VideoPerception
 
     silent = tmp_path / "silent.mp4"
     silent.write_bytes(hostile.originals()[".mp4"])
@@ -289,7 +289,7 @@ def test_the_fast_transcription_path_streams_and_caps(engine, tmp_path, monkeypa
     import soundfile as sf
     from types import SimpleNamespace
 
-    import engine.understand as understand
+    import engine.perception.understand as understand
 
     path = tmp_path / "quiet.flac"
     with sf.SoundFile(str(path), "w", 48000, 8, format="FLAC") as f:
@@ -311,8 +311,8 @@ def test_the_fast_transcription_path_streams_and_caps(engine, tmp_path, monkeypa
 def test_the_perception_cache_is_bounded_in_bytes(engine, monkeypatch):
     """64 entries, but never more than CACHE_BYTES: a long video's scenes and transcripts are
     hundreds of kB each; a result bigger than a quarter of the budget is not kept at all."""
-    import engine.perception as perception
-    from engine.adapters.base import Perception
+    import engine.perception.perceiver as perception
+    from engine.perception.base import Perception
 
     monkeypatch.setattr(perception, "CACHE_BYTES", 100_000)
     seer = engine.perceiver

@@ -12,10 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.adapters import audio_tools
-from engine.adapters.audio_tools import AudioPerception, summarize
-from engine.adapters.base import Perception
-from engine.adapters.video_tools import VideoPerception
+from engine.perception import audio_tools
+from engine.perception.audio_tools import AudioPerception, summarize
+from engine.perception.base import Perception
+from engine.perception.video_tools import VideoPerception
 from engine.config import ASRConfig
 from engine.errors import InputError
 from engine.speech.asr import load_asr, normalise

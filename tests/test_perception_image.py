@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.adapters.colors import color_name
-from engine.adapters.image_tools import ImagePerception, merge_lines
+from engine.perception.colors import color_name
+from engine.perception.image_tools import ImagePerception, merge_lines
 from engine.errors import InputError
 from generators.base import Cancelled
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import router
+from engine.tools import plan as tool_plan
 from engine.config import load_config
 from engine.engine import Engine
 from engine.media import MediaRecord
@@ -22,10 +22,10 @@ REQUESTS = json.loads((Path(__file__).parent / "data" / "tool_requests.json").re
 
 @pytest.mark.parametrize("req", REQUESTS, ids=[r["text"][:40] for r in REQUESTS])
 def test_clear_wording_picks_the_tool_and_arguments(req):
-    got = router.rule_choice(req["text"], set(req["media"])) or router.CHAT
+    got = tool_plan.rule_choice(req["text"], set(req["media"])) or tool_plan.CHAT
     assert got == req["tool"]
-    if got != router.CHAT:
-        args = router.words_arguments(got, req["text"])
+    if got != tool_plan.CHAT:
+        args = tool_plan.words_arguments(got, req["text"])
         for key, value in req.get("args", {}).items():
             assert args[key] == pytest.approx(value), key
         if "video" not in req["media"] or got != "generate_audio":
@@ -39,14 +39,14 @@ def _rec(name, kind="image"):
 def test_references_resolve_to_the_right_file():
     media = [("user", _rec("beach.png")), ("assistant", _rec("edit-image-opencv.png")),
              ("user", _rec("clip.mp4", "video")), ("assistant", _rec("image-diffusion.png"))]
-    assert router.resolve("last", "image", media, "make it bluer").name == "image-diffusion.png"
-    assert router.resolve("last", "image", media, "rotate the first image").name == "beach.png"
-    assert router.resolve("last", "image", media, "crop the photo I sent").name == "beach.png"
-    assert router.resolve("last", "image", media, "undo: go back to the previous one").name == "edit-image-opencv.png"
-    assert router.resolve("beach.png", "image", media).name == "beach.png"
-    assert router.resolve("last", "image", media, "blur beach").name == "beach.png"
-    assert router.resolve("last", "video", media).name == "clip.mp4"
-    assert router.resolve("last", "audio", media) is None
+    assert tool_plan.resolve("last", "image", media, "make it bluer").name == "image-diffusion.png"
+    assert tool_plan.resolve("last", "image", media, "rotate the first image").name == "beach.png"
+    assert tool_plan.resolve("last", "image", media, "crop the photo I sent").name == "beach.png"
+    assert tool_plan.resolve("last", "image", media, "undo: go back to the previous one").name == "edit-image-opencv.png"
+    assert tool_plan.resolve("beach.png", "image", media).name == "beach.png"
+    assert tool_plan.resolve("last", "image", media, "blur beach").name == "beach.png"
+    assert tool_plan.resolve("last", "video", media).name == "clip.mp4"
+    assert tool_plan.resolve("last", "audio", media) is None
 
 
 def _engine(tmp_path, **over):
@@ -62,7 +62,7 @@ def test_constrained_calls_from_a_random_model_are_always_valid(tmp_path):
         chosen = set()
         for req in REQUESTS[::3]:
             try:
-                plan = router.plan(eng, req["text"], media)
+                plan = tool_plan.plan(eng, req["text"], media)
             except RequestError:
                 continue  # e.g. it chose a tool needing a kind of file that is not there: said plainly
             if plan is None:
@@ -140,12 +140,12 @@ def test_nothing_to_edit_says_so(tmp_path):
         s = Session(eng)
         ev = _events(s, Turn("trim the video to the first 2 seconds"))  # no video: rules see no edit
         assert not any(e["type"] == "media_result" for e in ev)
-        plan = router.plan(eng, "make a 3D model of this", [("user", _rec("song.wav", "audio"))])
+        plan = tool_plan.plan(eng, "make a 3D model of this", [("user", _rec("song.wav", "audio"))])
         assert plan.name == "generate_3d" and not plan.inputs  # audio cannot be its input
         with pytest.raises(RequestError, match="can't make a 3D model from audio"):
-            router.plan(eng, "turn this into a 3D model", [], attached=(_rec("song.wav", "audio"),))
+            tool_plan.plan(eng, "turn this into a 3D model", [], attached=(_rec("song.wav", "audio"),))
         with pytest.raises(RequestError, match="between 0.5 and 20"):
-            router.plan(eng, "a 10-minute video of waves", [])
+            tool_plan.plan(eng, "a 10-minute video of waves", [])
     finally:
         eng.close()
 
@@ -263,7 +263,7 @@ def test_unavailable_llm_falls_back_to_rules_and_words(tmp_path):
     from the rules and the user's words, not an exception out of the turn."""
     eng = _engine(tmp_path, llm="no/such-model", **{"generators.arguments": "llm", "generators.router": "hybrid"})
     try:
-        plan = router.plan(eng, "crop it to a square", [("user", _rec("beach.png"))])
+        plan = tool_plan.plan(eng, "crop it to a square", [("user", _rec("beach.png"))])
         assert plan.name == "edit_image" and plan.arguments["instruction"] == "crop it to a square"
         assert plan.chosen_by == "rules"
     finally:

@@ -110,7 +110,7 @@ def test_spoken_media_are_marked_on_the_record_not_by_file_name(tmp_path, png):
     import sqlite3
     from dataclasses import replace
 
-    from engine.router import conversation_media
+    from engine.tools.plan import conversation_media
 
     store = Store(tmp_path)
     cid = store.create_conversation()

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import engine.toolrun as toolrun
+import engine.tools.run as toolrun
 from app.images_api import make_image_router
 from generators.base import Backend, Result
 from generators.registry import Entry

@@ -91,7 +91,7 @@ def _wait(pred, limit=60.0):
 
 
 def test_voice_session_turn_then_barge_in(tmp_path, say):
-    from engine.speech.voice import VoiceSession
+    from engine.voice_session import VoiceSession
 
     eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path), "max_new_tokens": "200", **SPEECH},
                              env={}))
@@ -124,7 +124,7 @@ def test_voice_session_turn_then_barge_in(tmp_path, say):
 def test_pause_mid_sentence_drafts_an_answer_then_drops_it(tmp_path, say):
     """A pause longer than speculate_ms but shorter than end_silence_ms: the answer
     prepared at the pause is dropped unseen and unstored; the whole sentence is one turn."""
-    from engine.speech.voice import VoiceSession
+    from engine.voice_session import VoiceSession
 
     eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path), "max_new_tokens": "20", **SPEECH},
                              env={}))

@@ -39,7 +39,7 @@ def test_live_transcript_equals_one_shot(tmp_path, say, speculate_ms):
     """Recognised while the user is still (maybe) speaking, at the first pause, from the
     audio so far; a pause mid-sentence drops that guess: what the turn finally hears is
     what Whisper makes of the whole recording in one go."""
-    from engine.speech.voice import VoiceSession
+    from engine.voice_session import VoiceSession
 
     eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path), "max_new_tokens": "4",
                                                 "vad.speculate_ms": str(speculate_ms), **SPEECH}, env={}))

@@ -10,7 +10,7 @@ video). Media of earlier turns stay in the conversation as the perception
 tools' facts (text), which keeps the prompt short and the KV cache reusable.
 
 One turn takes up to MAX_IMAGES images, or one video (sampled to
-neural.MAX_FRAMES frames; a video wins over images, which keep their facts).
+vlm_inputs.MAX_FRAMES frames; a video wins over images, which keep their facts).
 Audio is heard through the perception tools (Whisper + sound labels).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def read_config(where: Path, hub: bool) -> dict:
 
 
 def is_omni(model_type: str) -> bool:
-    from engine.adapters.vlm_inputs import ARCHS
+    from engine.llm.vlm_inputs import ARCHS
 
     return model_type in ARCHS
 
@@ -62,7 +62,7 @@ def load_omni(where: str, model_type: str, kwargs: dict, processor=None, talker:
     the thinker, or with `talker` (and a checkpoint that has one) the whole model."""
     import transformers
 
-    from engine.adapters.neural import ARCHS, VisionLanguageAdapter
+    from engine.llm.vlm_inputs import ARCHS, load_processor
 
     name = TALKERS[model_type] if talker and model_type in TALKERS else ARCHS[model_type]
     if name in TALKERS.values() and "quantization_config" in kwargs:  # the vocoder stays in full precision
@@ -73,7 +73,7 @@ def load_omni(where: str, model_type: str, kwargs: dict, processor=None, talker:
     model = cls.from_pretrained(where, local_files_only=True, **kwargs)
     if processor is None:
         config = transformers.AutoConfig.from_pretrained(where, local_files_only=True)
-        processor = VisionLanguageAdapter._processor(where, config)
+        processor = load_processor(where, config)
     return model, processor
 
 
@@ -91,8 +91,8 @@ class OmniInputs:
     def build(self, messages, media) -> tuple[dict, dict, list[str]]:
         """(model inputs, {modality: token mask}, names of the files the model sees) for
         `messages` whose last user message gets the media."""
-        from engine.adapters.image_tools import load_image
-        from engine.adapters.vlm_inputs import image_inputs, read_frames, video_inputs
+        from engine.perception.image_tools import load_image
+        from engine.llm.vlm_inputs import image_inputs, read_frames, video_inputs
 
         videos = [r for r in media if r.kind == "video"][:1]
         images = [] if videos else [r for r in media if r.kind == "image"][:MAX_IMAGES]

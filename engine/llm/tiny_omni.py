@@ -21,7 +21,7 @@ def build_tiny_processor():
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from engine.adapters.vlm_inputs import TEMPLATE, frames_processor
+    from engine.llm.vlm_inputs import TEMPLATE, frames_processor
     from engine.llm.tiny import _byte_of
 
     keep = sorted(c for c in pre_tokenizers.ByteLevel.alphabet() if _byte_of(c) in set(range(32, 127)) | {10})

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.adapters.base import check, stop_on_cancel
+from engine.perception.base import check, stop_on_cancel
 from engine.speech.tts import TTS
 
 SAMPLE_RATE = 24000

@@ -21,12 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+from engine.errors import Unavailable
+from engine.llm.vlm_inputs import (ARCHS, DEFAULT_PROMPT, MAX_CHARS, SETTING, VIDEO_EXTS, VIDEO_PROMPT,
+                                   image_inputs, load_processor, read_frames, video_inputs)
+from engine.perception.base import Perception, check, mmss, stop_on_cancel
 
-from engine.adapters.base import Perception, check, mmss, stop_on_cancel
-from engine.adapters.vlm_inputs import (ARCHS, DEFAULT_PROMPT, MAX_CHARS, MAX_FRAMES, SETTING, VIDEO_EXTS,  # noqa: F401
-                                        VIDEO_PROMPT, frames_processor, image_inputs, read_frames, video_inputs)
-from engine.errors import InputError, Unavailable
 
 class VisionLanguageAdapter:
     kind = "image"  # also reads video (VIDEO_EXTS)
@@ -106,7 +105,7 @@ class VisionLanguageAdapter:
                 bnb_4bit_compute_dtype=half))
         try:
             model = cls.from_pretrained(where, **kwargs).eval()
-            proc = self._processor(where, config) if config is not None else None
+            proc = load_processor(where, config) if config is not None else None
         except (OSError, ValueError) as exc:
             raise Unavailable(f"could not load {self.model}: {str(exc).splitlines()[0][:200]}",
                               f"check the files, or set {SETTING} to another model") from exc
@@ -114,25 +113,10 @@ class VisionLanguageAdapter:
             model = model.to(self.device)
         return model, proc
 
-    @staticmethod
-    def _processor(where: str, config):
-        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-        try:
-            return AutoProcessor.from_pretrained(where, local_files_only=True)
-        except (ImportError, ValueError, TypeError, AttributeError):  # e.g. no torchvision for the video processor
-            tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
-            cfg = getattr(config, "thinker_config", config)
-            start, end = (tok.convert_ids_to_tokens(getattr(cfg, k, None) or 151652 + i)
-                          for i, k in enumerate(("vision_start_token_id", "vision_end_token_id")))
-            image, video = (tok.convert_ids_to_tokens(i) for i in (cfg.image_token_id, cfg.video_token_id))
-            images = AutoImageProcessor.from_pretrained(where, local_files_only=True)
-            return frames_processor(tok, images, start, image, video, end)
-
     # ---- inputs ------------------------------------------------------------------------------
     def prepare(self, path, cancel=None, timings: dict | None = None, prompt: str | None = None):
         """(kind, model inputs on the device, info) for one file; loads the model on first use."""
-        from engine.adapters.image_tools import load_image
+        from engine.perception.image_tools import load_image
 
         path = Path(path)
         timings = {} if timings is None else timings

@@ -1,7 +1,7 @@
 """What the vision-language model reads: the chat template, the processor that packs video
 frames, and the model inputs for images and sampled video frames.
 
-Shared by the neural perception adapter (engine/adapters/neural.py), the omni backbone
+Shared by the neural perception adapter (engine/perception/neural.py), the omni backbone
 (engine/llm/omni.py) and the tiny random models (engine/llm/tiny_omni.py), so none of them
 imports another's module for it.
 """
@@ -65,7 +65,7 @@ def _cap(im, max_pixels: int):
     if max(im.size) > MAX_ASPECT * min(im.size):  # scaled to fit max_pixels once padded, then padded
         from PIL import Image
 
-        from engine.adapters.image_tools import pad_to_aspect
+        from engine.perception.image_tools import pad_to_aspect
 
         s = min(1.0, (max_pixels * MAX_ASPECT) ** 0.5 / max(im.size))
         if s < 1.0:
@@ -133,3 +133,20 @@ def video_inputs(proc, text: str, frames, times, duration) -> dict:
     return {"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm,
             "pixel_values_videos": pv, "video_grid_thw": torch.tensor([[g, gh, gw]]),
             "second_per_grid_ts": seconds, "video_second_per_grid": seconds}
+
+
+def load_processor(where: str, config):
+    """The model's processor from a local or cached checkpoint; without torchvision (its video
+    processor) one built from the tokenizer and image processor (frames_processor)."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(where, local_files_only=True)
+    except (ImportError, ValueError, TypeError, AttributeError):  # e.g. no torchvision for the video processor
+        tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
+        cfg = getattr(config, "thinker_config", config)
+        start, end = (tok.convert_ids_to_tokens(getattr(cfg, k, None) or 151652 + i)
+                      for i, k in enumerate(("vision_start_token_id", "vision_end_token_id")))
+        image, video = (tok.convert_ids_to_tokens(i) for i in (cfg.image_token_id, cfg.video_token_id))
+        images = AutoImageProcessor.from_pretrained(where, local_files_only=True)
+        return frames_processor(tok, images, start, image, video, end)

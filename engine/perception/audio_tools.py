@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.adapters.base import Perception, check, mmss
+from engine.perception.base import Perception, check, mmss
 from engine.errors import InputError
 from engine.speech.audio import rms_db
 

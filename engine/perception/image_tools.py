@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from engine.adapters.base import Perception, check
-from engine.adapters.colors import kmeans_colors
+from engine.perception.base import Perception, check
+from engine.perception.colors import kmeans_colors
 from engine.errors import InputError
 
 MAX_PIXELS = 64_000_000

@@ -128,7 +128,7 @@ def backend_for(engine, task: str, request: dict, inputs: list[Path]):
 
 
 def run(engine, plan, cancel: CancelToken) -> Generator[Event, None, tuple[str, list, str]]:
-    """Run `plan` (router.ToolPlan). Yields ToolCall, Progress and MediaResult events;
+    """Run `plan` (engine.tools.plan.ToolPlan). Yields ToolCall, Progress and MediaResult events;
     returns (answer text, stored MediaRecords, status)."""
     yield ToolCall(plan.name, plan.arguments)
     try:

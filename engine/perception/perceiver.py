@@ -1,7 +1,7 @@
 """Seeing and hearing attached media: the engine's side of the modality adapters.
 
 `Perceiver.perceive(record, cancel)` turns one stored file into grounded
-facts (engine/adapters/: OCR, faces, colours for images; speech, music and
+facts (engine/perception/: OCR, faces, colours for images; speech, music and
 noise segments with transcripts and audio-event labels for audio; scene
 keyframes plus the sound track for video). Each file is looked at once: the
 result is kept by content hash, and its facts are stored with the turn, so
@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from engine.adapters.base import Perception, printable, public_message, release_memory
+from engine.perception.base import Perception, printable, public_message, release_memory
 from engine.errors import InputError, Unavailable
 from generators.base import Cancelled
 
@@ -49,11 +49,11 @@ class Perceiver:
     def _make(self, kind: str):
         cfg = self.cfg
         if kind == "image":
-            from engine.adapters.image_tools import ImagePerception
+            from engine.perception.image_tools import ImagePerception
 
             return ImagePerception(ocr=cfg.ocr, faces=cfg.faces, labels=cfg.labels)
         if kind == "audio":
-            from engine.adapters.audio_tools import AudioPerception
+            from engine.perception.audio_tools import AudioPerception
 
             try:
                 asr = self.engine.roles["asr"].get()
@@ -61,7 +61,7 @@ class Perceiver:
                 asr = None  # sounds are still labelled; speech is not transcribed (the facts say so)
             return AudioPerception(asr=asr, events=cfg.audio_events)
         if kind == "video":
-            from engine.adapters.video_tools import VideoPerception
+            from engine.perception.video_tools import VideoPerception
 
             return VideoPerception(image=self._adapter("image"), audio=self._adapter("audio"),
                                    max_keyframes=cfg.max_keyframes)
@@ -145,7 +145,7 @@ class Perceiver:
     def _vlm(self):
         with self._lock:
             if "vlm" not in self._adapters:
-                from engine.adapters.neural import VisionLanguageAdapter
+                from engine.perception.neural import VisionLanguageAdapter
 
                 self._adapters["vlm"] = VisionLanguageAdapter(self.cfg.vl_model, quantization=self.cfg.vl_quantization)
             return self._adapters["vlm"]

@@ -1,7 +1,7 @@
 """What the assistant takes from attached media, before it answers.
 
 - A live utterance (voice mode) is transcribed: its words are the message.
-- Attached files go through the perception adapters (engine/perception.py):
+- Attached files go through the perception adapters (engine/perception/perceiver.py):
   images -> OCR, faces, colours; audio -> speech / music / noise segments with
   transcripts and sound labels; video -> scene keyframes + its sound track.
   Each yields a Perceived event (the UI's perception panel), audio also a
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generator
 
-from engine.adapters.base import mmss
+from engine.perception.base import mmss
 from engine.errors import InputError, Unavailable
 from engine.events import Event, Notice, Perceived, Transcript
 from generators.base import MediaKind

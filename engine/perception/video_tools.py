@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engine.adapters.base import Perception, check, mmss, public_message
+from engine.perception.base import Perception, check, mmss, public_message
 from engine.errors import InputError
 from engine.media import check_frame
 
@@ -136,7 +136,7 @@ class VideoPerception:
     @staticmethod
     def _audio_text(ap: Perception) -> str:
         if "segments" in ap.data and "shares" in ap.data:
-            from engine.adapters.audio_tools import summarize
+            from engine.perception.audio_tools import summarize
 
             return summarize(ap.data, 1000)
         return ap.facts

@@ -1,1 +1,0 @@
-"""Modality adapters: media in, something the LLM can use out (DESIGN.md, Modality adapters)."""
