@@ -160,3 +160,20 @@ def test_a_turn_with_facts_is_decoded_at_the_facts_temperature(tmp_path, png):
     finally:
         eng.close()
     assert [p.temperature for p in seen] == [0.0, 0.7, 0.5]
+
+
+def test_a_request_that_cannot_be_planned_is_an_error_event_and_an_error_turn(engine, wav):
+    """The plan's refusal (a 3D model "of this" sound) is an Error event, not a string taken
+    for the answer; the turn is stored as an error with the reason, the sound kept."""
+    from engine.events import ToolCall
+
+    s = Session(engine)
+    events = collect(s.submit(Turn("turn this into a 3D model", (str(wav),))))
+    errors = [e for e in events if isinstance(e, Error)]
+    assert len(errors) == 1 and "can't make a 3D model from audio" in errors[0].message
+    assert not any(isinstance(e, ToolCall) for e in events)
+    assert isinstance(events[-1], Done) and events[-1].turn_id
+    user, answer = engine.store.turns(s.id)
+    assert answer.status == "error" and answer.meta["error"] == errors[0].message
+    assert [m.kind for m in user.media] == ["audio"]
+    assert not s.history()[1:]  # (an error turn is not read back to the model)
