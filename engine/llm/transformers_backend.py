@@ -90,7 +90,7 @@ class TransformersBackend(LLMBackend):
     def _open_lean(self, source):
         """The checkpoint read without transformers (engine/llm/lean.py), when the fast path
         computes all of it: a plain dense model decoded on the CPU, no talker, no bitsandbytes."""
-        from engine.llm import lean
+        import engine.llm.lean as lean
         from engine.llm.loading import converted_dir
 
         cfg = self.cfg
