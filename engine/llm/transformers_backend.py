@@ -6,7 +6,8 @@ thread. Dense Llama/Qwen2 models decode on engine/llm/fastpath.py (int8/4-bit
 weights with a C kernel on the CPU); the rest on transformers' forward.
 Constrained decoding (engine/llm/structured.py) steps through `steps()`.
 Loading (GGUF conversion, bitsandbytes, omni checkpoints, tiny models) is in
-engine/llm/loading.py.
+engine/llm/loading.py, a checkpoint read without transformers in engine/llm/lean.py,
+sampling and detokenizing in engine/llm/decoding.py.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import Sequence
 from engine.config import LLMConfig
 from engine.errors import Unavailable
 from engine.events import CancelToken, RouterStats, TextDelta
-from engine.llm.base import GenParams, LLMBackend, Message, answer_seed
+from engine.llm.base import GenParams, LLMBackend, Message
+from engine.llm.decoding import Detokenizer, Sampler, stop_ids
 from engine.llm.loading import device_of, load_model, load_tiny, max_positions
 from engine.llm.sources import resolve
 
@@ -65,7 +67,7 @@ class TransformersBackend(LLMBackend):
         self._reused = 0
         meta = self.lean or self._model  # (both carry .config and .generation_config)
         self.vocab_size = (getattr(meta.config, "text_config", None) or meta.config).vocab_size  # (omni: its text part)
-        self.stop_ids = _stop_ids(meta, self.tokenizer)
+        self.stop_ids = stop_ids(meta, self.tokenizer)
         self.suppress = list(getattr(meta.generation_config, "suppress_tokens", None) or [])
         self.parked = False  # weights moved to CPU memory for a diffusion pipeline (park / ready)
         self.fast = self._attach_fast()
@@ -206,8 +208,8 @@ class TransformersBackend(LLMBackend):
             media_note = f" ({sum(int(m.sum()) for m in masks.values())} of them for the media)" if masks else ""
             raise ValueError(f"prompt is {len(prompt)} tokens{media_note}; the context holds {self.context_tokens}")
         max_new = min(params.max_new_tokens, budget)
-        sampler = _Sampler(params, self.device, self.suppress, prompt)
-        detok = _Detokenizer(self.tokenizer)
+        sampler = Sampler(params, self.device, self.suppress, prompt)
+        detok = Detokenizer(self.tokenizer)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "finish_reason": "length"}
         if masks:
             usage["media_tokens"] = {kind: int(m.sum()) for kind, m in masks.items()}
@@ -377,75 +379,6 @@ class _Steps:
         self.logits = self.fast.forward([token]) if self.fast is not None else self._forward([token])
         self.length += 1
         return self.logits
-
-
-class _Sampler:
-    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling, seeded per answer
-    by the seed and the prompt (base.answer_seed); the model's suppressed tokens never come out."""
-
-    def __init__(self, params: GenParams, device, suppress: list[int] = (), prompt: Sequence[int] = ()) -> None:
-        import torch
-
-        self.t, self.top_p, self.suppress = params.temperature, params.top_p, list(suppress)
-        self.gen = None
-        if self.t > 0:
-            seed = answer_seed(params.seed, repr(list(prompt)).encode())
-            self.gen = torch.Generator(device=device).manual_seed(seed)
-
-    def __call__(self, logits) -> int:
-        import torch
-
-        if self.suppress:  # the model's generation_config.suppress_tokens
-            logits = logits.clone()
-            logits[..., self.suppress] = float("-inf")
-        if self.gen is None:
-            return int(logits.argmax(-1))
-        probs = torch.softmax(logits.float() / self.t, dim=-1)[0]
-        if self.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < self.top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=self.gen))
-
-
-class _Detokenizer:
-    """Incremental decoding that never splits a multi-byte character or a
-    word-initial space (the prefix/read offsets used by TGI and vLLM)."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tok, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
-
-    def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return after[len(before):]
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    for name in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(name)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return ids
 
 
 def _cpu():
