@@ -57,6 +57,8 @@ def passes(rule: dict, answer: str) -> bool:
         return rule["case"] in answer
     if "re" in rule:
         return re.search(rule["re"], answer, re.I | re.M) is not None
+    if "not_re" in rule:  # e.g. the assistant taking the user's name as its own ("I'm Ada")
+        return re.search(rule["not_re"], answer, re.I | re.M) is None
     if "max_words" in rule:
         return 0 < len(re.findall(r"[\w'.$-]+", answer)) <= rule["max_words"]
     if "items" in rule:  # a bulleted / numbered list, short items one per line, or "a, b and c" on the first line
