@@ -25,9 +25,9 @@ from engine.llm.fastpath import Weights, plain_config
 class Checkpoint:
     """A plain dense checkpoint folder: its config, generation config and tokenizer."""
 
-    def __init__(self, folder: Path, config: dict) -> None:
+    def __init__(self, folder: Path, config: dict, weight_files: list[Path]) -> None:
         self.folder = Path(folder)
-        self.files = _Files(_weight_files(self.folder))
+        self.files = _Files(weight_files)
         self.config = SimpleNamespace(**config)
         generation = _read_json(self.folder / "generation_config.json") or {}
         self.generation_config = SimpleNamespace(**{"eos_token_id": None, "suppress_tokens": None, **generation})
@@ -38,20 +38,16 @@ class Checkpoint:
         """The checkpoint at `folder`, or None when it is not one this path reads (the caller
         loads it through transformers)."""
         folder = Path(folder)
-        config = _read_json(folder / "config.json")
-        if not config or not _weight_files(folder) or not (folder / "tokenizer.json").exists():
+        config, weight_files = _read_json(folder / "config.json"), _weight_files(folder)
+        if not config or not weight_files or not (folder / "tokenizer.json").exists():
             return None
         arch = (config.get("architectures") or [""])[0]
         if not plain_config(arch, SimpleNamespace(**config)) or _rope_theta(config) is None:
             return None
         try:
-            return cls(folder, config)
+            return cls(folder, config, weight_files)
         except (NotLean, OSError, ValueError, KeyError):  # (transformers reports what is wrong)
             return None
-
-    @property
-    def max_positions(self) -> int | None:
-        return getattr(self.config, "max_position_embeddings", None)
 
     def weights(self) -> Weights:
         """The tensors in the fast path's layout: each read from its file straight into place

@@ -139,9 +139,13 @@ def _quiet() -> None:
     hf_logging.set_verbosity_error()
 
 
+def text_config(config):
+    """The language model's part of a config (an omni / vision-language model nests it)."""
+    return getattr(config, "text_config", None) or config
+
+
 def max_positions(config) -> int | None:
-    text = getattr(config, "text_config", None) or config
-    return getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+    return getattr(text_config(config), "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
 
 
 def converted_dir(source: ModelSource, cache_dir: Path) -> Path:

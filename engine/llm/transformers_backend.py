@@ -20,7 +20,7 @@ from engine.errors import Unavailable
 from engine.events import CancelToken, RouterStats, TextDelta
 from engine.llm.base import GenParams, LLMBackend, Message
 from engine.llm.decoding import Detokenizer, Sampler, stop_ids
-from engine.llm.loading import device_of, load_model, load_tiny, max_positions
+from engine.llm.loading import device_of, load_model, load_tiny, max_positions, text_config
 from engine.llm.sources import resolve
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -43,7 +43,7 @@ class TransformersBackend(LLMBackend):
             source = self.source = resolve(cfg.model, cache_dir, cfg.sha256)
             self.lean = self._open_lean(source)  # (no transformers import on this path)
             if self.lean is not None:
-                self.tokenizer, model_ctx = self.lean.tokenizer, self.lean.max_positions
+                self.tokenizer, model_ctx = self.lean.tokenizer, max_positions(self.lean.config)
             else:
                 self._model, self.tokenizer, proc, self.talker_model = load_model(source, cfg, cache_dir)
                 model_ctx = max_positions(self._model.config)
@@ -66,7 +66,7 @@ class TransformersBackend(LLMBackend):
         self._kept: tuple[list[int], object] = ([], None)  # (token ids, KV cache) of the last turn
         self._reused = 0
         meta = self.lean or self._model  # (both carry .config and .generation_config)
-        self.vocab_size = (getattr(meta.config, "text_config", None) or meta.config).vocab_size  # (omni: its text part)
+        self.vocab_size = text_config(meta.config).vocab_size
         self.stop_ids = stop_ids(meta, self.tokenizer)
         self.suppress = list(getattr(meta.generation_config, "suppress_tokens", None) or [])
         self.parked = False  # weights moved to CPU memory for a diffusion pipeline (park / ready)
@@ -322,8 +322,8 @@ class TransformersBackend(LLMBackend):
         import torch
 
         cache, common = self._reusable(prompt, fast=False)
-        if cache is not None and cache.get_seq_length() > common:
-            cache.crop(common - cache.get_seq_length())  # this API takes how many to drop
+        if cache is not None:
+            _crop(cache, common)
         ids = torch.tensor([prompt[common:]], device=self.device)
         return self._forward(trace, input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
 
@@ -363,8 +363,8 @@ class _Steps:
         """Forget the positions from `length` on (the logits are those of the last push)."""
         if self.fast is not None:
             self.fast.crop(length)
-        elif self.cache.get_seq_length() > length:
-            self.cache.crop(length - self.cache.get_seq_length())  # (this API takes how many to drop)
+        else:
+            _crop(self.cache, length)
         self.length = min(self.length, length)
 
     def _forward(self, ids, **kwargs):
@@ -379,6 +379,12 @@ class _Steps:
         self.logits = self.fast.forward([token]) if self.fast is not None else self._forward([token])
         self.length += 1
         return self.logits
+
+
+def _crop(cache, length: int) -> None:
+    """Keep the first `length` positions of a transformers KV cache."""
+    if cache.get_seq_length() > length:
+        cache.crop(length - cache.get_seq_length())  # (this API takes how many to drop)
 
 
 def _cpu():
