@@ -57,14 +57,25 @@ def server(tmp_path_factory):
         yield srv
 
 
+def endless_checkpoint(folder):
+    """The tiny seeded model saved as a checkpoint folder whose generation config suppresses
+    every token the engine stops on (generation_config.json "suppress_tokens", which the
+    sampler honours for any model): its answers end only at max_new_tokens or on Stop,
+    whatever the decode path, thread or float reduction order."""
+    from engine.llm.decoding import stop_ids
+    from engine.llm.tiny import build_tiny_model, save_tiny_checkpoint
+
+    model, tokenizer = build_tiny_model()
+    model.generation_config.suppress_tokens = sorted(stop_ids(model, tokenizer))
+    return save_tiny_checkpoint(folder, model, tokenizer)
+
+
 @pytest.fixture(scope="module")
 def long_server(tmp_path_factory):
-    """Answers run long (thousands of tokens) so Stop can land mid-answer. The tiny model's
-    random weights lie on no GGUF grid, so int8 decode rounds them and its answer to the
-    browser's greeting stops after 20 tokens; the fast path in fp32 computes the seeded model
-    itself (892 tokens). The int8 path is covered by test_fastpath and the other servers."""
-    with running_server(tmp_path_factory.mktemp("long"), max_new_tokens="3000", context_tokens="4096",
-                        **{"llm.decode": "fp32"}) as srv:
+    """Every answer runs to 3000 tokens (the model cannot end it) so Stop can land mid-answer."""
+    folder = tmp_path_factory.mktemp("long")
+    with running_server(folder / "data", llm=str(endless_checkpoint(folder / "endless")),
+                        max_new_tokens="3000", context_tokens="4096") as srv:
         yield srv
 
 
