@@ -1,8 +1,10 @@
 """The Gradio app in-process, driven through gradio_client like a browser would."""
 from __future__ import annotations
 
+import threading
 import time
 
+import pytest
 from gradio_client import Client, handle_file
 from engine.session import Session
 
@@ -65,6 +67,80 @@ def test_stop_mid_answer_keeps_partial_marked_interrupted(long_server, answers):
     # the next message works
     out = client.predict({"text": "short one", "files": []}, api_name="/respond")
     assert out[0][-1]["role"] == "assistant"
+    client.close()
+
+
+def _turn_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ui-turn"]
+
+
+def test_turn_events_come_in_order_batched_and_a_failure_still_surfaces():
+    """Every event of the turn, in order, in at most one batch per frame after the first (here a
+    frame outlasts the turn); the turn's exception is raised after the events before it."""
+    from app.ui import batched
+    from engine.events import CancelToken, TextDelta
+
+    def run():
+        yield from (TextDelta(str(i)) for i in range(500))
+        raise RuntimeError("boom")
+
+    got = []
+    with pytest.raises(RuntimeError, match="boom"):
+        for batch in batched(run, CancelToken(), frame_s=600):
+            got.append(batch)
+    assert [e.text for batch in got for e in batch] == [str(i) for i in range(500)]
+    assert len(got) <= 2 and not _turn_threads()
+
+
+def test_a_page_that_goes_away_cancels_its_turn(long_server, answers):
+    """The page's handler closed mid-answer (the client went away): the turn is cancelled,
+    stored as interrupted and its thread is gone, as Stop would have it."""
+    from app.ui import batched
+    from engine.events import CancelToken, TextDelta
+
+    cancel = CancelToken()
+
+    def decode():
+        while not cancel.cancelled:
+            yield TextDelta("x")
+
+    batches = batched(decode, cancel)
+    next(batches)
+    batches.close()
+    assert cancel.cancelled and not _turn_threads()
+
+    seen = answers(long_server.engine)
+    client = Client(long_server.url + "/", verbose=False)
+    job = client.submit({"text": "tell me everything", "files": []}, api_name="/respond")
+    deadline = time.monotonic() + 60
+    while len(job.outputs()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    client.close()
+    while (not seen or _turn_threads()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen and seen[-1]["finish_reason"] == "cancelled" and seen[-1]["completion_tokens"] < 3000
+    assert not _turn_threads()
+
+
+def test_a_turn_that_fails_shows_an_error_and_the_next_one_works(server, monkeypatch):
+    from engine.events import TextDelta
+
+    real = Session.submit
+
+    def failing(self, turn, cancel=None, gate=None):
+        if turn.text == "break":
+            yield TextDelta("a start")
+            raise RuntimeError("the turn broke")
+        yield from real(self, turn, cancel, gate)
+
+    monkeypatch.setattr(Session, "submit", failing)
+    client = Client(server.url + "/", verbose=False)
+    with pytest.raises(Exception):
+        client.predict({"text": "break", "files": []}, api_name="/respond")
+    assert not _turn_threads()
+    out = client.predict({"text": "and now?", "files": []}, api_name="/respond")
+    assert _assistant_text(out[0])
     client.close()
 
 
