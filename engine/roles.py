@@ -86,7 +86,9 @@ def build_roles(config: Config, keep: dict[str, Role] | None = None) -> dict[str
 
         from dataclasses import replace
 
-        return load_backend(replace(config.llm, talker=config.tts.backend == "talker"), models)
+        backend = load_backend(replace(config.llm, talker=config.tts.backend == "talker"), models)
+        backend.prime([{"role": "system", "content": config.system_prompt}])  # every chat starts with it
+        return backend
 
     def asr():
         from engine.speech.asr import load_asr

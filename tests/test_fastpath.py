@@ -122,6 +122,23 @@ def test_int8_kernel_equals_its_dequantized_weight(lib, rows, cols, tokens, bias
     assert (layer.dequantized() - w).abs().max() <= w.abs().max() / 127  # within half a step of its group's scale x2
 
 
+@pytest.mark.parametrize("rows,cols,bits,bias", [(13, 320, 8, True), (30, 64, 4, False), (7, 50, 8, True)],
+                         ids=["8-bit, panels and column blocks with tails", "4-bit", "odd-columns"])
+def test_the_prompt_matmul_equals_its_dequantized_weight(lib, rows, cols, bits, bias):
+    """A prompt's many tokens go through q8_gemm (panels of 6 rows, 256 columns, 16 tokens at a
+    time): any row, column and token count computes the dequantized weight's matmul."""
+    torch.manual_seed(cols)
+    levels = 16 if bits == 4 else 256
+    w = torch.randint(0, levels, (rows, cols)).float() * torch.rand(rows, 1) * 0.1 - 0.3
+    b = torch.randn(rows) if bias else None
+    layer = q8.Q8Linear(w, b, lib)
+    assert layer.bits == bits
+    for tokens in (5, 8, 16, 21, 40):
+        x = torch.randn(1, tokens, cols)
+        want = torch.nn.functional.linear(x, layer.dequantized(), b)
+        assert torch.allclose(layer.many(x), want, rtol=1e-4, atol=1e-4), tokens
+
+
 def test_int8_decode_computes_the_quantized_model(lib):
     """The int8 steps, an fp32 prompt and transformers' forward all compute one model: the
     weights rounded to int8 (the fused views and the tied head/embedding set in place)."""

@@ -18,7 +18,7 @@ from engine.llm.base import GenParams
 from engine.llm.fastpath import FastLM
 from engine.llm.lean import Checkpoint
 from engine.llm.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_checkpoint
-from tests.test_fastpath import IDS, on_gguf_grids, reference, run, tiny_qwen2
+from tests.test_fastpath import IDS, lib, on_gguf_grids, reference, run, tiny_qwen2  # noqa: F401 (lib: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +42,29 @@ def test_logits_match_transformers_at_every_position(tmp_path, build, dtype):
         whole = fast.forward(IDS)
     assert torch.allclose(steps, want, atol=1e-4)
     assert torch.allclose(whole[0], want[-1], atol=1e-4)
+
+
+def test_int8_keeps_only_the_codes_and_computes_the_gguf_model(tmp_path, lib):
+    """With int8, a lean load keeps no fp32 matrix (prompts run from the codes, q8_gemm) and
+    still computes transformers' model exactly when the weights lie on GGUF grids: the
+    logits of every decode step and of a whole prompt, for Llama and Qwen2 (biases)."""
+    from transformers import AutoModelForCausalLM
+
+    for build in (lambda: build_tiny_model(6)[0], tiny_qwen2):
+        folder = save_tiny_checkpoint(tmp_path / str(len(list(tmp_path.iterdir()))), on_gguf_grids(build()),
+                                      build_tiny_tokenizer())
+        want = reference(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval(), IDS)
+        fast = FastLM(Checkpoint.open(folder).weights(), capacity=64, int8=lib)
+        assert all(la.qkv is None and la.o is None and la.gate_up is None and la.down is None for la in fast.layers)
+        with torch.inference_mode():
+            steps = torch.cat([fast.forward([t]) for t in IDS])
+            fast.crop(0)
+            whole = fast.forward(IDS)
+            fast.crop(3)
+            rest = fast.forward(IDS[3:])
+        assert torch.allclose(steps, want, rtol=1e-3, atol=1e-4)
+        assert torch.allclose(whole[0], want[-1], rtol=1e-3, atol=1e-4)
+        assert torch.allclose(rest[0], want[-1], rtol=1e-3, atol=1e-4)
 
 
 def test_the_tokenizer_and_chat_template_match_transformers(tmp_path):

@@ -105,6 +105,21 @@ class TestTransformersBackend(LLMContract):
         with pytest.raises(ValueError, match="context holds"):
             run(backend, messages=[{"role": "user", "content": "x" * 5000}])
 
+    def test_a_primed_system_prompt_is_reused_and_answers_the_same(self, backend):
+        """The app primes every chat's shared start (the system prompt) when the model loads:
+        a new chat's first turn then reuses it, and answers as it would from scratch."""
+        backend.forget()
+        primed = backend.prime(MSGS[:1])
+        reused, usage = run(backend, GenParams(max_new_tokens=12, temperature=0.0))
+        backend.forget()
+        plain, fresh = run(backend, GenParams(max_new_tokens=12, temperature=0.0))
+        assert fresh["cached_prompt_tokens"] == 0
+        assert [e.text for e in reused] == [e.text for e in plain]
+        if backend.fast is not None:
+            assert primed > 16 and usage["cached_prompt_tokens"] == primed
+        else:  # (no fast path: transformers' cache is built per answer, nothing to prime)
+            assert primed == 0
+
 
 class TestOpenAIBackend(LLMContract):
     """Against this app's own OpenAI-compatible server (tiny model) on 127.0.0.1."""

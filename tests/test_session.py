@@ -177,3 +177,11 @@ def test_a_request_that_cannot_be_planned_is_an_error_event_and_an_error_turn(en
     assert answer.status == "error" and answer.meta["error"] == errors[0].message
     assert [m.kind for m in user.media] == ["audio"]
     assert not s.history()[1:]  # (an error turn is not read back to the model)
+
+
+def test_a_new_chat_reuses_the_system_prompt_primed_at_load(engine, answers):
+    """The model role primes the system prompt when it loads (engine/roles.py): the first
+    turn of a new chat only computes its own message."""
+    seen = answers(engine)
+    list(Session(engine).submit(Turn("Hello there", max_new_tokens=4)))
+    assert seen and seen[0]["cached_prompt_tokens"] > 16

@@ -87,6 +87,12 @@ class LLMBackend(ABC):
         """(an object satisfying `schema`, tokens generated); `constrained` only."""
         raise NotImplementedError(f"{type(self).__name__} cannot constrain its decoding")
 
+    def prime(self, messages: Sequence[Message]) -> int:
+        """Run the start every conversation shares (the system prompt) into the KV cache, so a
+        new chat's first turn pays only for its own message; the tokens now cached (0: the
+        backend keeps no cache between calls)."""
+        return 0
+
     def park(self, force: bool = False) -> int:
         """Give GPU room to a diffusion pipeline; the bytes freed (nothing to give by default)."""
         return 0

@@ -14,8 +14,10 @@ SmolLM2-135M streams its weights in ~20 ms of CPU time per token but the forward
   again); a decode step (one token) runs every layer in one C call (engine/llm/kernels/q8.c
   `q8_decode`: norms, RoPE, the KV cache, attention, the int8 matvecs), since on a 135M
   model the ~15 torch ops per layer cost as much as the matvecs; 2-4 tokens use the int8
-  matvec from torch; prompts (many tokens at once, compute-bound) use the same values in
-  fp32 with the BLAS matmul.
+  matvec from torch; prompts (many tokens at once, compute-bound) use q8.c's register-
+  blocked fp32 matmul, dequantizing the codes a panel at a time (as fast as BLAS on the
+  fp32 weight, bench/text.py), so a checkpoint read by engine/llm/lean.py keeps no fp32
+  copy of its matrices at all: Qwen2.5-0.5B is ~0.4 GB of codes instead of 2 GB + codes.
 
 Anything else (MoE, omni/VLM backbones, bitsandbytes layers, a talker that needs
 hidden states) keeps transformers' forward: `FastLM.attach` returns None for it.
@@ -23,7 +25,7 @@ hidden states) keeps transformers' forward: `FastLM.attach` returns None for it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 SMALL = 4  # up to this many tokens in one forward use the int8 kernel (it is bandwidth-bound, BLAS is not)
@@ -39,8 +41,12 @@ class Weights:
     norm: object
     head: object  # [vocab, hidden]; the embedding itself when tied
     rotary: Callable  # (x, positions) -> (cos, sin)
-    layers: list[dict] = field(default_factory=list)  # ln1, ln2, qkv(+_bias), o(+_bias), gate_up, down(+_bias)
-    head_in_place: bool = True  # the fp32 head takes the codes' values (transformers' forward reads it)
+    # ln1, ln2, qkv(+_bias), o(+_bias), gate_up, down(+_bias); any iterable of them (lean.py reads each on demand)
+    layers: Iterable[dict] = field(default_factory=list)
+    # the fp32 tensors are also a transformers model's (`FastLM.attach`): they take the codes'
+    # values, so its forward computes the same model. False (lean.py): this path alone reads
+    # them, and with int8 codes the fp32 matrices are dropped as soon as they are coded.
+    shared: bool = True
 
 
 class FastLM:
@@ -61,8 +67,9 @@ class FastLM:
         # the int8 codes found at the first start, kept in the data dir: a warm start reads them
         self._codes = _read_codes(codes_path) if self.int8 is not None else None
         self._found: list[dict] = []
+        self.shared = weights.shared
         self.layers = [_Layer(parts, self) for parts in weights.layers]
-        self.q8_head = self._q8(self.head, None, in_place=weights.head_in_place)
+        self.q8_head = self._q8(self.head, None)
         if self.int8 is not None and codes_path is not None and self._codes is None:
             _write_codes(codes_path, self._found)
         self._codes = self._found = None
@@ -76,10 +83,9 @@ class FastLM:
 
             self.decoder = Decoder(self)
 
-    def _q8(self, weight, bias, in_place: bool = True):
-        """The int8 copy of a weight; the fp32 weight (shared with the model) is set to its
-        dequantized values, so prompts, decode steps and transformers' own forward all
-        compute the same model and a reused KV cache matches a fresh one."""
+    def _q8(self, weight, bias):
+        """The int8 copy of a weight. A shared fp32 weight is set to its dequantized values, so
+        transformers' own forward computes the same model as the codes do."""
         from engine.llm.kernels.q8 import Q8Linear
 
         if self.int8 is None:
@@ -87,16 +93,17 @@ class FastLM:
         saved = self._codes[len(self._found)] if self._codes is not None else None
         layer = Q8Linear(weight, bias, self.int8, codes=saved)
         self._found.append(layer.state())
-        if in_place:
+        if self.shared:
             weight.data.copy_(layer.dequantized())
         return layer
 
     def linear(self, x, weight, bias, q8, count: int):
-        """x @ weight.T + bias: int8 for a decode step, fp32 BLAS for a prompt."""
+        """x @ weight.T + bias: from the codes with int8 (a matvec for a few tokens, a
+        matmul for a prompt), else fp32 BLAS."""
         import torch.nn.functional as F
 
-        if q8 is not None and count <= SMALL:
-            return q8(x)
+        if q8 is not None:
+            return q8(x) if count <= SMALL else q8.many(x)
         return F.linear(x, weight, bias)
 
     @classmethod
@@ -178,6 +185,8 @@ class _Layer:
         self.q8 = {name: fast._q8(w, b) for name, w, b in (("qkv", self.qkv, self.qkv_bias), ("o", self.o, self.o_bias),
                                                             ("gate_up", self.gate_up, None),
                                                             ("down", self.down, self.down_bias))}
+        if fast.int8 is not None and not fast.shared:  # computed from the codes alone (FastLM.linear)
+            self.qkv = self.o = self.gate_up = self.down = None
         q, kv = fast.heads * fast.head_dim, fast.kv_heads * fast.head_dim
         self.split = [q, kv, kv]
         self.k = self.v = torch.empty(0)
@@ -252,3 +261,6 @@ def _write_codes(path, codes: list[dict]) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(codes, tmp)
     os.replace(tmp, path)
+    for old in path.parent.glob(path.stem.rsplit("-", 1)[0] + "-*" + path.suffix):  # an older search's (~100s of MB)
+        if old != path:
+            old.unlink(missing_ok=True)

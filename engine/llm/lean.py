@@ -53,30 +53,44 @@ class Checkpoint:
         """The tensors in the fast path's layout: each read from its file straight into place
         (q/k/v into one fused tensor, gate/up into another: nothing is held twice); the
         embedding mapped, so only the rows prompts use are ever read."""
-        import torch
-
         files, cfg = self.files, self.config
         embed = files.mapped("model.embed_tokens.weight")
         tied = getattr(cfg, "tie_word_embeddings", True) or not files.has("lm_head.weight")
-        head = embed if tied else files.read(["lm_head.weight"])
-        layers = []
-        for i in range(cfg.num_hidden_layers):
-            p = f"model.layers.{i}."
-            a, m = p + "self_attn.", p + "mlp."
-            qkv = [a + n + "_proj." for n in "qkv"]
-            qkv_bias = None
-            if any(files.has(n + "bias") for n in qkv):
-                qkv_bias = torch.cat([files.read([n + "bias"]) if files.has(n + "bias")
-                                      else torch.zeros(files.shape(n + "weight")[0]) for n in qkv])
-            layers.append({"ln1": files.read([p + "input_layernorm.weight"]),
-                           "ln2": files.read([p + "post_attention_layernorm.weight"]),
-                           "qkv": files.read([n + "weight" for n in qkv]), "qkv_bias": qkv_bias,
-                           "o": files.read([a + "o_proj.weight"]), "o_bias": files.optional(a + "o_proj.bias"),
-                           "gate_up": files.read([m + "gate_proj.weight", m + "up_proj.weight"]),
-                           "down": files.read([m + "down_proj.weight"]), "down_bias": files.optional(m + "down_proj.bias")})
+        head = embed if tied else files.mapped("lm_head.weight")  # (int8: never read after its codes are found)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return Weights(cfg, embed, files.read(["model.norm.weight"]), head, Rope(head_dim, _rope_theta(vars(cfg))),
-                       layers, head_in_place=False)
+                       _Layers(files, cfg.num_hidden_layers), shared=False)
+
+
+class _Layers:
+    """A checkpoint's layers, each read from the files when it is reached: the fast path codes
+    one and drops its fp32 matrices before the next is read, so a load never holds them all."""
+
+    def __init__(self, files: "_Files", count: int) -> None:
+        self.files, self.count = files, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return (self.read(i) for i in range(self.count))
+
+    def read(self, i: int) -> dict:
+        import torch
+
+        files, p = self.files, f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        qkv = [a + n + "_proj." for n in "qkv"]
+        qkv_bias = None
+        if any(files.has(n + "bias") for n in qkv):
+            qkv_bias = torch.cat([files.read([n + "bias"]) if files.has(n + "bias")
+                                  else torch.zeros(files.shape(n + "weight")[0]) for n in qkv])
+        return {"ln1": files.read([p + "input_layernorm.weight"]),
+                "ln2": files.read([p + "post_attention_layernorm.weight"]),
+                "qkv": files.read([n + "weight" for n in qkv]), "qkv_bias": qkv_bias,
+                "o": files.read([a + "o_proj.weight"]), "o_bias": files.optional(a + "o_proj.bias"),
+                "gate_up": files.read([m + "gate_proj.weight", m + "up_proj.weight"]),
+                "down": files.read([m + "down_proj.weight"]), "down_bias": files.optional(m + "down_proj.bias")}
 
 
 class Rope:

@@ -1,5 +1,6 @@
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 /* Weight-only 8-bit linear layer (engine/llm/kernels/q8.py):
    y[t, r] = sum_g (scale[r, g] * sum_{i in g} w[r, i] * x[t, i] + low[r, g] * sum_{i in g} x[t, i]) + bias[r]
    uint8 weights in groups of `group` columns, each group affine (its own scale and low value),
@@ -100,6 +101,118 @@ void q8_linear(const float *x, const uint8_t *w, const float *scale, const float
         }
     }
     free(xsum);
+}
+
+/* ---- a prompt's linear layer from the codes (q8_gemm) -----------------------------------
+   Many tokens at once are compute-bound, so this is a register-blocked fp32 matmul whose
+   weights are dequantized on the fly, PR rows by KB columns at a time (a panel that stays in
+   L1), each panel then used for every token: y[t, r] = sum_k w[r, k] * x[t, k] + bias[r].
+   The activations are read transposed (xt[k, t], tokens padded to a multiple of 8), so
+   8 tokens fill one vector and each weight is broadcast: PR rows x 16 tokens per step. */
+#define PR 6
+#define KB 256
+
+/* columns [k0, k0 + n) of one row (k0 and n multiples of the group) into out */
+static void dequant_row(const uint8_t *w, const float *scale, const float *low, float *out, int k0, int n,
+                        int group, int bits) {
+    for (int g = k0 / group; g < (k0 + n) / group; g++, out += group) {
+        float s = scale[g], lo = low[g];
+        const uint8_t *b = bits == 4 ? w + g * 16 : w + (int64_t)g * group;
+#ifdef HAVE_ROW32
+        __m256 vs = _mm256_set1_ps(s), vl = _mm256_set1_ps(lo);
+        if (bits == 4) {  /* group of 32: byte j = code j | code j+16 << 4 */
+            __m128i v = _mm_loadu_si128((const __m128i *)b), mask = _mm_set1_epi8(0x0F);
+            __m128i q[2] = {_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask)};
+            for (int h = 0; h < 2; h++)
+                for (int j = 0; j < 2; j++) {
+                    __m128i part = j ? _mm_srli_si128(q[h], 8) : q[h];
+                    __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+                    _mm256_storeu_ps(out + h * 16 + j * 8, _mm256_fmadd_ps(f, vs, vl));
+                }
+            continue;
+        }
+        if (group % 8 == 0) {
+            for (int j = 0; j < group; j += 8) {
+                __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + j))));
+                _mm256_storeu_ps(out + j, _mm256_fmadd_ps(f, vs, vl));
+            }
+            continue;
+        }
+#endif
+        if (bits == 4)
+            for (int j = 0; j < 16; j++) { out[j] = lo + s * (float)(b[j] & 15); out[j + 16] = lo + s * (float)(b[j] >> 4); }
+        else
+            for (int j = 0; j < group; j++) out[j] = lo + s * (float)b[j];
+    }
+}
+
+/* acc[r][t] += panel[r, 0..n) . xt[0..n, t] for PR rows and 8 * nv tokens (xt's stride tp) */
+static void tile(const float *panel, const float *xt, int n, int tp, int nv, float acc_out[PR][16]) {
+#ifdef HAVE_ROW32
+    __m256 acc[PR][2];
+    for (int r = 0; r < PR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    if (nv == 2) {
+        for (int k = 0; k < n; k++) {
+            __m256 x0 = _mm256_loadu_ps(xt + (int64_t)k * tp), x1 = _mm256_loadu_ps(xt + (int64_t)k * tp + 8);
+            for (int r = 0; r < PR; r++) {
+                __m256 w = _mm256_broadcast_ss(panel + r * KB + k);
+                acc[r][0] = _mm256_fmadd_ps(w, x0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w, x1, acc[r][1]);
+            }
+        }
+    } else {
+        for (int k = 0; k < n; k++) {
+            __m256 x0 = _mm256_loadu_ps(xt + (int64_t)k * tp);
+            for (int r = 0; r < PR; r++)
+                acc[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(panel + r * KB + k), x0, acc[r][0]);
+        }
+    }
+    for (int r = 0; r < PR; r++)
+        for (int v = 0; v < nv; v++) _mm256_storeu_ps(acc_out[r] + v * 8, acc[r][v]);
+#else
+    for (int r = 0; r < PR; r++)
+        for (int t = 0; t < 8 * nv; t++) {
+            float s = 0.0f;
+            for (int k = 0; k < n; k++) s += panel[r * KB + k] * xt[(int64_t)k * tp + t];
+            acc_out[r][t] = s;
+        }
+#endif
+}
+
+/* xt: [cols, tp] (tp = tokens rounded up to 8, the padding zero); y: [tokens, rows].
+   Each thread takes a run of row panels; for each KB columns, every panel of its run is
+   dequantized once and used for all tokens, while those columns of xt stay in its cache. */
+void q8_gemm(const float *xt, int tp, const uint8_t *w, const float *scale, const float *low, const float *bias,
+             float *y, int tokens, int rows, int cols, int group, int bits, int threads) {
+    int groups = cols / group, panels = (rows + PR - 1) / PR;
+    int64_t row_bytes = bits == 4 ? cols / 2 : cols;
+    if (KB % group || cols % group) return;  /* (callers check: groups of 32, or one group per row) */
+    for (int t = 0; t < tokens; t++)
+        for (int r = 0; r < rows; r++) y[(int64_t)t * rows + r] = bias ? bias[r] : 0.0f;
+    #pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int part = 0; part < threads; part++) {
+        int first = (int)((int64_t)panels * part / threads), last = (int)((int64_t)panels * (part + 1) / threads);
+        float panel[PR * KB] __attribute__((aligned(32))), acc[PR][16];
+        for (int k0 = 0; k0 < cols; k0 += KB) {
+            int n = cols - k0 < KB ? cols - k0 : KB;
+            for (int p = first; p < last; p++) {
+                int r0 = p * PR, nr = rows - r0 < PR ? rows - r0 : PR;
+                for (int r = 0; r < PR; r++) {
+                    if (r < nr)
+                        dequant_row(w + (int64_t)(r0 + r) * row_bytes, scale + (int64_t)(r0 + r) * groups,
+                                    low + (int64_t)(r0 + r) * groups, panel + r * KB, k0, n, group, bits);
+                    else
+                        memset(panel + r * KB, 0, sizeof(float) * n);
+                }
+                for (int t0 = 0; t0 < tokens; t0 += 16) {
+                    int nv = tp - t0 >= 16 ? 2 : 1;
+                    tile(panel, xt + (int64_t)k0 * tp + t0, n, tp, nv, acc);
+                    for (int t = t0; t < tokens && t < t0 + 8 * nv; t++)
+                        for (int r = 0; r < nr; r++) y[(int64_t)t * rows + r0 + r] += acc[r][t - t0];
+                }
+            }
+        }
+    }
 }
 
 /* ---- one whole decode step (engine/llm/kernels/q8.py: Decoder) ---------------------------

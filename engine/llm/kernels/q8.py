@@ -27,6 +27,7 @@ SOURCE = Path(__file__).with_name("q8.c")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]  # (after the source: expf/sqrtf and their vector forms, libmvec)
 GROUP = 32  # columns per scale
+PANEL_COLUMNS = 256  # q8.c's KB: q8_gemm dequantizes this many columns at a time (a multiple of GROUP)
 CHUNK = 4096  # rows quantized at a time (the search's temporaries stay ~10x one chunk)
 _lib = None
 _reason = ""
@@ -73,6 +74,8 @@ def load(build_dir: Path):
         lib = ctypes.CDLL(str(target))
         lib.q8_linear.restype = None
         lib.q8_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+        lib.q8_gemm.restype = None
+        lib.q8_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
         lib.q8_decode.restype = None
         lib.q8_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3
         lib.q8_scratch_floats.restype = ctypes.c_long
@@ -150,6 +153,24 @@ class Q8Linear:
         self.lib.q8_linear(flat.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), self.low.data_ptr(),
                            self.bias.data_ptr() if self.bias is not None else None, out.data_ptr(),
                            flat.shape[0], self.rows, self.cols, self.group, self.bits, torch.get_num_threads())
+        return out.view(*x.shape[:-1], self.rows)
+
+    def many(self, x):
+        """The same for a prompt's many tokens (compute-bound): q8.c's register-blocked matmul,
+        dequantizing a few rows at a time, so no fp32 copy of the weight is kept."""
+        import torch
+
+        if PANEL_COLUMNS % self.group:  # (a row in one odd-sized group: tiny test models only)
+            return self(x)
+        flat = x.reshape(-1, self.cols).float()
+        tokens = flat.shape[0]
+        padded = -(-tokens // 8) * 8
+        xt = torch.zeros(self.cols, padded, dtype=torch.float32)
+        xt[:, :tokens] = flat.T
+        out = torch.empty(tokens, self.rows, dtype=torch.float32)
+        self.lib.q8_gemm(xt.data_ptr(), padded, self.q.data_ptr(), self.scale.data_ptr(), self.low.data_ptr(),
+                         self.bias.data_ptr() if self.bias is not None else None, out.data_ptr(),
+                         tokens, self.rows, self.cols, self.group, self.bits, torch.get_num_threads())
         return out.view(*x.shape[:-1], self.rows)
 
     def dequantized(self):
