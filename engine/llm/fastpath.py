@@ -61,15 +61,23 @@ class FastLM:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
-        self.rotary, self.embed, self.norm, self.head = weights.rotary, weights.embed, weights.norm, weights.head
-        self.device, dtype = self.head.device, self.head.dtype
+        self.rotary, self.norm = weights.rotary, weights.norm
+        self.device, dtype = self.norm.device, self.norm.dtype
         self.int8 = int8 if self.device.type == "cpu" and dtype == torch.float32 else None  # q8.load()'s library
         # the int8 codes found at the first start, kept in the data dir: a warm start reads them
         self._codes = _read_codes(codes_path) if self.int8 is not None else None
         self._found: list[dict] = []
         self.shared = weights.shared
         self.layers = [_Layer(parts, self) for parts in weights.layers]
-        self.q8_head = self._q8(self.head, None)
+        self.q8_head = self._q8(weights.head, None)
+        # an embedding given as codes (a GGUF's, engine/llm/gguf_blocks.py): the rows a prompt
+        # uses are looked up (from the tied head's codes, or from the file), never all held
+        self.lookup = None
+        if isinstance(weights.embed, Coded):
+            tied = weights.embed is weights.head and self.q8_head is not None
+            self.lookup = self.q8_head.lookup if tied else weights.embed.lookup
+        self.embed = None if self.lookup is not None else _values(weights.embed)
+        self.head = _values(weights.head) if self.int8 is None or self.shared else None  # (else: from its codes)
         if self.int8 is not None and codes_path is not None and self._codes is None:
             _write_codes(codes_path, self._found)
         self._codes = self._found = None
@@ -91,6 +99,8 @@ class FastLM:
         if self.int8 is None:
             return None
         saved = self._codes[len(self._found)] if self._codes is not None else None
+        if saved is None and isinstance(weight, Coded):
+            saved = weight.state()
         layer = Q8Linear(weight, bias, self.int8, codes=saved)
         self._found.append(layer.state())
         if self.shared:
@@ -145,7 +155,10 @@ class FastLM:
         start, count = self.length, len(ids)
         if start + count > self.capacity:
             raise ValueError(f"the context holds {self.capacity} tokens")
-        x = F.embedding(torch.tensor([ids], device=self.device), self.embed)
+        if self.lookup is not None:
+            x = self.lookup(torch.tensor(ids)).unsqueeze(0)
+        else:
+            x = F.embedding(torch.tensor([ids], device=self.device), self.embed)
         positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
         cos, sin = self.rotary(x, positions)
         if count == 1 and self.decoder is not None:
@@ -179,14 +192,12 @@ class _Layer:
 
         self.fast = fast
         self.ln1, self.ln2 = parts["ln1"], parts["ln2"]
-        self.qkv, self.qkv_bias, self.gate_up = parts["qkv"], parts["qkv_bias"], parts["gate_up"]
-        self.o, self.o_bias = parts["o"], parts["o_bias"]
-        self.down, self.down_bias = parts["down"], parts["down_bias"]
-        self.q8 = {name: fast._q8(w, b) for name, w, b in (("qkv", self.qkv, self.qkv_bias), ("o", self.o, self.o_bias),
-                                                            ("gate_up", self.gate_up, None),
-                                                            ("down", self.down, self.down_bias))}
+        self.qkv_bias, self.o_bias, self.down_bias = parts["qkv_bias"], parts["o_bias"], parts["down_bias"]
+        self.q8 = {name: fast._q8(parts[name], parts.get(name + "_bias")) for name in ("qkv", "o", "gate_up", "down")}
         if fast.int8 is not None and not fast.shared:  # computed from the codes alone (FastLM.linear)
             self.qkv = self.o = self.gate_up = self.down = None
+        else:
+            self.qkv, self.o, self.gate_up, self.down = (_values(parts[n]) for n in ("qkv", "o", "gate_up", "down"))
         q, kv = fast.heads * fast.head_dim, fast.kv_heads * fast.head_dim
         self.split = [q, kv, kv]
         self.k = self.v = torch.empty(0)
@@ -209,6 +220,48 @@ class _Layer:
         h = F.rms_norm(x, (f.hidden,), self.ln2, f.eps)
         gate, up = f.linear(h, self.gate_up, None, self.q8["gate_up"], count).chunk(2, -1)
         return x + f.linear(F.silu(gate) * up, self.down, self.down_bias, self.q8["down"], count)
+
+
+class Rope:
+    """Default rotary embeddings, as transformers computes them (Llama/Qwen2, no scaling)."""
+
+    def __init__(self, dim: int, theta: float) -> None:
+        import torch
+
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+    def __call__(self, x, positions):
+        import torch
+
+        freqs = positions[:, :, None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+class Coded:
+    """A weight given as the int8 kernel's codes ({q, scale, low, bits}: kernels/q8.py
+    Q8Linear's state), made on first use (engine/llm/gguf_blocks.py reads a GGUF's blocks
+    into them); `shape` as the fp32 tensor it stands for."""
+
+    def __init__(self, rows: int, cols: int, make: Callable[[], dict], lookup: Callable | None = None) -> None:
+        self.shape, self._make, self._state = (rows, cols), make, None
+        self.lookup = lookup  # ids -> those rows in fp32, without making the codes (an embedding)
+
+    def state(self) -> dict:
+        if self._state is None:
+            self._state = self._make()
+        return self._state
+
+    def dequantized(self):
+        """Its fp32 values (llm.decode=fp32, and tests)."""
+        from engine.llm.kernels.q8 import dequantize
+
+        return dequantize(self.state(), *self.shape)
+
+
+def _values(weight):
+    """A weight as an fp32 tensor (a Coded one dequantized)."""
+    return weight.dequantized() if isinstance(weight, Coded) else weight
 
 
 def _rope(x, cos, sin):

@@ -19,15 +19,46 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from engine.llm.fastpath import Weights, plain_config
+from engine.llm.fastpath import Rope, Weights, plain_config
+
+
+def open_source(source, cache_dir: Path) -> "Checkpoint | None":
+    """The lean checkpoint for a model source (engine/llm/sources.py): a plain Llama/Qwen2
+    GGUF read from its blocks (only its tokenizer converted, once), another GGUF converted
+    by transformers, or a local folder; None when transformers must load it."""
+    from engine.llm.loading import converted_dir, gguf_tokenizer_dir
+
+    if source.is_gguf:
+        from engine.llm.gguf_blocks import GgufFile
+
+        gguf = GgufFile.open(source.path)
+        config = gguf.config() if gguf is not None else None
+        if config is not None:
+            return Checkpoint.open_gguf(gguf, gguf_tokenizer_dir(source, cache_dir, config))
+        return Checkpoint.open(converted_dir(source, cache_dir))
+    if source.path is not None and source.path.is_dir():
+        return Checkpoint.open(source.path)
+    return None
+
+
+def codes_path(folder: Path) -> Path:
+    """Where a checkpoint's int8 codes are kept, named for the code that makes and reads them
+    (a change there finds them again)."""
+    import hashlib
+
+    here = Path(__file__).parent
+    sources = (here / "kernels" / "q8.py", here / "fastpath.py", here / "gguf_blocks.py")
+    version = hashlib.sha256(b"".join(f.read_bytes() for f in sources)).hexdigest()
+    return folder / f"int8-codes-{version[:12]}.pt"
 
 
 class Checkpoint:
     """A plain dense checkpoint folder: its config, generation config and tokenizer."""
 
-    def __init__(self, folder: Path, config: dict, weight_files: list[Path]) -> None:
+    def __init__(self, folder: Path, config: dict, weight_files: list[Path], gguf=None) -> None:
         self.folder = Path(folder)
         self.files = _Files(weight_files)
+        self.gguf = gguf  # engine/llm/gguf_blocks.py: the weights read from a GGUF's blocks
         self.config = SimpleNamespace(**config)
         generation = _read_json(self.folder / "generation_config.json") or {}
         self.generation_config = SimpleNamespace(**{"eos_token_id": None, "suppress_tokens": None, **generation})
@@ -49,10 +80,26 @@ class Checkpoint:
         except (NotLean, OSError, ValueError, KeyError):  # (transformers reports what is wrong)
             return None
 
+    @classmethod
+    def open_gguf(cls, gguf, folder: Path) -> "Checkpoint | None":
+        """A GGUF read from its blocks (engine/llm/gguf_blocks.py), with the tokenizer and
+        config.json converted into `folder`; None when `folder` lacks what this path reads."""
+        config = _read_json(Path(folder) / "config.json")
+        if not config or not (Path(folder) / "tokenizer.json").exists():
+            return None
+        try:
+            return cls(folder, config, [], gguf)
+        except (NotLean, OSError, ValueError, KeyError):
+            return None
+
     def weights(self) -> Weights:
         """The tensors in the fast path's layout: each read from its file straight into place
         (q/k/v into one fused tensor, gate/up into another: nothing is held twice); the
-        embedding mapped, so only the rows prompts use are ever read."""
+        embedding mapped, so only the rows prompts use are ever read. From a GGUF: its codes."""
+        if self.gguf is not None:
+            from engine.llm.gguf_blocks import weights
+
+            return weights(self.gguf, self.config)
         files, cfg = self.files, self.config
         embed = files.mapped("model.embed_tokens.weight")
         tied = getattr(cfg, "tie_word_embeddings", True) or not files.has("lm_head.weight")
@@ -91,22 +138,6 @@ class _Layers:
                 "o": files.read([a + "o_proj.weight"]), "o_bias": files.optional(a + "o_proj.bias"),
                 "gate_up": files.read([m + "gate_proj.weight", m + "up_proj.weight"]),
                 "down": files.read([m + "down_proj.weight"]), "down_bias": files.optional(m + "down_proj.bias")}
-
-
-class Rope:
-    """Default rotary embeddings, as transformers computes them (Llama/Qwen2, no scaling)."""
-
-    def __init__(self, dim: int, theta: float) -> None:
-        import torch
-
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-
-    def __call__(self, x, positions):
-        import torch
-
-        freqs = positions[:, :, None].float() * self.inv_freq.to(x.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
 class NotLean(Exception):

@@ -2,7 +2,9 @@
 cached hub id; bitsandbytes 4/8-bit; omni checkpoints (thinker + processor, and the
 talker when asked); tiny seeded models for tests through the same path.
 
-GGUF files are dequantized once by transformers and cached as safetensors under the
+A plain dense Llama/Qwen2 GGUF is read by the fast path straight from its blocks
+(engine/llm/gguf_blocks.py); only its tokenizer is converted, once (`gguf_tokenizer_dir`).
+Other GGUF files are dequantized once by transformers and cached as safetensors under the
 data directory, so the second start loads in well under a second.
 """
 from __future__ import annotations
@@ -169,6 +171,30 @@ def converted_dir(source: ModelSource, cache_dir: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "READY").write_text(f"converted from {source.path} in {time.monotonic() - started:.1f}s\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def gguf_tokenizer_dir(source: ModelSource, cache_dir: Path, config: dict) -> Path:
+    """The folder a GGUF read from its blocks keeps beside it: its tokenizer converted once by
+    transformers (tokenizer.json, the chat template), config.json from the file's keys."""
+    import json
+
+    target = cache_dir / f"{source.path.stem}-{source.cache_key[:16]}.tokenizer"
+    if (target / "READY").exists():
+        return target
+    from transformers import AutoTokenizer
+
+    _quiet()
+    started = time.monotonic()
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name).save_pretrained(tmp)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (tmp / "READY").write_text(f"tokenizer of {source.path} in {time.monotonic() - started:.1f}s\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target

@@ -93,18 +93,11 @@ class TransformersBackend(LLMBackend):
         """The checkpoint read without transformers (engine/llm/lean.py), when the fast path
         computes all of it: a plain dense model decoded on the CPU, no talker, no bitsandbytes."""
         import engine.llm.lean as lean
-        from engine.llm.loading import converted_dir
 
         cfg = self.cfg
         if cfg.decode not in ("int8", "fp32") or cfg.talker or cfg.quantization != "none" or device_of(cfg) != "cpu":
             return None
-        if source.is_gguf:
-            where = converted_dir(source, self.cache_dir)
-        elif source.path is not None and source.path.is_dir():
-            where = source.path
-        else:
-            return None
-        return lean.Checkpoint.open(where)
+        return lean.open_source(source, self.cache_dir)
 
     @property
     def model(self):
@@ -116,15 +109,10 @@ class TransformersBackend(LLMBackend):
 
     def _codes_path(self):
         """Where the int8 codes of a converted model are kept (none for tiny test models)."""
-        import hashlib
+        from engine.llm.lean import codes_path
 
         where = str(self.lean.folder) if self.lean is not None else getattr(self._model.config, "_name_or_path", "")
-        if not where or not Path(where).is_dir():
-            return None
-        from engine.llm.kernels import q8
-
-        version = hashlib.sha256(Path(q8.__file__).read_bytes()).hexdigest()[:12]  # the search's format
-        return Path(where) / f"int8-codes-{version}.pt"
+        return codes_path(Path(where)) if where and Path(where).is_dir() else None
 
     @property
     def decode_path(self) -> str:

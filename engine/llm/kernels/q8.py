@@ -100,8 +100,7 @@ class Q8Linear:
 
     def __init__(self, weight, bias, lib, codes: dict | None = None) -> None:
         """`codes`: a `state()` saved earlier for this very weight (a warm start skips the search)."""
-        w = weight.detach()
-        self.rows, self.cols = w.shape
+        self.rows, self.cols = weight.shape  # (a GGUF's coded weight has a shape, no values)
         self.group = GROUP if self.cols % GROUP == 0 else self.cols
         self.bias = bias.detach().float().contiguous() if bias is not None else None
         self.lib = lib
@@ -110,6 +109,7 @@ class Q8Linear:
         else:
             import torch
 
+            w = weight.detach()
             parts = [self._quantize(w[i:i + CHUNK].float()) for i in range(0, self.rows, CHUNK)]  # bounded temporaries
             self.bits = 8 if any(bits == 8 for *_, bits in parts) else 4
             if self.bits == 8 and any(bits == 4 for *_, bits in parts):  # one layout per layer
@@ -129,8 +129,7 @@ class Q8Linear:
         if grid is not None:  # a GGUF's blocks: exact in 8 bits, or in 4 when no group has over 16 levels
             scale, low, codes = grid
             if allow4 and self.group == 32 and int(codes.max()) <= 15:
-                pairs = codes.view(rows, -1, 2, 16)
-                return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(rows, self.cols // 2), scale, low, 4
+                return pack4(codes.reshape(rows, self.cols)), scale, low, 4
             return codes.reshape(rows, self.cols), scale, low, 8
         else:  # (weights from fp16/bf16 files) the closer of two grids per group: min..max in
             # 255 steps, or symmetric +-absmax in 254 steps (llama.cpp's Q8_0)
@@ -175,14 +174,35 @@ class Q8Linear:
 
     def dequantized(self):
         """The weight this layer computes with, in fp32 (tests compare against it)."""
-        import torch
+        return dequantize(self.state(), self.rows, self.cols)
 
-        q = self.q
-        if self.bits == 4:  # byte j of a group: code j | code j+16 << 4
-            q = q.view(self.rows, -1, 16)
-            q = torch.stack([q & 15, q >> 4], -2).reshape(self.rows, self.cols)
-        q = q.float().reshape(self.rows, -1, self.group)
-        return (self.low[..., None] + q * self.scale[..., None]).reshape(self.rows, self.cols)
+    def lookup(self, ids):
+        """Rows `ids` of the weight in fp32: an embedding kept as codes."""
+        rows = {"q": self.q[ids], "scale": self.scale[ids], "low": self.low[ids], "bits": self.bits}
+        return dequantize(rows, len(ids), self.cols)
+
+
+def pack4(codes):
+    """[rows, cols] codes 0-15 -> [rows, cols / 2] bytes, groups of 32: byte j = code j | code j+16 << 4."""
+    rows, cols = codes.shape
+    pairs = codes.view(rows, -1, 2, 16)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(rows, cols // 2)
+
+
+def unpack4(packed):
+    import torch
+
+    rows = packed.shape[0]
+    q = packed.view(rows, -1, 16)
+    return torch.stack([q & 15, q >> 4], -2).reshape(rows, -1)
+
+
+def dequantize(state: dict, rows: int, cols: int):
+    """A layer's codes ({q, scale, low, bits}) -> its [rows, cols] fp32 weight."""
+    q = unpack4(state["q"]) if state["bits"] == 4 else state["q"]
+    groups = state["scale"].shape[-1]
+    q = q.float().reshape(rows, groups, cols // groups)
+    return (state["low"][..., None] + q * state["scale"][..., None]).reshape(rows, cols)
 
 
 def _levels(blocks):
