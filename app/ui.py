@@ -32,7 +32,7 @@ from engine.session import Session, Turn
 from engine.status import status, status_markdown
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-FRAME_S = 0.05  # at most one redraw of a streaming answer per frame
+FRAME_S = 0.1  # at most one redraw of a streaming answer per frame
 JOIN_S = 10.0  # how long a closed page waits for its cancelled turn to wind down
 
 

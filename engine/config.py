@@ -25,13 +25,14 @@ DEFAULT_SYSTEM_PROMPT = (
 class LLMConfig:
     """The language model role.
 
-    `model` is a name from assets/models.json (e.g. `smollm2-135m`), a local
+    `model` is a name from assets/models.json (e.g. `qwen2.5-coder-0.5b`), a local
     directory, a local `.gguf` file, `tiny` (seeded random, tests only) or a
     hub id (only loaded when the user configures one and has the hub).
     """
 
     backend: str = "transformers"  # transformers | openai | llamacpp
-    model: str = "smollm2-135m"
+    # chosen by bench/quality.py and bench/text.py (README, "Answer quality"); smollm2-135m is lighter
+    model: str = "qwen2.5-coder-0.5b"
     sha256: str = ""  # expected sha256 of a local .gguf file, checked when set
     context_tokens: int = 2048
     max_new_tokens: int = 512

@@ -20,7 +20,7 @@ def test_every_profile_loads_and_is_frozen(name):
 def test_default_profile_is_cpu_with_the_packaged_model():
     cfg = load_config(env={})
     assert cfg.profile == "cpu"
-    assert cfg.llm.backend == "transformers" and cfg.llm.model == "smollm2-135m"
+    assert cfg.llm.backend == "transformers" and cfg.llm.model == "qwen2.5-coder-0.5b"
     assert cfg.host == "127.0.0.1" and cfg.port == 7860
 
 

@@ -128,7 +128,7 @@ def test_history_before_a_turn_leaves_it_and_later_turns_out(engine):
 
 @pytest.mark.slow
 def test_real_model_answers_the_same_with_and_without_the_kept_cache(tmp_path, mp4):
-    """The same on SmolLM2-135M (greedy): the answers after a stopped story and after a
+    """The same on the cpu profile's model (greedy): the answers after a stopped story and after a
     tool turn are what a fresh engine answers, and "What is 2 + 2?" is answered, not
     the story continued."""
     config = load_config("cpu", overrides={"data_dir": str(tmp_path), "temperature": "0",

