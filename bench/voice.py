@@ -116,7 +116,8 @@ def main() -> None:
                                            if args.speculate_ms is not None else {})}, env={})
     engine = Engine(cfg)
     engine.start_loading().join()
-    tts, asr = engine.roles["tts"].get(), engine.roles["asr"].get()
+    tts, asr, llm = engine.roles["tts"].get(), engine.roles["asr"].get(), engine.roles["llm"].get()
+    llm_label = f"{llm.name} ({llm.decode_path})"  # (before engine.close() drops the model)
 
     # (d) TTS on its own
     tts_rtf, tts_first = [], []
@@ -227,7 +228,7 @@ def main() -> None:
         "no_speculation_live_transcript_wer": round(plain_wer, 4), "asr_rtf": round(statistics.median(asr_rtf), 3),
         "tts_rtf": round(statistics.median(tts_rtf), 3), "tts_first_chunk_ms": round(statistics.median(tts_first), 1),
         "vad_end_silence_ms": cfg.vad.end_silence_ms, "vad_speculate_ms": cfg.vad.speculate_ms, "min_barge_in_ms": cfg.vad.min_barge_in_ms,
-        "llm": "smollm2-135m (transformers, cpu)", "asr": asr.name, "tts": tts.name,
+        "llm": llm_label, "asr": asr.name, "tts": tts.name,
         "loadavg_before": load_before, "loadavg_after": load_after,
         "live_transcripts": heard,
     }
