@@ -75,10 +75,15 @@ def batched(run: Callable[[], Iterator], cancel: CancelToken, frame_s: float = F
     135M model to a quarter of its speed. The first event of a quiet spell goes out at once
     (the first token is not held back). An exception in the turn is raised here, after the
     events before it. Closed early (the page went away, Gradio closes the handler), the turn
-    is cancelled and waited for, boundedly: decoding stops within one token.
+    is cancelled and waited for, boundedly: decoding stops within one token. Only text and
+    progress are merged: a batch ends at any other event (a tool starting, a result, an
+    error), so each change of state is drawn, however fast the next one follows.
     """
     events: queue.SimpleQueue = queue.SimpleQueue()
     end = object()
+
+    def more(batch: list) -> bool:
+        return isinstance(batch[-1], (TextDelta, Progress))
 
     def work() -> None:
         try:
@@ -95,12 +100,12 @@ def batched(run: Callable[[], Iterator], cancel: CancelToken, frame_s: float = F
     try:
         while not finished:
             batch = [events.get()]
-            while batch[-1] is not end and (left := due - time.monotonic()) > 0:
+            while more(batch) and (left := due - time.monotonic()) > 0:
                 try:
                     batch.append(events.get(timeout=left))
                 except queue.Empty:
                     break
-            while batch[-1] is not end and not events.empty():
+            while more(batch) and not events.empty():
                 batch.append(events.get())
             finished = batch[-1] is end
             failed = next((b for b in batch if isinstance(b, _Failed)), None)

@@ -38,6 +38,22 @@ def reference(model, ids):
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
+def computes(fast, want, rtol: float = 1e-3, atol: float = 1e-4) -> None:
+    """`fast` gives the logits `want` (transformers' at every position of IDS): one token at a
+    time on its static cache, the prompt at once (the causal mask), and the prompt's rest
+    after a cropped cache."""
+    with torch.inference_mode():
+        fast.crop(0)
+        steps = torch.cat([fast.forward([t]) for t in IDS])
+        fast.crop(0)
+        whole = fast.forward(IDS)
+        fast.crop(3)
+        rest = fast.forward(IDS[3:])
+    assert torch.allclose(steps, want, rtol=rtol, atol=atol)
+    assert torch.allclose(whole[0], want[-1], rtol=rtol, atol=atol)
+    assert torch.allclose(rest[0], want[-1], rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("build", [lambda: build_tiny_model(3)[0], tiny_qwen2], ids=["llama", "qwen2"])
 def test_logits_match_transformers_at_every_position(build):
     model = build()
@@ -151,12 +167,7 @@ def test_int8_decode_computes_the_quantized_model(lib):
     q_rows = layer.q_proj.weight.shape[0]
     assert torch.equal(layer.q_proj.weight, fast.layers[0].q8["qkv"].dequantized()[:q_rows])
     want = reference(model, IDS)
-    with torch.inference_mode():
-        got = torch.cat([fast.forward([t]) for t in IDS])
-        fast.crop(0)
-        prompt = fast.forward(IDS)
-    assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)
-    assert torch.allclose(prompt[0], want[-1], rtol=1e-3, atol=1e-4)
+    computes(fast, want)
     assert not torch.equal(reference(original, IDS), want)  # (random weights are rounded: the GGUF case is below)
 
 

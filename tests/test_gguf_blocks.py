@@ -17,7 +17,7 @@ from gguf.quants import dequantize, quantize
 from engine.llm.fastpath import FastLM
 from engine.llm.gguf_blocks import GgufFile, weights
 from engine.llm.tiny import build_tiny_model
-from tests.test_fastpath import IDS, lib, reference, tiny_qwen2  # noqa: F401 (lib: a fixture)
+from tests.test_fastpath import IDS, computes, lib, reference, tiny_qwen2  # noqa: F401 (lib: a fixture)
 
 # where each block type keeps its fp16 scale(s), as byte offsets (random bytes there could be inf/nan)
 HALVES = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q4_K: (0, 2),
@@ -130,12 +130,7 @@ def test_a_whole_model_computes_its_dequantized_weights(tmp_path, lib, build, ar
     want = reference(model, IDS)
     fast = FastLM(weights(gguf, SimpleNamespace(**config)), capacity=64, int8=lib)
     assert all(la.qkv is None for la in fast.layers) and fast.head is None  # codes only
-    with torch.inference_mode():
-        steps = torch.cat([fast.forward([t]) for t in IDS])
-        fast.crop(0)
-        whole = fast.forward(IDS)
-    assert torch.allclose(steps, want, rtol=1e-3, atol=1e-4)
-    assert torch.allclose(whole[0], want[-1], rtol=1e-3, atol=1e-4)
+    computes(fast, want)
     plain = FastLM(weights(gguf, SimpleNamespace(**config)), capacity=64)  # llm.decode=fp32: the same values
     with torch.inference_mode():
         assert torch.allclose(plain.forward(IDS)[0], want[-1], rtol=1e-3, atol=1e-4)

@@ -51,13 +51,19 @@ def test_attachment_shown_and_bad_file_gives_input_back(server, png, tmp_path):
     client.close()
 
 
-def test_stop_mid_answer_keeps_partial_marked_interrupted(long_server, answers):
-    seen = answers(long_server.engine)
-    client = Client(long_server.url + "/", verbose=False)
+def long_answer(server, outputs: int):
+    """(client, job, deadline): a long answer under way, `outputs` updates of it seen."""
+    client = Client(server.url + "/", verbose=False)
     job = client.submit({"text": "tell me everything", "files": []}, api_name="/respond")
     deadline = time.monotonic() + 60
-    while len(job.outputs()) < 5 and time.monotonic() < deadline:
+    while len(job.outputs()) < outputs and time.monotonic() < deadline:
         time.sleep(0.05)
+    return client, job, deadline
+
+
+def test_stop_mid_answer_keeps_partial_marked_interrupted(long_server, answers):
+    seen = answers(long_server.engine)
+    client, job, deadline = long_answer(long_server, outputs=5)
     client.predict(api_name="/stop")
     chat = job.result()[0]
     text = _assistant_text(chat)
@@ -92,6 +98,19 @@ def test_turn_events_come_in_order_batched_and_a_failure_still_surfaces():
     assert len(got) <= 2 and not _turn_threads()
 
 
+def test_each_change_of_state_gets_its_own_redraw():
+    """Text is merged into frames; a tool starting ends its batch, so the page shows it even
+    when the tool finishes within the same frame."""
+    from app.ui import batched
+    from engine.events import CancelToken, TextDelta, ToolCall
+
+    call = ToolCall("edit_image", {})
+    events = [TextDelta("a"), TextDelta("b"), call, TextDelta("c")]
+    got = list(batched(lambda: iter(events), CancelToken(), frame_s=600))
+    assert [e for batch in got for e in batch] == events
+    assert any(batch[-1] is call for batch in got)
+
+
 def test_a_page_that_goes_away_cancels_its_turn(long_server, answers):
     """The page's handler closed mid-answer (the client went away): the turn is cancelled,
     stored as interrupted and its thread is gone, as Stop would have it."""
@@ -110,11 +129,7 @@ def test_a_page_that_goes_away_cancels_its_turn(long_server, answers):
     assert cancel.cancelled and not _turn_threads()
 
     seen = answers(long_server.engine)
-    client = Client(long_server.url + "/", verbose=False)
-    job = client.submit({"text": "tell me everything", "files": []}, api_name="/respond")
-    deadline = time.monotonic() + 60
-    while len(job.outputs()) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    client, job, deadline = long_answer(long_server, outputs=3)
     job.cancel()
     client.close()
     while (not seen or _turn_threads()) and time.monotonic() < deadline:
