@@ -143,3 +143,10 @@ def test_files_it_does_not_read_are_left_to_transformers(tmp_path):
     raw = random_blocks(T.Q8_0, 4, 64)
     other = GgufFile(write(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": (raw, T.Q8_0, (4, 64))}))
     assert other.config() is None  # not a Llama/Qwen2: converted by transformers instead
+    partial = GgufFile(write(tmp_path / "partial.gguf", "llama", {"token_embd.weight": (raw, T.Q8_0, (4, 64))},
+                             {"add_block_count": 2}))
+    assert partial.config() is None  # a Llama missing its sizes: not guessed
+    for keep in (40, len((tmp_path / "partial.gguf").read_bytes()) - 64):  # torn in the header, in the data
+        torn = tmp_path / f"torn{keep}.gguf"
+        torn.write_bytes((tmp_path / "partial.gguf").read_bytes()[:keep])
+        assert GgufFile.open(torn) is None

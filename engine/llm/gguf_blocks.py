@@ -39,6 +39,13 @@ class GgufFile:
         self.path = Path(path)
         self.blob = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.meta, self.tensors = _parse(self.blob)
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        for name, (kind, shape, offset) in self.tensors.items():  # a torn file is not read here
+            per, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            count = int(np.prod(shape, dtype=np.int64))
+            if count % per or offset + count // per * size > len(self.blob):
+                raise ValueError(f"{name} lies past the end of {self.path.name}")
 
     @classmethod
     def open(cls, path: Path) -> "GgufFile | None":
@@ -54,7 +61,14 @@ class GgufFile:
 
     def config(self) -> dict | None:
         """config.json for a plain dense Llama/Qwen2 model (the fast path's shape, default RoPE),
-        from the file's own keys; None for anything else."""
+        from the file's own keys; None for anything else (a key missing or malformed too:
+        transformers' conversion then says what is wrong with the file)."""
+        try:
+            return self._config()
+        except (KeyError, ValueError, TypeError, IndexError):
+            return None
+
+    def _config(self) -> dict | None:
         a, m = self.arch, self.meta
         if a not in ARCH_CLASSES or f"{a}.rope.scaling.type" in m or f"{a}.expert_count" in m:
             return None
