@@ -203,7 +203,6 @@ class _Layer:
         self.k = self.v = torch.empty(0)
 
     def __call__(self, x, start, count, cos, sin, mask):
-        import torch
         import torch.nn.functional as F
 
         f = self.fast

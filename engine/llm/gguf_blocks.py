@@ -96,7 +96,7 @@ class GgufFile:
     def coded(self, name: str, unpermute: int = 0) -> Coded:
         """A 2-D tensor as the kernel's codes (computed when first asked for); `unpermute`:
         the head count whose rows llama.cpp's converter interleaved (Llama's q and k)."""
-        kind, shape, _ = self.tensors[name]
+        _, shape, _ = self.tensors[name]
         return Coded(shape[0], shape[1], lambda: _unpermuted(self._codes(name), unpermute),
                      lookup=None if unpermute else lambda ids: self.rows(name, ids))
 
@@ -111,7 +111,7 @@ class GgufFile:
         """A small tensor (a norm, a bias) in fp32."""
         import torch
 
-        kind, shape, _ = self.tensors[name]
+        _, shape, _ = self.tensors[name]
         return torch.from_numpy(self._values(name, 0, shape[0] if len(shape) > 1 else 1).copy()).reshape(shape)
 
     def has(self, name: str) -> bool:
