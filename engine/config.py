@@ -31,8 +31,7 @@ class LLMConfig:
     """
 
     backend: str = "transformers"  # transformers | openai | llamacpp
-    # chosen by bench/quality.py and bench/text.py (README, "Answer quality"); smollm2-135m is lighter
-    model: str = "qwen2.5-coder-0.5b"
+    model: str = "qwen2.5-coder-0.5b"  # chosen by bench/quality.py + bench/text.py (README); smollm2-135m: lighter
     sha256: str = ""  # expected sha256 of a local .gguf file, checked when set
     context_tokens: int = 2048
     max_new_tokens: int = 512
