@@ -49,6 +49,21 @@ class Weights:
     shared: bool = True
 
 
+class LazyLayers:
+    """A model's layers, each read when the fast path reaches it (`read(i)` -> the layer's dict):
+    it codes one and drops its fp32 matrices before the next is read, so a load never holds
+    them all (engine/llm/lean.py, engine/llm/gguf_blocks.py)."""
+
+    def __init__(self, read: Callable[[int], dict], count: int) -> None:
+        self.read, self.count = read, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return (self.read(i) for i in range(self.count))
+
+
 class FastLM:
     """Owns the static KV cache; `forward(ids)` appends tokens and returns the last logits."""
 

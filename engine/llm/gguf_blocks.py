@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 from types import SimpleNamespace
 
-from engine.llm.fastpath import ARCHS, Coded, Rope, Weights
+from engine.llm.fastpath import ARCHS, Coded, LazyLayers, Rope, Weights
 
 ARCH_CLASSES = {arch: cls for cls, arch in ARCHS.items()}  # "llama" -> "LlamaForCausalLM"
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -150,8 +150,9 @@ class GgufFile:
         parts = []
         for first in range(0, rows, ROWS_AT_ONCE):
             count = min(ROWS_AT_ONCE, rows - first)
-            values = torch.from_numpy(self._values(name, first, count).astype("float32", copy=False))
-            header = _affine(kind, self._raw(name, first, count), cols) if cols % 32 == 0 else None
+            raw = self._raw(name, first, count)
+            values = torch.from_numpy(self._dequantize(name, raw).reshape(count, cols).astype("float32", copy=False))
+            header = _affine(kind, raw, cols) if cols % 32 == 0 else None
             if header is None:  # no 32-group affine header: the search (as for a converted model)
                 parts.append(Q8Linear(values, None, None).state())
                 continue
@@ -193,20 +194,7 @@ def weights(gguf: GgufFile, config: SimpleNamespace) -> Weights:
                 "down": gguf.coded(p + "ffn_down.weight"), "down_bias": optional(p + "ffn_down.bias")}
 
     return Weights(cfg, embed, gguf.vector("output_norm.weight"), head, Rope(cfg.head_dim, cfg.rope_theta),
-                   _Lazy(layer, cfg.num_hidden_layers), shared=False)
-
-
-class _Lazy:
-    """The layers, each built when reached (the fast path codes one before the next)."""
-
-    def __init__(self, build, count: int) -> None:
-        self.build, self.count = build, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self):
-        return (self.build(i) for i in range(self.count))
+                   LazyLayers(layer, cfg.num_hidden_layers), shared=False)
 
 
 def _affine(kind: int, raw, cols: int):

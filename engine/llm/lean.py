@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from engine.llm.fastpath import Rope, Weights, plain_config
+from engine.llm.fastpath import LazyLayers, Rope, Weights, plain_config
 
 
 def open_source(source, cache_dir: Path) -> "Checkpoint | None":
@@ -106,38 +106,26 @@ class Checkpoint:
         head = embed if tied else files.mapped("lm_head.weight")  # (int8: never read after its codes are found)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return Weights(cfg, embed, files.read(["model.norm.weight"]), head, Rope(head_dim, _rope_theta(vars(cfg))),
-                       _Layers(files, cfg.num_hidden_layers), shared=False)
+                       LazyLayers(lambda i: _read_layer(files, i), cfg.num_hidden_layers), shared=False)
 
 
-class _Layers:
-    """A checkpoint's layers, each read from the files when it is reached: the fast path codes
-    one and drops its fp32 matrices before the next is read, so a load never holds them all."""
+def _read_layer(files: "_Files", i: int) -> dict:
+    """Layer `i` of a safetensors checkpoint, each tensor read straight into the fused layout."""
+    import torch
 
-    def __init__(self, files: "_Files", count: int) -> None:
-        self.files, self.count = files, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self):
-        return (self.read(i) for i in range(self.count))
-
-    def read(self, i: int) -> dict:
-        import torch
-
-        files, p = self.files, f"model.layers.{i}."
-        a, m = p + "self_attn.", p + "mlp."
-        qkv = [a + n + "_proj." for n in "qkv"]
-        qkv_bias = None
-        if any(files.has(n + "bias") for n in qkv):
-            qkv_bias = torch.cat([files.read([n + "bias"]) if files.has(n + "bias")
-                                  else torch.zeros(files.shape(n + "weight")[0]) for n in qkv])
-        return {"ln1": files.read([p + "input_layernorm.weight"]),
-                "ln2": files.read([p + "post_attention_layernorm.weight"]),
-                "qkv": files.read([n + "weight" for n in qkv]), "qkv_bias": qkv_bias,
-                "o": files.read([a + "o_proj.weight"]), "o_bias": files.optional(a + "o_proj.bias"),
-                "gate_up": files.read([m + "gate_proj.weight", m + "up_proj.weight"]),
-                "down": files.read([m + "down_proj.weight"]), "down_bias": files.optional(m + "down_proj.bias")}
+    p = f"model.layers.{i}."
+    a, m = p + "self_attn.", p + "mlp."
+    qkv = [a + n + "_proj." for n in "qkv"]
+    qkv_bias = None
+    if any(files.has(n + "bias") for n in qkv):
+        qkv_bias = torch.cat([files.read([n + "bias"]) if files.has(n + "bias")
+                              else torch.zeros(files.shape(n + "weight")[0]) for n in qkv])
+    return {"ln1": files.read([p + "input_layernorm.weight"]),
+            "ln2": files.read([p + "post_attention_layernorm.weight"]),
+            "qkv": files.read([n + "weight" for n in qkv]), "qkv_bias": qkv_bias,
+            "o": files.read([a + "o_proj.weight"]), "o_bias": files.optional(a + "o_proj.bias"),
+            "gate_up": files.read([m + "gate_proj.weight", m + "up_proj.weight"]),
+            "down": files.read([m + "down_proj.weight"]), "down_bias": files.optional(m + "down_proj.bias")}
 
 
 class NotLean(Exception):

@@ -179,9 +179,10 @@ class TransformersBackend(LLMBackend):
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.encode(messages))
 
-    def encode(self, messages: Sequence[Message]) -> list[int]:
-        """The prompt's token ids: the chat template with the assistant's turn opened."""
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    def encode(self, messages: Sequence[Message], opened: bool = True) -> list[int]:
+        """The prompt's token ids: the chat template, with the assistant's turn opened (or not:
+        a prefix every later prompt starts with, `prime`)."""
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=opened)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def generate(self, messages, media=(), params=GenParams(), cancel=None):
@@ -252,8 +253,7 @@ class TransformersBackend(LLMBackend):
     def prime(self, messages) -> int:
         if self.fast is None:  # (transformers' own cache is built per answer)
             return 0
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=False)
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        ids = self.encode(messages, opened=False)
         if len(ids) >= self.context_tokens:
             return 0
         self._prefill_fast(ids)
