@@ -65,7 +65,7 @@ async def iterate_in_thread(make: Callable[[], Iterator[Event]], cancel: CancelT
 
 def busy(engine: Engine) -> JSONResponse:
     """429 while the model's queue is full: say so now rather than keep the client for minutes."""
-    return error(429, f"the assistant is busy: {engine.model_lock.waiting} requests are waiting for the model; "
+    return error(429, f"the assistant is busy: {engine.model_queue.waiting} requests are waiting for the model; "
                        "try again shortly", "rate_limit_error", headers={"retry-after": "10"})
 
 
@@ -192,9 +192,9 @@ def make_router(engine: Engine) -> APIRouter:
 
     @router.get("/status")
     def get_status() -> dict:
-        lock = engine.model_lock
-        return {**status(engine), "queue": {"waiting": lock.waiting, "busy": lock.busy,
-                                            "max_waiting": lock.max_waiting}}
+        queue = engine.model_queue
+        return {**status(engine), "queue": {"waiting": queue.waiting, "busy": queue.busy,
+                                            "max_waiting": queue.max_waiting}}
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -216,7 +216,7 @@ def make_router(engine: Engine) -> APIRouter:
             return error(400, str(exc))
         except Unavailable as exc:
             return error(503, f"speech synthesis is unavailable: {exc.why}; {exc.what_to_set}", "server_error")
-        if engine.model_lock.full():
+        if engine.model_queue.full():
             return busy(engine)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         try:

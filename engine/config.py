@@ -53,6 +53,11 @@ class LLMConfig:
     #: int8 (CPU: weight-only int8 decode steps, engine/llm/kernels) | fp32 | transformers (its own
     #: forward for every step). --set llm.decode=fp32
     decode: str = "int8"
+    #: sequences decoded together on the fast path (engine/llm/scheduler.py: continuous batching,
+    #: one KV slot each); 1 serves one at a time. Chosen by bench/serving.py (README)
+    max_parallel: int = 8
+    #: prompt tokens run per scheduler step beside the running sequences' tokens (chunked prefill)
+    prefill_chunk: int = 64
     talker: bool = False  # load the omni model's speech head too (set from tts.backend=talker)
     expert_quantization: str = "auto"  # MoE: auto (nf4 when quantization is set) | none | nf4 (4-bit experts)
     base_url: str = "http://127.0.0.1:8000/v1"  # openai backend
@@ -226,6 +231,7 @@ OVERRIDES: dict[str, str] = {
     "allowed_hosts": "allowed_hosts",
     "allowed_origins": "allowed_origins",
     "max_queue": "max_queue",
+    "max_parallel": "llm.max_parallel",
 }
 
 _HELP = {
@@ -249,6 +255,7 @@ _HELP = {
                      "(e.g. a LAN name); other Host headers are refused",
     "allowed_origins": "comma-separated web origins (https://app.example) whose pages may call the server",
     "max_queue": "requests that may wait for the model; more are refused with HTTP 429 (default 16)",
+    "max_parallel": "sequences the model decodes at once, in one batch (continuous batching; default 8)",
 }
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -379,6 +386,8 @@ def validate(cfg: Config) -> None:
         if token != "auto" and len(token) < MIN_TOKEN_CHARS:
             raise ConfigError(f"binding {cfg.host} needs an auth_token of at least {MIN_TOKEN_CHARS} characters "
                               "(a guessable one is no protection); --auth-token auto makes one")
+    if not 1 <= cfg.llm.max_parallel <= 64 or cfg.llm.prefill_chunk < 1:
+        raise ConfigError("llm.max_parallel must be between 1 and 64, and llm.prefill_chunk at least 1")
     if cfg.max_queue < 0 or cfg.max_request_mb < 1:
         raise ConfigError("max_queue must be 0 (no limit) or more, and max_request_mb at least 1")
 

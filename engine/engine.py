@@ -6,6 +6,7 @@ answer is produced: fit the history, wait for the model, stream, time it.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Generator, Iterator, Sequence
@@ -63,6 +64,21 @@ class Engine:
     def llm(self) -> LLMBackend:
         return self.roles["llm"].get()
 
+    def _scheduler(self):
+        llm = self.roles["llm"].loaded
+        return llm.scheduler if llm is not None and llm.schedules else None
+
+    @property
+    def model_queue(self):
+        """Where requests wait for the model: the LLM's scheduler when it batches its own uses
+        (engine/llm/scheduler.py), else the lock (waiting, busy, full(), max_waiting)."""
+        return self._scheduler() or self.model_lock
+
+    def model_use(self):
+        """Hold the model for a direct use (a router choice, a JSON call, the GPU hand-off): the
+        lock, unless the LLM schedules its own uses (each is then a sequence of its batch)."""
+        return contextlib.nullcontext() if self._scheduler() is not None else self.model_lock
+
     def llm_state(self) -> tuple[str, str]:
         state, detail = self.roles["llm"].state()
         return state, detail or self.config.llm.model
@@ -92,7 +108,13 @@ class Engine:
 
     def complete(self, messages: Sequence[Message], params: GenParams,
                  cancel: CancelToken) -> Iterator[Event]:
-        """A stateless completion (the OpenAI API): nothing is stored."""
+        """A stateless completion (the OpenAI API): nothing is stored. It waits behind the page's
+        and voice's turns when the model is busy."""
+        from dataclasses import replace
+
+        from engine.llm.scheduler import API
+
+        params = replace(params, priority=API)
         if not messages or messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.config.system_prompt}, *messages]
         _, usage, timings = yield from self.answer(messages, params, cancel)
@@ -116,17 +138,18 @@ class Engine:
         fitted = fit(messages, llm.count_tokens, budget)
         if fitted.dropped or fitted.truncated_chars:
             yield Notice(fitted.notice(llm.context_tokens))
-        if self.model_lock.busy and not self.model_lock.full():
-            ahead = self.model_lock.waiting + 1
-            yield Notice(f"Waiting for the model: {ahead} request{'s' if ahead > 1 else ''} ahead of this one.")
+        lock = None if llm.schedules else self.model_lock  # (a scheduling backend queues its own)
+        waiting = llm.scheduler if lock is None else lock
+        if waiting.busy and not waiting.full():
+            ahead = waiting.waiting + (lock is not None)
+            if ahead:
+                yield Notice(f"Waiting for the model: {ahead} request{'s' if ahead > 1 else ''} ahead of this one.")
         try:
-            if not self.model_lock.acquire(cancelled=lambda: cancel.cancelled, refuse_when_full=True):
+            if lock is not None and not lock.acquire(cancelled=lambda: cancel.cancelled, refuse_when_full=True):
                 usage["finish_reason"] = "cancelled"
                 return "", usage, {}
         except QueueFull:
-            usage["finish_reason"] = "busy"
-            yield Error(f"The assistant is busy: {self.model_lock.waiting} requests are waiting for the model. "
-                        "Try again in a minute.", recoverable=True)
+            yield from self._busy(usage, waiting)
             return "", usage, {}
         parts: list[str] = []
         first = end = None
@@ -144,18 +167,28 @@ class Engine:
                     parts.append(event.text)
                 yield event
             usage = stream.value or usage
+        except QueueFull:
+            yield from self._busy(usage, waiting)
+            return "", usage, {}
         except Exception as exc:  # the backend failed mid-answer: keep what we have
             yield Error(f"The language model failed: {exc}", recoverable=True)
             usage = {**usage, "finish_reason": "error"}
         finally:
             end = time.monotonic()
-            self.model_lock.release()
+            if lock is not None:
+                lock.release()
         n = usage.get("completion_tokens", 0)
         timings = {"queue_ms": round((queued - started) * 1000, 1),
                    "ttft_ms": round((first - queued) * 1000, 1) if first else None,
                    "total_ms": round((end - started) * 1000, 1),
                    "decode_tok_s": round((n - 1) / (end - first), 2) if first and n > 1 and end > first else None}
         return "".join(parts), usage, timings
+
+    @staticmethod
+    def _busy(usage: dict, waiting) -> Iterator[Event]:
+        usage["finish_reason"] = "busy"
+        yield Error(f"The assistant is busy: {waiting.waiting} requests are waiting for the model. "
+                    "Try again in a minute.", recoverable=True)
 
     def close(self) -> None:
         self.generators.close()

@@ -87,6 +87,7 @@ def build_roles(config: Config, keep: dict[str, Role] | None = None) -> dict[str
         from dataclasses import replace
 
         backend = load_backend(replace(config.llm, talker=config.tts.backend == "talker"), models)
+        backend.limit_queue(config.max_queue)
         backend.prime([{"role": "system", "content": config.system_prompt}])  # every chat starts with it
         return backend
 

@@ -38,10 +38,22 @@ def status(engine) -> dict:
     llm = engine.roles["llm"].loaded if "llm" in engine.roles else None
     if llm is not None and llm.decode_path is not None:
         model["decode"] = llm.decode_path  # e.g. "fast path, int8 weights (C kernel)"
+    if llm is not None:
+        model["serving"] = serving(llm)
     return {"profile": config.profile, "roles": roles, "model": model, "memory": memory_mb(),
             "data_dir": str(config.data_path),
             # generator modules whose import failed: their backends are missing from the roles above
             "failed_backends": registry.failed_imports()}
+
+
+def serving(llm) -> dict:
+    """How the model serves many requests: batched in slots (engine/llm/scheduler.py) or one at a time."""
+    if not llm.schedules:
+        return {"mode": "one at a time", "slots": 1}
+    sched = llm.scheduler
+    mean = sched.stepped_tokens / sched.steps if sched.steps else None
+    return {"mode": "continuous batching", "slots": sched.capacity, "active": sched.active,
+            "waiting": sched.waiting, "mean_batch": round(mean, 2) if mean else None}
 
 
 def sampling_line(sampling: dict) -> str:
@@ -65,6 +77,8 @@ def model_markdown(info: dict) -> str:
     line += f"\n\n**Sampling:** {sampling_line(info['sampling'])}"
     if info.get("decode"):
         line += f"  ·  **Decode:** {html.escape(info['decode'], quote=False)}"
+    if serve := info.get("serving"):
+        line += f"  ·  **Serving:** {serve['mode']}" + (f", {serve['slots']} slots" if serve["slots"] > 1 else "")
     return line
 
 

@@ -72,7 +72,7 @@ def test_client_disconnect_cancels_generation(server, client, answers):
             break
     stream.close()
     deadline = time.monotonic() + 30
-    while server.engine.model_lock.locked() and time.monotonic() < deadline:
+    while (server.engine.model_queue.locked() or not seen) and time.monotonic() < deadline:
         time.sleep(0.05)
     usage = seen[-1]
     assert usage["finish_reason"] == "cancelled"

@@ -270,17 +270,28 @@ def test_a_sound_track_that_cannot_be_read_is_described_without_its_path(tmp_pat
 def test_memory_comes_back_after_big_decodes(tmp_path):
     """Truncated 7900x7900 PNGs (decoded, then refused) and 7000x7000 video frames (decoded, then
     looked at), each in a fresh worker thread: glibc kept their freed heap (350 -> 614 MB in
-    the child); trimmed after each file it ends within 20% of the warm-up."""
+    the child); trimmed after each file, repeated rounds do not grow.
+
+    The bound is the growth from the first round's end to the last's, against what one file
+    costs at its peak: a decode whose buffers stayed behind grows the process by about its peak
+    every round, while allocator noise and one-time library set-up (measured: 0-40 MB, on the
+    first round) stay well under a quarter of it. A ratio to the warm-up RSS was not a bound:
+    a fresh machine missed it by 2% (227.5 against 224 MB)."""
     files = []
-    for i in range(3):
+    rounds = 3
+    for i in range(rounds):
         png = tmp_path / f"t{i}.png"
         png.write_bytes(hostile.png_claiming(7900 + i, 7900))
         avi = tmp_path / f"v{i}.avi"
         avi.write_bytes(hostile.avi_mjpeg([hostile.jpeg_flat(7000 + i, 7000)], 7000 + i, 7000))
         files += [(png, png.name), (avi, avi.name)]
     rows = memprobe.probe(files, tmp_path)
-    assert [r["outcome"] for r in rows] == ["input_error", "ok"] * 3, rows
-    assert rows[-1]["rss_mb"] < 1.2 * rows[-1]["warm_rss_mb"], [(r["name"], r["rss_mb"]) for r in rows]
+    assert [r["outcome"] for r in rows] == ["input_error", "ok"] * rounds, rows
+    seen = [(r["name"], r["rss_mb"], r["peak_mb"]) for r in rows]
+    per_file = min(r["peak_mb"] for r in rows)
+    assert per_file > 100, seen  # (each decode really did cost memory: the bound below means something)
+    after_round = [rows[2 * i + 1]["rss_mb"] for i in range(rounds)]
+    assert after_round[-1] - after_round[0] < 0.25 * per_file, (after_round, seen)
 
 
 def test_the_fast_transcription_path_streams_and_caps(engine, tmp_path, monkeypatch):

@@ -103,9 +103,9 @@ def test_speech_over_the_answer_cuts_it_off(rt_server, say):
 def _server_recovers(srv) -> None:
     """The server freed the dropped session (the model is free again) and serves the next client."""
     deadline = time.monotonic() + 60
-    while srv.engine.model_lock.locked() and time.monotonic() < deadline:
+    while srv.engine.model_queue.locked() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not srv.engine.model_lock.locked()
+    assert not srv.engine.model_queue.locked()
     client = _client(srv)
     with client.beta.realtime.connect(model="tiny") as conn:
         seen: list = []

@@ -73,7 +73,7 @@ def test_a_stop_downstream_stops_the_upstream(upstream, downstream, answers):
             break
     stream.close()
     deadline = time.monotonic() + 60
-    while upstream.engine.model_lock.locked() and time.monotonic() < deadline:
+    while (upstream.engine.model_queue.locked() or not seen) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert seen[-1]["finish_reason"] == "cancelled"
     assert seen[-1]["completion_tokens"] < 3000

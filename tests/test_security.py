@@ -285,8 +285,13 @@ def test_fair_lock_refuses_beyond_its_depth_and_lets_a_cancelled_waiter_go():
 
 
 def test_a_full_queue_is_429_and_status_shows_it(small_server):
-    url, lock = small_server.url, small_server.engine.model_lock
-    lock.acquire()  # the model is busy
+    """Every slot of the model's batch taken (constrained-decoding sequences that hold theirs),
+    one request waiting (max_queue 1): the next is a 429, and /v1/status says so."""
+    small_server.engine.llm()  # (loaded: its scheduler is the queue)
+    url, lock = small_server.url, small_server.engine.model_queue
+    holds = [lock.open([5, 6, 7]) for _ in range(lock.capacity)]  # the model is busy
+    for hold in holds:
+        hold.logits()
     try:
         waiter = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
@@ -303,6 +308,7 @@ def test_a_full_queue_is_429_and_status_shows_it(small_server):
         assert r.status_code == 429, r.text
     finally:
         del lock.full
-        lock.release()
+        for hold in holds:
+            hold.close()
     waiter.join(60)
     assert httpx.get(url + "/v1/status").json()["queue"]["waiting"] == 0

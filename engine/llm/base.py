@@ -32,6 +32,8 @@ class GenParams:
     top_p: float = 0.9
     #: mixed with the prompt (`answer_seed`): the same seed and prompt give the same answer
     seed: int = 0
+    #: who waits first when the model is busy (engine/llm/scheduler.py): 0 the page and voice, 1 the API
+    priority: int = 0
     #: a list the backend appends the thinker's trace to (hidden states for an omni talker)
     trace: list | None = field(default=None, compare=False)
 
@@ -60,6 +62,12 @@ class LLMBackend(ABC):
     decode_path: str | None = None
     #: the omni model's speech head, which speaks from the thinker's states (engine/speech/talker.py); None: none
     talker_model: object | None = None
+    #: it queues and batches its own requests (engine/llm/scheduler.py), so the engine's lock is
+    #: not taken around it; `scheduler` answers the queue's questions (waiting, busy, full)
+    schedules: bool = False
+    scheduler: object | None = None
+    #: sequences it decodes at once
+    parallel: int = 1
 
     @abstractmethod
     def generate(
@@ -92,6 +100,9 @@ class LLMBackend(ABC):
         new chat's first turn pays only for its own message; the tokens now cached (0: the
         backend keeps no cache between calls)."""
         return 0
+
+    def limit_queue(self, max_waiting: int) -> None:
+        """How many requests may wait for a scheduling backend before it refuses (QueueFull)."""
 
     def park(self, force: bool = False) -> int:
         """Give GPU room to a diffusion pipeline; the bytes freed (nothing to give by default)."""

@@ -65,13 +65,16 @@ class LazyLayers:
 
 
 class FastLM:
-    """Owns the static KV cache; `forward(ids)` appends tokens and returns the last logits."""
+    """Owns the static KV cache, in `slots` slots of `capacity` positions (one per sequence being
+    served: engine/llm/scheduler.py); `forward(ids, slot)` appends a slot's tokens and returns the
+    last logits, `step(slots, tokens)` runs one token for each of several slots at once."""
 
-    def __init__(self, weights: Weights, capacity: int, int8=None, codes_path=None) -> None:
+    def __init__(self, weights: Weights, capacity: int, int8=None, codes_path=None, slots: int = 1) -> None:
         import torch
 
         cfg = weights.config
-        self.capacity, self.length = capacity, 0
+        self.capacity, self.slots = capacity, max(1, slots)
+        self.lengths = [0] * self.slots  # positions held, per slot
         self.hidden, self.eps = cfg.hidden_size, cfg.rms_norm_eps
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -96,7 +99,7 @@ class FastLM:
         if self.int8 is not None and codes_path is not None and self._codes is None:
             _write_codes(codes_path, self._found)
         self._codes = self._found = None
-        shape = (1, self.kv_heads, capacity, self.head_dim)
+        shape = (self.slots, self.kv_heads, capacity, self.head_dim)
         for layer in self.layers:  # untouched pages of an empty tensor cost no memory
             layer.k = torch.empty(shape, dtype=dtype, device=self.device)
             layer.v = torch.empty(shape, dtype=dtype, device=self.device)
@@ -132,7 +135,7 @@ class FastLM:
         return F.linear(x, weight, bias)
 
     @classmethod
-    def attach(cls, model, capacity: int, int8=None, codes_path=None) -> "FastLM | None":
+    def attach(cls, model, capacity: int, int8=None, codes_path=None, slots: int = 1) -> "FastLM | None":
         """A FastLM for a transformers `model`, or None when its architecture or layers are not
         the plain Llama/Qwen2 shape this path computes (the caller keeps transformers' forward).
         The model's q/k/v and gate/up become views of the fused weights: it keeps working."""
@@ -156,40 +159,76 @@ class FastLM:
                            "down": mlp.down_proj.weight, "down_bias": mlp.down_proj.bias})
         weights = Weights(cfg, model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight,
                           model.model.rotary_emb, layers)
-        return cls(weights, capacity, int8, codes_path)
+        return cls(weights, capacity, int8, codes_path, slots)
 
-    def crop(self, length: int) -> None:
-        """Keep the first `length` positions of the cache (prefix reuse across turns)."""
-        self.length = max(0, min(length, self.length))
+    @property
+    def length(self) -> int:
+        """Positions held in slot 0 (a one-sequence user's view)."""
+        return self.lengths[0]
 
-    def forward(self, ids) -> "object":
-        """Run `ids` (a list of token ids) after the cached positions; logits of the last one, [1, vocab]."""
+    def crop(self, length: int, slot: int = 0) -> None:
+        """Keep the first `length` positions of a slot (prefix reuse across turns)."""
+        self.lengths[slot] = max(0, min(length, self.lengths[slot]))
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Slot `dst` takes the first `length` positions of slot `src` (a conversation's prefix,
+        or the primed system prompt, for a new sequence in another slot)."""
+        length = min(length, self.lengths[src])
+        if src != dst:
+            for layer in self.layers:
+                layer.k[dst, :, :length] = layer.k[src, :, :length]
+                layer.v[dst, :, :length] = layer.v[src, :, :length]
+        self.lengths[dst] = length
+
+    def _embed(self, ids):
         import torch
         import torch.nn.functional as F
 
-        start, count = self.length, len(ids)
+        if self.lookup is not None:
+            return self.lookup(torch.tensor(ids)).unsqueeze(0)
+        return F.embedding(torch.tensor([ids], device=self.device), self.embed)
+
+    def step(self, slots: list[int], tokens: list[int]):
+        """One token for each of several slots (all different) at once: logits [B, vocab]. With
+        the C kernel each weight row is read once for the whole batch; without it (fp32), one
+        slot after another."""
+        import torch
+
+        if self.decoder is None:
+            return torch.cat([self.forward([t], s) for s, t in zip(slots, tokens)])
+        starts = [self.lengths[s] for s in slots]
+        if any(p >= self.capacity for p in starts):
+            raise ValueError(f"the context holds {self.capacity} tokens")
+        x = self._embed(tokens)
+        cos, sin = self.rotary(x, torch.tensor([starts], device=self.device))
+        logits = self.decoder(x[0].contiguous(), slots, starts, cos[0].contiguous(), sin[0].contiguous())
+        for s in slots:
+            self.lengths[s] += 1
+        return logits
+
+    def forward(self, ids, slot: int = 0) -> "object":
+        """Run `ids` (a list of token ids) after the slot's cached positions; logits of the last
+        one, [1, vocab]."""
+        import torch
+        import torch.nn.functional as F
+
+        start, count = self.lengths[slot], len(ids)
         if start + count > self.capacity:
             raise ValueError(f"the context holds {self.capacity} tokens")
-        if self.lookup is not None:
-            x = self.lookup(torch.tensor(ids)).unsqueeze(0)
-        else:
-            x = F.embedding(torch.tensor([ids], device=self.device), self.embed)
+        if count == 1 and self.decoder is not None:
+            return self.step([slot], ids)
+        x = self._embed(ids)
         positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
         cos, sin = self.rotary(x, positions)
-        if count == 1 and self.decoder is not None:
-            logits = self.decoder(x.reshape(-1).contiguous(), start, cos.reshape(-1).contiguous(),
-                                  sin.reshape(-1).contiguous())
-            self.length = start + 1
-            return logits
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         mask = None
         if count > 1:  # a causal mask offset by the cached positions
             keys = torch.arange(start + count, device=self.device)
             mask = keys.unsqueeze(0) <= positions.view(-1, 1)
         for layer in self.layers:
-            x = layer(x, start, count, cos, sin, mask)
+            x = layer(x, start, count, cos, sin, mask, slot)
         x = F.rms_norm(x[:, -1:], (self.hidden,), self.norm, self.eps)
-        self.length = start + count
+        self.lengths[slot] = start + count
         return self.linear(x, self.head, None, self.q8_head, 1)[:, -1].float()
 
 
@@ -217,18 +256,19 @@ class _Layer:
         self.split = [q, kv, kv]
         self.k = self.v = torch.empty(0)
 
-    def __call__(self, x, start, count, cos, sin, mask):
+    def __call__(self, x, start, count, cos, sin, mask, slot):
         import torch.nn.functional as F
 
         f = self.fast
+        cache_k, cache_v = self.k[slot:slot + 1], self.v[slot:slot + 1]
         h = F.rms_norm(x, (f.hidden,), self.ln1, f.eps)
         q, k, v = f.linear(h, self.qkv, self.qkv_bias, self.q8["qkv"], count).split(self.split, -1)
         q = _rope(q.view(1, count, f.heads, f.head_dim).transpose(1, 2), cos, sin)
         k = _rope(k.view(1, count, f.kv_heads, f.head_dim).transpose(1, 2), cos, sin)
         end = start + count
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v.view(1, count, f.kv_heads, f.head_dim).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, self.k[:, :, :end], self.v[:, :, :end], attn_mask=mask,
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v.view(1, count, f.kv_heads, f.head_dim).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, cache_k[:, :, :end], cache_v[:, :, :end], attn_mask=mask,
                                            scale=f.scale, enable_gqa=f.kv_heads != f.heads)
         x = x + f.linear(a.transpose(1, 2).reshape(1, count, -1), self.o, self.o_bias, self.q8["o"], count)
         h = F.rms_norm(x, (f.hidden,), self.ln2, f.eps)

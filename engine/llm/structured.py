@@ -30,15 +30,17 @@ def choose(backend, messages: Sequence[dict], options: Sequence[str]) -> tuple[s
     scores = []
     with torch.inference_mode():
         steps = backend.steps(backend.encode(messages))
-        first, start = torch.log_softmax(steps.logits[0].float(), -1), steps.length
-        for option in options:
-            ids = tok(option, add_special_tokens=False).input_ids + end
-            score = float(first[ids[0]])
-            for prev, token in zip(ids, ids[1:]):
-                score += float(torch.log_softmax(steps.push(prev)[0].float(), -1)[token])
-            steps.rewind(start)
-            scores.append(score)
-    backend.forget()  # the chat's kept KV cache no longer matches what the model saw
+        try:
+            first, start = torch.log_softmax(steps.logits[0].float(), -1), steps.length
+            for option in options:
+                ids = tok(option, add_special_tokens=False).input_ids + end
+                score = float(first[ids[0]])
+                for prev, token in zip(ids, ids[1:]):
+                    score += float(torch.log_softmax(steps.push(prev)[0].float(), -1)[token])
+                steps.rewind(start)
+                scores.append(score)
+        finally:
+            steps.close()
     best = max(range(len(options)), key=scores.__getitem__)
     return options[best], scores
 
@@ -73,27 +75,12 @@ def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelTok
     matcher = xgr.GrammarMatcher(grammar)
     mask = xgr.allocate_token_bitmask(1, info.vocab_size)
     prompt = backend.encode(messages)
-    out_ids: list[int] = []
     with torch.inference_mode():
         steps = backend.steps(prompt)  # (the fast path's int8 steps when the model has one)
-        for step in range(max_new_tokens):
-            if cancel is not None and cancel.cancelled:
-                break
-            logits = steps.logits.float().cpu()
-            if logits.shape[-1] < info.vocab_size:  # the grammar's vocabulary may be padded
-                logits = torch.nn.functional.pad(logits, (0, info.vocab_size - logits.shape[-1]), value=-1e9)
-            if max_new_tokens - step < FINISH_MARGIN:  # running out: close strings and objects where allowed
-                logits = logits + closing
-            matcher.fill_next_token_bitmask(mask)
-            xgr.apply_token_bitmask_inplace(logits, mask)
-            token = int(logits.argmax(-1))
-            if not matcher.accept_token(token):
-                raise ValueError("the grammar refused its own token")
-            if matcher.is_terminated():
-                break
-            out_ids.append(token)
-            steps.push(token)
-    backend.forget()
+        try:
+            out_ids = _constrained(steps, matcher, mask, info, closing, max_new_tokens, cancel)
+        finally:
+            steps.close()
     text = backend.tokenizer.decode(out_ids, skip_special_tokens=True)
     if cancel is not None and cancel.cancelled:
         from generators.base import Cancelled
@@ -102,3 +89,29 @@ def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelTok
     if not matcher.is_terminated():
         raise ValueError(f"the tool call did not finish within {max_new_tokens} tokens")
     return json.loads(text), len(out_ids)
+
+
+def _constrained(steps, matcher, mask, info, closing, max_new_tokens: int, cancel) -> list[int]:
+    """Greedy tokens under the grammar's mask until it terminates, the budget ends or a cancel."""
+    import torch
+    import xgrammar as xgr
+
+    out_ids: list[int] = []
+    for step in range(max_new_tokens):
+        if cancel is not None and cancel.cancelled:
+            break
+        logits = steps.logits.float().cpu()
+        if logits.shape[-1] < info.vocab_size:  # the grammar's vocabulary may be padded
+            logits = torch.nn.functional.pad(logits, (0, info.vocab_size - logits.shape[-1]), value=-1e9)
+        if max_new_tokens - step < FINISH_MARGIN:  # running out: close strings and objects where allowed
+            logits = logits + closing
+        matcher.fill_next_token_bitmask(mask)
+        xgr.apply_token_bitmask_inplace(logits, mask)
+        token = int(logits.argmax(-1))
+        if not matcher.accept_token(token):
+            raise ValueError("the grammar refused its own token")
+        if matcher.is_terminated():
+            break
+        out_ids.append(token)
+        steps.push(token)
+    return out_ids

@@ -71,6 +71,7 @@ class TransformersBackend(LLMBackend):
         self.suppress = list(getattr(meta.generation_config, "suppress_tokens", None) or [])
         self.parked = False  # weights moved to CPU memory for a diffusion pipeline (park / ready)
         self.fast = self._attach_fast()
+        self.scheduler = self._serve()
         self.grammar_compiler = None  # xgrammar's, built on the first json_call (structured.py)
 
     def _attach_fast(self):
@@ -85,9 +86,35 @@ class TransformersBackend(LLMBackend):
         if mode == "transformers" or self.moe is not None or self.omni is not None or self.talker_model:
             return None
         lib = q8.load(self.cache_dir / "kernels") if mode == "int8" else None
+        slots = self.cfg.max_parallel
         if self.lean is not None:
-            return FastLM(self.lean.weights(), self.kv_capacity, int8=lib, codes_path=self._codes_path())
-        return FastLM.attach(self._model, self.kv_capacity, int8=lib, codes_path=self._codes_path())
+            return FastLM(self.lean.weights(), self.kv_capacity, int8=lib, codes_path=self._codes_path(), slots=slots)
+        return FastLM.attach(self._model, self.kv_capacity, int8=lib, codes_path=self._codes_path(), slots=slots)
+
+    def _serve(self):
+        """The scheduler that owns the fast path (engine/llm/scheduler.py): every use of the model
+        is a sequence in its batch. None without a fast path (one sequence at a time, behind
+        the engine's lock)."""
+        if self.fast is None:
+            return None
+        from engine.llm.scheduler import Scheduler
+
+        return Scheduler(self.fast, max_waiting=self._max_waiting, prefill_chunk=self.cfg.prefill_chunk)
+
+    _max_waiting = 16
+
+    @property
+    def schedules(self) -> bool:
+        return self.scheduler is not None
+
+    @property
+    def parallel(self) -> int:
+        return self.scheduler.capacity if self.scheduler is not None else 1
+
+    def limit_queue(self, max_waiting: int) -> None:
+        self._max_waiting = max_waiting
+        if self.scheduler is not None:
+            self.scheduler.max_waiting = max_waiting
 
     def _open_lean(self, source):
         """The checkpoint read without transformers (engine/llm/lean.py), when the fast path
@@ -138,12 +165,17 @@ class TransformersBackend(LLMBackend):
             return freed
         if self.parked or self.lean is not None or (self.device.type != "cuda" and not force):
             return 0  # (a lean load is on the CPU: nothing to give)
+        if self.scheduler is not None and self.scheduler.locked():
+            return 0  # (answers are being decoded: they keep the model)
         whole = self.talker_model or self.model  # (with a talker: thinker, talker and vocoder)
         try:
             whole.to("cpu")
         except ValueError:  # transformers refuses to move 8-bit bitsandbytes models
             return 0
         self._kept, self.parked, self.fast = ([], None), True, None  # (its fused weights stay behind)
+        if self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
         _empty_cuda_cache()
         return whole.get_memory_footprint()
 
@@ -154,6 +186,7 @@ class TransformersBackend(LLMBackend):
             (self.talker_model or self.model).to(self.device)
             self.parked = False
             self.fast = self._attach_fast()  # fused again, on the device
+            self.scheduler = self._serve()
         if self.omni is not None:
             from engine.llm.omni import reset_positions
 
@@ -213,13 +246,11 @@ class TransformersBackend(LLMBackend):
         trace = self._trace(params, inputs, prompt)  # for the talker: the thinker's hidden states
         if trace is not None:
             self._kept = ([], None)  # the talker needs the whole prompt's states: no prefix reuse
-        fast = self.fast if inputs is None and trace is None else None
+        if inputs is None and trace is None and self.scheduler is not None:
+            return (yield from self._generate_scheduled(prompt, sampler, max_new, cancel, params, usage, detok))
         with torch.inference_mode():
-            if fast is not None:
-                logits = self._prefill_fast(prompt)
-            else:
-                out = self._prefill_media(inputs, masks, trace) if inputs else self._prefill(prompt, trace)
-                logits = out.logits[:, -1, :]
+            out = self._prefill_media(inputs, masks, trace) if inputs else self._prefill(prompt, trace)
+            logits = out.logits[:, -1, :]
             for step in range(max_new):
                 token = sampler(logits)
                 seen.append(token)
@@ -236,13 +267,10 @@ class TransformersBackend(LLMBackend):
                     break
                 if step + 1 == max_new:
                     break
-                if fast is not None:
-                    logits = fast.forward([token])
-                    continue
                 nxt = torch.tensor([[token]], device=self.device)
                 out = self._forward(trace, input_ids=nxt, cache=out.cache, use_cache=True)
                 logits = out.logits[:, -1, :]
-            self._kept = (seen[:fast.length], fast) if fast is not None else (seen[:out.cache.get_seq_length()], out.cache)
+            self._kept = (seen[:out.cache.get_seq_length()], out.cache)
         if text := detok.flush():
             yield TextDelta(text)
         if self.moe is not None:
@@ -250,19 +278,38 @@ class TransformersBackend(LLMBackend):
         usage["cached_prompt_tokens"] = self._reused
         return usage
 
+    def _generate_scheduled(self, prompt, sampler, max_new, cancel, params, usage, detok):
+        """The answer as a sequence of the scheduler's batch: it samples and stops; this streams."""
+        seq = self.scheduler.submit(prompt, sampler, max_new, self.stop_ids, cancel, params.priority)
+        try:
+            for token in seq.tokens():
+                if text := detok.push(token):
+                    yield TextDelta(text)
+        finally:
+            seq.close()  # (a consumer gone mid-answer: its slot is free at the next step)
+        if text := detok.flush():
+            yield TextDelta(text)
+        usage.update(completion_tokens=seq.generated, finish_reason=seq.finish, cached_prompt_tokens=seq.reused)
+        return usage
+
     def prime(self, messages) -> int:
-        if self.fast is None:  # (transformers' own cache is built per answer)
+        if self.scheduler is None:  # (transformers' own cache is built per answer)
             return 0
         ids = self.encode(messages, opened=False)
         if len(ids) >= self.context_tokens:
             return 0
-        self._prefill_fast(ids)
-        self._kept = (ids, self.fast)
+        seq = self.scheduler.open(ids)
+        try:
+            seq.logits()
+        finally:
+            seq.close()  # the slot keeps the prompt's cache; every new chat copies it
         return len(ids)
 
     def forget(self) -> None:
-        """Drop the kept KV cache (benchmarks measure a cold prompt)."""
+        """Drop the kept KV caches (benchmarks measure a cold prompt)."""
         self._kept = ([], None)
+        if self.scheduler is not None:
+            self.scheduler.forget()
 
     def _trace(self, params: GenParams, inputs, prompt):
         if params.trace is None or self.talker_model is None:
@@ -298,12 +345,13 @@ class TransformersBackend(LLMBackend):
             if self.moe is not None:
                 self.moe.stats.set_modalities(None)
 
-    def _reusable(self, prompt: list[int], fast: bool):
+    def _reusable(self, prompt: list[int]):
         """(the kept KV cache, how many leading prompt tokens it already holds) — the
-        conversation so far, so a multi-turn chat only pays for the new message."""
+        conversation so far, so a multi-turn chat only pays for the new message (the fast
+        path's slots keep theirs in the scheduler)."""
         kept_ids, cache = self._kept
         self._kept, self._reused = ([], None), 0
-        if cache is None or (cache is self.fast) != fast:  # the other path's cache is no use here
+        if cache is None:
             return None, 0
         common = 0
         for a, b in zip(kept_ids, prompt):
@@ -320,20 +368,16 @@ class TransformersBackend(LLMBackend):
         """Run the prompt through transformers' forward, reusing the kept KV cache."""
         import torch
 
-        cache, common = self._reusable(prompt, fast=False)
+        cache, common = self._reusable(prompt)
         if cache is not None:
             _crop(cache, common)
         ids = torch.tensor([prompt[common:]], device=self.device)
         return self._forward(trace, input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
 
-    def _prefill_fast(self, prompt: list[int]):
-        """The prompt through the lean path; its static cache keeps the common prefix."""
-        _, common = self._reusable(prompt, fast=True)
-        self.fast.crop(common)
-        return self.fast.forward(prompt[common:])
-
     def close(self) -> None:
-        self._model = self.fast = self.lean = None
+        if self.scheduler is not None:
+            self.scheduler.close()
+        self._model = self.fast = self.lean = self.scheduler = None
         _empty_cuda_cache()
 
     def plain_generate(self, messages, max_new_tokens: int):
@@ -348,23 +392,28 @@ class TransformersBackend(LLMBackend):
 
 
 class _Steps:
-    """A prompt's KV cache stepped one token at a time: `push` appends, `rewind` drops back."""
+    """A prompt's KV cache stepped one token at a time: `push` appends, `rewind` drops back,
+    `close` when done. On the fast path, a driven sequence of the scheduler's batch."""
 
     def __init__(self, backend: TransformersBackend, prompt: list[int]) -> None:
-        self.backend, self.fast, self.cache, self.length = backend, backend.fast, None, len(prompt)
-        if self.fast is not None:
-            self.fast.crop(0)
-            self.logits = self.fast.forward(prompt)
+        self.backend, self.cache, self.length = backend, None, len(prompt)
+        self.seq = backend.scheduler.open(prompt) if backend.scheduler is not None else None
+        if self.seq is not None:
+            self.logits = self.seq.logits()
         else:
             self.logits = self._forward(prompt, logits_to_keep=1)
 
     def rewind(self, length: int) -> None:
         """Forget the positions from `length` on (the logits are those of the last push)."""
-        if self.fast is not None:
-            self.fast.crop(length)
+        if self.seq is not None:
+            self.seq.rewind(length)
         else:
             _crop(self.cache, length)
         self.length = min(self.length, length)
+
+    def close(self) -> None:
+        if self.seq is not None:
+            self.seq.close()
 
     def _forward(self, ids, **kwargs):
         import torch
@@ -375,7 +424,11 @@ class _Steps:
         return out.logits[:, -1, :]
 
     def push(self, token: int):
-        self.logits = self.fast.forward([token]) if self.fast is not None else self._forward([token])
+        if self.seq is not None:
+            self.seq.push(token)
+            self.logits = self.seq.logits()
+        else:
+            self.logits = self._forward([token])
         self.length += 1
         return self.logits
 

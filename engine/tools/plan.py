@@ -258,12 +258,12 @@ def plan(engine, text: str, media: list, attached: tuple = (), cancel=None) -> T
     if cfg.router in ("rules", "hybrid"):
         name = rule_choice(text, kinds)
     if name is None and cfg.router in ("llm", "hybrid") and (llm := _local_llm(engine)) is not None:
-        with engine.model_lock:
+        with engine.model_use():
             name, by = llm_choice(llm, text, kinds), "llm"
     if name in (None, CHAT):
         return None
     if cfg.arguments == "llm" and (llm := _local_llm(engine)) is not None:
-        with engine.model_lock:
+        with engine.model_use():
             args = llm_arguments(llm, name, text, media, cancel)
     else:
         args = words_arguments(name, text)

@@ -207,7 +207,7 @@ def make_room_for_diffusion(engine) -> int:
     llm = engine.roles["llm"].loaded
     if llm is None:
         return 0
-    with engine.model_lock:
+    with engine.model_use():
         return llm.park()
 
 

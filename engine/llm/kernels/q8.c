@@ -215,12 +215,92 @@ void q8_gemm(const float *xt, int tp, const uint8_t *w, const float *scale, cons
     }
 }
 
-/* ---- one whole decode step (engine/llm/kernels/q8.py: Decoder) ---------------------------
-   A dense Llama/Qwen2 model for one token at `pos`, every layer in C: RMSNorm, the fused
-   q/k/v matvec, RoPE (cos/sin given), the KV cache write, attention over positions 0..pos
-   (grouped-query heads), o, RMSNorm, the fused gate/up matvec, SiLU, down, the residuals;
-   then the final norm and the head. The same arithmetic as engine/llm/fastpath.py's torch
-   ops, without a Python call per op. */
+/* ---- a linear layer for a few tokens at once (a batched decode step) ----------------------
+   Memory-bound like a matvec, but each row's codes are turned into floats once per NB tokens
+   instead of once per token: a row is read from memory once for the whole batch. x holds
+   `tokens` rows padded to a multiple of NB (the padding rows zero; their outputs dropped). */
+#define NB 4
+#ifdef HAVE_ROW32
+static inline void codes32(const uint8_t *w, int bits, __m256 s, __m256 out[4]) {
+    __m128i lo, hi;
+    if (bits == 4) {
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        __m128i b = _mm_loadu_si128((const __m128i *)w);
+        lo = _mm_and_si128(b, mask);
+        hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    } else {
+        lo = _mm_loadu_si128((const __m128i *)w);
+        hi = _mm_loadu_si128((const __m128i *)(w + 16));
+    }
+    out[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s);
+    out[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s);
+    out[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s);
+    out[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s);
+}
+
+/* one row (groups of 32) against NB tokens of x (row stride cols): out[t] = sum_g scale_g * codes . x_t */
+static inline void row_nb(const uint8_t *w, int bits, const float *x, int cols, const float *scale, int groups,
+                          float out[NB]) {
+    __m256 acc[NB], c[4];
+    for (int t = 0; t < NB; t++) acc[t] = _mm256_setzero_ps();
+    int step = bits == 4 ? 16 : 32;
+    for (int g = 0; g < groups; g++, w += step) {
+        codes32(w, bits, _mm256_set1_ps(scale[g]), c);
+        for (int t = 0; t < NB; t++) {
+            const float *xt = x + (int64_t)t * cols + g * 32;
+            acc[t] = _mm256_fmadd_ps(c[0], _mm256_loadu_ps(xt), acc[t]);
+            acc[t] = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xt + 8), acc[t]);
+            acc[t] = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xt + 16), acc[t]);
+            acc[t] = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xt + 24), acc[t]);
+        }
+    }
+    for (int t = 0; t < NB; t++) out[t] = hsum(acc[t]);
+}
+#endif
+
+void q8_linear_batch(const float *x, const uint8_t *w, const float *scale, const float *low, const float *bias,
+                     float *y, int tokens, int rows, int cols, int group, int bits, int threads) {
+#ifdef HAVE_ROW32
+    if (tokens > 1 && group == 32) {
+        int groups = cols / 32, padded = (tokens + NB - 1) / NB * NB;
+        int64_t row_bytes = bits == 4 ? cols / 2 : cols;
+        float *xsum = malloc(sizeof(float) * (size_t)tokens * groups);
+        if (!xsum) return;
+        for (int t = 0; t < tokens; t++)
+            for (int g = 0; g < groups; g++) {
+                float s = 0.0f;
+                for (int i = 0; i < 32; i++) s += x[(int64_t)t * cols + g * 32 + i];
+                xsum[t * groups + g] = s;
+            }
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *wr = w + (int64_t)r * row_bytes;
+            const float *sr = scale + (int64_t)r * groups, *lr = low + (int64_t)r * groups;
+            float b = bias ? bias[r] : 0.0f, out[NB];
+            for (int t0 = 0; t0 < padded; t0 += NB) {
+                row_nb(wr, bits, x + (int64_t)t0 * cols, cols, sr, groups, out);
+                for (int t = t0; t < tokens && t < t0 + NB; t++) {
+                    float offset = 0.0f;
+                    for (int g = 0; g < groups; g++) offset += lr[g] * xsum[t * groups + g];
+                    y[(int64_t)t * rows + r] = out[t - t0] + offset + b;
+                }
+            }
+        }
+        free(xsum);
+        return;
+    }
+#endif
+    q8_linear(x, w, scale, low, bias, y, tokens, rows, cols, group, bits, threads);
+}
+
+/* ---- one decode step for a batch of sequences (engine/llm/kernels/q8.py: Decoder) -------
+   A dense Llama/Qwen2 model for B tokens, each of its own sequence (its KV slot, its position),
+   every layer in C: RMSNorm, the fused q/k/v, RoPE (cos/sin given per token), the KV cache
+   writes, attention of each token over its own slot's positions 0..pos (grouped-query heads),
+   o, RMSNorm, the fused gate/up, SiLU, down, the residuals; then the final norm and the head.
+   Every weight row is read once for the whole batch (q8_linear_batch); B = 1 is the plain
+   matvec. The same arithmetic as engine/llm/fastpath.py's torch ops, without a Python call
+   per op. */
 #include <math.h>
 #include <string.h>
 
@@ -232,7 +312,7 @@ typedef struct {
 typedef struct {
     const float *ln1, *ln2;
     q8_mat qkv, o, gate_up, down;
-    float *k, *v;  /* [kv_heads, capacity, head_dim] */
+    float *k, *v;  /* [slots, kv_heads, capacity, head_dim] */
 } q8_layer;
 
 typedef struct {
@@ -244,8 +324,11 @@ typedef struct {
     float *scratch;  /* q8_scratch_floats() floats */
 } q8_model;
 
-static void matvec(const q8_mat *m, const float *x, float *y, int threads) {
-    q8_linear(x, m->q, m->scale, m->low, m->bias, y, 1, m->rows, m->cols, m->group, m->bits, threads);
+static void linear(const q8_mat *m, const float *x, float *y, int tokens, int threads) {
+    if (tokens == 1)
+        q8_linear(x, m->q, m->scale, m->low, m->bias, y, 1, m->rows, m->cols, m->group, m->bits, threads);
+    else
+        q8_linear_batch(x, m->q, m->scale, m->low, m->bias, y, tokens, m->rows, m->cols, m->group, m->bits, threads);
 }
 
 static void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
@@ -265,56 +348,72 @@ static void rope(float *v, int heads, int hd, const float *cos, const float *sin
         }
 }
 
-long q8_scratch_floats(int hidden, int heads, int kv_heads, int head_dim, int inter, int capacity) {
-    return (long)hidden + (long)(heads + 2 * kv_heads) * head_dim + (long)heads * head_dim
-           + 3L * inter + (long)heads * capacity;
+/* scratch for up to `batch` tokens (rows padded to NB: q8_linear_batch reads whole blocks) */
+long q8_scratch_floats(int hidden, int heads, int kv_heads, int head_dim, int inter, int capacity, int batch) {
+    long rows = (batch + NB - 1) / NB * NB;
+    return rows * ((long)hidden + (long)(heads + 2 * kv_heads) * head_dim + (long)heads * head_dim + 3L * inter)
+           + (long)batch * heads * capacity;
 }
 
-void q8_decode(const q8_model *m, float *x, int pos, const float *cos, const float *sin, float *logits) {
+/* x: [B, hidden] embeddings (overwritten); slots, pos: each token's KV slot and position;
+   cos, sin: [B, head_dim]; logits: [B, vocab]. No two tokens may share a slot. */
+void q8_decode(const q8_model *m, float *x, int batch, const int *slots, const int *pos, const float *cos,
+               const float *sin, float *logits) {
     int hd = m->head_dim, qd = m->heads * hd, kvd = m->kv_heads * hd, group = m->heads / m->kv_heads;
-    long cap = m->capacity;
-    float *h = m->scratch, *qkv = h + m->hidden, *att = qkv + qd + 2 * kvd, *gu = att + qd,
-          *act = gu + 2 * m->inter, *scores = act + m->inter;  /* (layout: q8_scratch_floats) */
+    int B = batch, rows = (B + NB - 1) / NB * NB, H = m->hidden, I = m->inter, QKV = qd + 2 * kvd;
+    long cap = m->capacity, slot_stride = (long)m->kv_heads * cap * hd;
+    float *h = m->scratch, *qkv = h + (long)rows * H, *att = qkv + (long)rows * QKV, *gu = att + (long)rows * qd,
+          *act = gu + (long)rows * 2 * I, *scores = act + (long)rows * I;  /* (layout: q8_scratch_floats) */
+    /* the padding rows of every linear layer's input stay zero */
+    memset(h + (long)B * H, 0, sizeof(float) * (size_t)(rows - B) * H);
+    memset(att + (long)B * qd, 0, sizeof(float) * (size_t)(rows - B) * qd);
+    memset(act + (long)B * I, 0, sizeof(float) * (size_t)(rows - B) * I);
     for (int l = 0; l < m->n_layers; l++) {
         const q8_layer *L = m->layers + l;
-        rms_norm(x, L->ln1, h, m->hidden, m->eps);
-        matvec(&L->qkv, h, qkv, m->threads);
-        float *q = qkv, *k = qkv + qd, *v = qkv + qd + kvd;
-        rope(q, m->heads, hd, cos, sin);
-        rope(k, m->kv_heads, hd, cos, sin);
-        for (int kh = 0; kh < m->kv_heads; kh++) {
-            memcpy(L->k + (kh * cap + pos) * hd, k + kh * hd, sizeof(float) * hd);
-            memcpy(L->v + (kh * cap + pos) * hd, v + kh * hd, sizeof(float) * hd);
+        for (int b = 0; b < B; b++) rms_norm(x + (long)b * H, L->ln1, h + (long)b * H, H, m->eps);
+        linear(&L->qkv, h, qkv, B, m->threads);
+        for (int b = 0; b < B; b++) {
+            float *q = qkv + (long)b * QKV, *k = q + qd, *v = q + qd + kvd;
+            rope(q, m->heads, hd, cos + (long)b * hd, sin + (long)b * hd);
+            rope(k, m->kv_heads, hd, cos + (long)b * hd, sin + (long)b * hd);
+            float *ks = L->k + slots[b] * slot_stride, *vs = L->v + slots[b] * slot_stride;
+            for (int kh = 0; kh < m->kv_heads; kh++) {
+                memcpy(ks + (kh * cap + pos[b]) * hd, k + kh * hd, sizeof(float) * hd);
+                memcpy(vs + (kh * cap + pos[b]) * hd, v + kh * hd, sizeof(float) * hd);
+            }
         }
-        #pragma omp parallel for num_threads(m->threads) schedule(static)
-        for (int hh = 0; hh < m->heads; hh++) {
-            const float *qh = q + hh * hd, *kc = L->k + (long)(hh / group) * cap * hd,
-                        *vc = L->v + (long)(hh / group) * cap * hd;
-            float *sc = scores + (long)hh * cap, *out = att + hh * hd, mx = -3.0e38f, sum = 0.0f;
-            for (int t = 0; t <= pos; t++) {
+        #pragma omp parallel for num_threads(m->threads) schedule(dynamic, 1)
+        for (int bh = 0; bh < B * m->heads; bh++) {
+            int b = bh / m->heads, hh = bh % m->heads, p = pos[b];
+            const float *qh = qkv + (long)b * QKV + hh * hd;
+            const float *kc = L->k + slots[b] * slot_stride + (long)(hh / group) * cap * hd,
+                        *vc = L->v + slots[b] * slot_stride + (long)(hh / group) * cap * hd;
+            float *sc = scores + (long)bh * cap, *out = att + (long)b * qd + hh * hd, mx = -3.0e38f, sum = 0.0f;
+            for (int t = 0; t <= p; t++) {
                 float s = 0.0f;
                 for (int i = 0; i < hd; i++) s += qh[i] * kc[(long)t * hd + i];
                 sc[t] = s * m->scale;
                 if (sc[t] > mx) mx = sc[t];
             }
-            for (int t = 0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+            for (int t = 0; t <= p; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
             for (int i = 0; i < hd; i++) out[i] = 0.0f;
-            for (int t = 0; t <= pos; t++) {
-                float p = sc[t] / sum;
-                for (int i = 0; i < hd; i++) out[i] += p * vc[(long)t * hd + i];
+            for (int t = 0; t <= p; t++) {
+                float w = sc[t] / sum;
+                for (int i = 0; i < hd; i++) out[i] += w * vc[(long)t * hd + i];
             }
         }
-        matvec(&L->o, att, h, m->threads);
-        for (int i = 0; i < m->hidden; i++) x[i] += h[i];
-        rms_norm(x, L->ln2, h, m->hidden, m->eps);
-        matvec(&L->gate_up, h, gu, m->threads);
-        for (int i = 0; i < m->inter; i++) {
-            float g = gu[i];
-            act[i] = g / (1.0f + expf(-g)) * gu[m->inter + i];
-        }
-        matvec(&L->down, act, h, m->threads);
-        for (int i = 0; i < m->hidden; i++) x[i] += h[i];
+        linear(&L->o, att, h, B, m->threads);
+        for (long i = 0; i < (long)B * H; i++) x[i] += h[i];
+        for (int b = 0; b < B; b++) rms_norm(x + (long)b * H, L->ln2, h + (long)b * H, H, m->eps);
+        linear(&L->gate_up, h, gu, B, m->threads);
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < I; i++) {
+                float g = gu[(long)b * 2 * I + i];
+                act[(long)b * I + i] = g / (1.0f + expf(-g)) * gu[(long)b * 2 * I + I + i];
+            }
+        linear(&L->down, act, h, B, m->threads);
+        for (long i = 0; i < (long)B * H; i++) x[i] += h[i];
     }
-    rms_norm(x, m->norm, h, m->hidden, m->eps);
-    matvec(&m->head, h, logits, m->threads);
+    for (int b = 0; b < B; b++) rms_norm(x + (long)b * H, m->norm, h + (long)b * H, H, m->eps);
+    linear(&m->head, h, logits, B, m->threads);
 }

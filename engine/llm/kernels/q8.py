@@ -76,10 +76,12 @@ def load(build_dir: Path):
         lib.q8_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
         lib.q8_gemm.restype = None
         lib.q8_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+        lib.q8_linear_batch.restype = None
+        lib.q8_linear_batch.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
         lib.q8_decode.restype = None
-        lib.q8_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3
+        lib.q8_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5
         lib.q8_scratch_floats.restype = ctypes.c_long
-        lib.q8_scratch_floats.argtypes = [ctypes.c_int] * 6
+        lib.q8_scratch_floats.argtypes = [ctypes.c_int] * 7
         _lib = lib
     return _lib
 
@@ -257,8 +259,9 @@ def _mat(layer: Q8Linear) -> _Mat:
 
 
 class Decoder:
-    """One token through every layer of a FastLM in a single C call (its int8 weights, its
-    KV cache): the dozen torch ops per layer cost more than the matvecs on a 135M model."""
+    """One decode step of a FastLM in a single C call (its int8 weights, its KV slots): B tokens,
+    each of its own sequence, through every layer, each weight row read once for all of them
+    (continuous batching, engine/llm/scheduler.py). ctypes lets go of the GIL for the call."""
 
     def __init__(self, fast) -> None:
         import torch
@@ -266,18 +269,27 @@ class Decoder:
         ptr = lambda t: t.data_ptr()  # noqa: E731 (every tensor here is contiguous fp32 and outlives the Decoder)
         self.lib = fast.int8
         inter = fast.layers[0].q8["gate_up"].rows // 2
+        self.max_batch = fast.slots
         self._layers = (_Layer * len(fast.layers))(*[
             _Layer(ptr(la.ln1), ptr(la.ln2), _mat(la.q8["qkv"]), _mat(la.q8["o"]), _mat(la.q8["gate_up"]),
                    _mat(la.q8["down"]), ptr(la.k), ptr(la.v)) for la in fast.layers])
-        floats = self.lib.q8_scratch_floats(fast.hidden, fast.heads, fast.kv_heads, fast.head_dim, inter, fast.capacity)
+        floats = self.lib.q8_scratch_floats(fast.hidden, fast.heads, fast.kv_heads, fast.head_dim, inter,
+                                            fast.capacity, self.max_batch)
         self.scratch = torch.empty(floats, dtype=torch.float32)
-        self.logits = torch.empty(fast.q8_head.rows, dtype=torch.float32)
+        self.logits = torch.empty(self.max_batch, fast.q8_head.rows, dtype=torch.float32)
         self.model = _Model(fast.hidden, fast.heads, fast.kv_heads, fast.head_dim, inter, fast.capacity,
                             len(fast.layers), torch.get_num_threads(), fast.eps, fast.scale, self._layers,
                             ptr(fast.norm), _mat(fast.q8_head), ptr(self.scratch))
         self._ref = ctypes.byref(self.model)
 
-    def __call__(self, x, pos: int, cos, sin):
-        """x: the token's embedding, [hidden] fp32 (overwritten); cos/sin: [head_dim] at `pos`."""
-        self.lib.q8_decode(self._ref, x.data_ptr(), pos, cos.data_ptr(), sin.data_ptr(), self.logits.data_ptr())
-        return self.logits.clone().view(1, -1)
+    def __call__(self, x, slots: list[int], positions: list[int], cos, sin):
+        """x: the tokens' embeddings, [B, hidden] fp32 (overwritten); slots/positions: each token's
+        KV slot (all different) and position; cos/sin: [B, head_dim]. Logits [B, vocab]."""
+        batch = len(slots)
+        if not 0 < batch <= self.max_batch or len(set(slots)) != batch:
+            raise ValueError(f"a decode step takes 1 to {self.max_batch} tokens of different slots")
+        s = (ctypes.c_int * batch)(*slots)
+        p = (ctypes.c_int * batch)(*positions)
+        self.lib.q8_decode(self._ref, x.data_ptr(), batch, s, p, cos.data_ptr(), sin.data_ptr(),
+                           self.logits.data_ptr())
+        return self.logits[:batch].clone()
