@@ -58,6 +58,9 @@ class LLMConfig:
     max_parallel: int = 8
     #: prompt tokens run per scheduler step beside the running sequences' tokens (chunked prefill)
     prefill_chunk: int = 64
+    #: int8 decode: a batched step's activations quantized per 32 to int8 (AVX2 vpmaddubsw; about
+    #: twice the arithmetic per cycle) | fp32 (each sequence computes exactly what it would alone)
+    activations: str = "int8"
     talker: bool = False  # load the omni model's speech head too (set from tts.backend=talker)
     expert_quantization: str = "auto"  # MoE: auto (nf4 when quantization is set) | none | nf4 (4-bit experts)
     base_url: str = "http://127.0.0.1:8000/v1"  # openai backend
@@ -386,6 +389,8 @@ def validate(cfg: Config) -> None:
         if token != "auto" and len(token) < MIN_TOKEN_CHARS:
             raise ConfigError(f"binding {cfg.host} needs an auth_token of at least {MIN_TOKEN_CHARS} characters "
                               "(a guessable one is no protection); --auth-token auto makes one")
+    if cfg.llm.activations not in ("int8", "fp32"):
+        raise ConfigError("llm.activations must be int8 or fp32")
     if not 1 <= cfg.llm.max_parallel <= 64 or cfg.llm.prefill_chunk < 1:
         raise ConfigError("llm.max_parallel must be between 1 and 64, and llm.prefill_chunk at least 1")
     if cfg.max_queue < 0 or cfg.max_request_mb < 1:

@@ -32,39 +32,57 @@ def lib(tmp_path_factory):
     return built
 
 
-def alone(model, ids: list[int], lib) -> torch.Tensor:
-    """Logits of each position of `ids` run one token at a time on a one-slot FastLM."""
-    fast = FastLM.attach(model, capacity=64, int8=lib)
+def alone(model, ids: list[int], lib, x8: bool = False) -> torch.Tensor:
+    """Logits of each position of `ids` run one token at a time on a one-slot FastLM; with
+    `x8`, in steps of two (a companion sequence in the other slot), so that the int8
+    activations of a batched step are used: a row's result must not depend on its company."""
+    if not x8:
+        fast = FastLM.attach(model, capacity=64, int8=lib)
+        with torch.inference_mode():
+            return torch.cat([fast.forward([t]) for t in ids])
+    fast = FastLM.attach(model, capacity=64, int8=lib, slots=2, x8=True)
     with torch.inference_mode():
-        return torch.cat([fast.forward([t]) for t in ids])
+        return torch.cat([fast.step([1, 0], [t, 7])[:1] for t in ids])
 
 
 BUILDS = {"llama-gqa": lambda: build_tiny_model(3)[0], "qwen2-biases": tiny_qwen2,
           "llama-4bit": lambda: on_gguf_grids(build_tiny_model(6)[0])}
 
 
-@pytest.mark.parametrize("path", ["int8", "fp32"])
-@pytest.mark.parametrize("build", list(BUILDS), ids=list(BUILDS))
+# int8 activations: on the Qwen2-shaped model only. The random Llamas (a large init) are chaotic:
+# a float rounding apart between two runs moves a value across an int8 step, and two layers
+# later the logits are 2-5% apart; their exact batching is checked on the other two paths.
+CASES = [(b, p) for b in BUILDS for p in ("int8", "fp32")] + [("qwen2-biases", "int8-x8")]
+
+
+@pytest.mark.parametrize("build,path", CASES, ids=[f"{b}-{p}" for b, p in CASES])
 def test_batched_logits_equal_each_sequence_alone(lib, build, path):
     """Four sequences of different lengths decode together, a token each per step (in
     shuffled slot order, the shorter ones leaving early); every row equals that sequence run
-    alone, on the int8 kernel (4- and 8-bit codes) and on the fp32 fallback."""
+    alone, on the int8 kernel (4- and 8-bit codes; activations in fp32 or int8) and on the
+    fp32 fallback. (How close int8 activations come to fp32: the layer test below, and
+    bench/serving.py's agreement on the real model.)"""
     model = BUILDS[build]()
-    kernel = lib if path == "int8" else None
-    want = [alone(model, ids, kernel) for ids in PROMPTS]
-    fast = FastLM.attach(model, capacity=64, int8=kernel, slots=4)
-    assert (fast.decoder is not None) == (path == "int8")
+    kernel = lib if path != "fp32" else None
+    want = [alone(model, ids, kernel, x8=path == "int8-x8") for ids in PROMPTS]
+    fast = FastLM.attach(model, capacity=64, int8=kernel, slots=5, x8=path == "int8-x8")
+    assert (fast.decoder is not None) == (path != "fp32")
     got = [[] for _ in PROMPTS]
     order = [2, 0, 3, 1]  # slots in an order other than the sequences'
     with torch.inference_mode():
         for pos in range(max(map(len, PROMPTS))):
             live = [i for i in order if pos < len(PROMPTS[i])]
-            logits = fast.step(live, [PROMPTS[i][pos] for i in live])
+            company = [4] if len(live) == 1 and path == "int8-x8" else []  # (one token alone runs in fp32)
+            logits = fast.step(live + company, [PROMPTS[i][pos] for i in live] + [7] * len(company))
             for row, i in enumerate(live):
                 got[i].append(logits[row])
     for i, ids in enumerate(PROMPTS):
         assert fast.lengths[i] == len(ids)
-        assert torch.allclose(torch.stack(got[i]), want[i], rtol=1e-4, atol=1e-4), (build, i)
+        rows = torch.stack(got[i])
+        if path == "int8-x8":  # a float rounding apart may move a value across an int8 step
+            assert ((rows - want[i]).abs() <= 0.01 * want[i].abs().amax(-1, keepdim=True)).all(), (build, i)
+        else:
+            assert torch.allclose(rows, want[i], rtol=1e-4, atol=1e-4), (build, i)
 
 
 def test_a_batch_after_a_crop_and_a_copied_prefix(lib):
@@ -74,7 +92,7 @@ def test_a_batch_after_a_crop_and_a_copied_prefix(lib):
     model = tiny_qwen2(1)
     ids = PROMPTS[2]
     want = alone(model, ids, lib)
-    fast = FastLM.attach(model, capacity=64, int8=lib, slots=3)
+    fast = FastLM.attach(model, capacity=64, int8=lib, slots=3, x8=False)
     with torch.inference_mode():
         fast.forward(ids[:6] + [1, 1, 1], 0)  # a wrong continuation...
         fast.crop(6, 0)  # ...dropped again
@@ -115,11 +133,12 @@ def answer(llm, text: str, n: int = 24, cancel=None, priority=INTERACTIVE, out=N
 
 def test_answers_are_the_same_batched_or_one_at_a_time(tmp_path):
     """Greedy answers to six questions asked at once on four slots equal those asked one after
-    another on one; the batch really ran (steps of more than one token)."""
+    another on one; the batch really ran (steps of more than one token). (fp32 activations:
+    int8 ones are guarded by bench/serving.py's agreement on the real model.)"""
     questions = [f"Tell me about item {i} and the sea." for i in range(6)]
-    one = backend(tmp_path / "a", parallel=1)
+    one = backend(tmp_path / "a", parallel=1, **{"llm.activations": "fp32"})
     want = [answer(one, q)[0] for q in questions]
-    many = backend(tmp_path / "b", parallel=4)
+    many = backend(tmp_path / "b", parallel=4, **{"llm.activations": "fp32"})
     got = [None] * len(questions)
     threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, answer(many, questions[i])[0]))
                for i in range(len(questions))]
@@ -288,3 +307,25 @@ def test_a_closed_scheduler_ends_its_sequences(tmp_path):
 
 def test_greedy_params_in_replace_keep_priority():
     assert replace(GenParams(), priority=API).priority == API
+
+
+@pytest.mark.parametrize("rows,cols,bits,bias", [(40, 96, 8, True), (30, 64, 4, False), (13, 320, 8, False)],
+                         ids=["8-bit+bias", "4-bit", "8-bit-wide"])
+def test_int8_activations_stay_within_their_rounding(lib, rows, cols, bits, bias):
+    """q8_linear_x8 for 1 to 9 tokens (blocks of 4 with tails): each output within the error of
+    rounding the activations to int8 per 32 (bounded by sum |w| * step / 2 per group)."""
+    torch.manual_seed(cols + bits)
+    levels = 16 if bits == 4 else 256
+    w = torch.randint(0, levels, (rows, cols)).float() * torch.rand(rows, 1) * 0.1 - 0.3
+    b = torch.randn(rows) if bias else None
+    layer = q8.Q8Linear(w, b, lib)
+    assert layer.bits == bits
+    dense = layer.dequantized()
+    for tokens in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(tokens, cols)
+        want = torch.nn.functional.linear(x, dense, b)
+        step = x.view(tokens, -1, 32).abs().amax(-1) / 127  # each group's rounding step
+        bound = (dense.abs().view(rows, -1, 32).sum(-1) @ (step / 2).T).T + 1e-4  # [tokens, rows]
+        err = (layer.x8(x) - want).abs()
+        assert (err <= bound).all(), (tokens, float((err - bound).max()))
+        assert float(err.max()) > 0  # (really the int8 path: fp32 would be exact)

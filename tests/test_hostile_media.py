@@ -288,7 +288,7 @@ def test_memory_comes_back_after_big_decodes(tmp_path):
     rows = memprobe.probe(files, tmp_path)
     assert [r["outcome"] for r in rows] == ["input_error", "ok"] * rounds, rows
     seen = [(r["name"], r["rss_mb"], r["peak_mb"]) for r in rows]
-    per_file = min(r["peak_mb"] for r in rows)
+    per_file = sorted(r["peak_mb"] for r in rows)[len(rows) // 2]  # (a refused PNG can stop early: the median)
     assert per_file > 100, seen  # (each decode really did cost memory: the bound below means something)
     after_round = [rows[2 * i + 1]["rss_mb"] for i in range(rounds)]
     assert after_round[-1] - after_round[0] < 0.25 * per_file, (after_round, seen)

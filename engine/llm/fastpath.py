@@ -69,12 +69,15 @@ class FastLM:
     served: engine/llm/scheduler.py); `forward(ids, slot)` appends a slot's tokens and returns the
     last logits, `step(slots, tokens)` runs one token for each of several slots at once."""
 
-    def __init__(self, weights: Weights, capacity: int, int8=None, codes_path=None, slots: int = 1) -> None:
+    def __init__(self, weights: Weights, capacity: int, int8=None, codes_path=None, slots: int = 1,
+                 x8: bool = True) -> None:
         import torch
 
         cfg = weights.config
         self.capacity, self.slots = capacity, max(1, slots)
         self.lengths = [0] * self.slots  # positions held, per slot
+        #: a batched step's activations in int8 (kernels/q8.c q8_linear_x8); one sequence's stay fp32
+        self.x8 = x8
         self.hidden, self.eps = cfg.hidden_size, cfg.rms_norm_eps
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -135,7 +138,8 @@ class FastLM:
         return F.linear(x, weight, bias)
 
     @classmethod
-    def attach(cls, model, capacity: int, int8=None, codes_path=None, slots: int = 1) -> "FastLM | None":
+    def attach(cls, model, capacity: int, int8=None, codes_path=None, slots: int = 1,
+               x8: bool = True) -> "FastLM | None":
         """A FastLM for a transformers `model`, or None when its architecture or layers are not
         the plain Llama/Qwen2 shape this path computes (the caller keeps transformers' forward).
         The model's q/k/v and gate/up become views of the fused weights: it keeps working."""
@@ -159,7 +163,7 @@ class FastLM:
                            "down": mlp.down_proj.weight, "down_bias": mlp.down_proj.bias})
         weights = Weights(cfg, model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight,
                           model.model.rotary_emb, layers)
-        return cls(weights, capacity, int8, codes_path, slots)
+        return cls(weights, capacity, int8, codes_path, slots, x8)
 
     @property
     def length(self) -> int:

@@ -86,10 +86,11 @@ class TransformersBackend(LLMBackend):
         if mode == "transformers" or self.moe is not None or self.omni is not None or self.talker_model:
             return None
         lib = q8.load(self.cache_dir / "kernels") if mode == "int8" else None
-        slots = self.cfg.max_parallel
+        slots, x8 = self.cfg.max_parallel, self.cfg.activations == "int8"
         if self.lean is not None:
-            return FastLM(self.lean.weights(), self.kv_capacity, int8=lib, codes_path=self._codes_path(), slots=slots)
-        return FastLM.attach(self._model, self.kv_capacity, int8=lib, codes_path=self._codes_path(), slots=slots)
+            return FastLM(self.lean.weights(), self.kv_capacity, int8=lib, codes_path=self._codes_path(), slots=slots,
+                          x8=x8)
+        return FastLM.attach(self._model, self.kv_capacity, int8=lib, codes_path=self._codes_path(), slots=slots, x8=x8)
 
     def _serve(self):
         """The scheduler that owns the fast path (engine/llm/scheduler.py): every use of the model
@@ -281,15 +282,20 @@ class TransformersBackend(LLMBackend):
     def _generate_scheduled(self, prompt, sampler, max_new, cancel, params, usage, detok):
         """The answer as a sequence of the scheduler's batch: it samples and stops; this streams."""
         seq = self.scheduler.submit(prompt, sampler, max_new, self.stop_ids, cancel, params.priority)
+        taken, finish = 0, None
         try:
             for token in seq.tokens():
+                taken += 1
                 if text := detok.push(token):
                     yield TextDelta(text)
+                if cancel.cancelled:  # (the loop may be a few tokens ahead: those are dropped)
+                    finish = "cancelled"
+                    break
         finally:
             seq.close()  # (a consumer gone mid-answer: its slot is free at the next step)
         if text := detok.flush():
             yield TextDelta(text)
-        usage.update(completion_tokens=seq.generated, finish_reason=seq.finish, cached_prompt_tokens=seq.reused)
+        usage.update(completion_tokens=taken, finish_reason=finish or seq.finish, cached_prompt_tokens=seq.reused)
         return usage
 
     def prime(self, messages) -> int:

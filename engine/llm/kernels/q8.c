@@ -1,6 +1,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 /* Weight-only 8-bit linear layer (engine/llm/kernels/q8.py):
    y[t, r] = sum_g (scale[r, g] * sum_{i in g} w[r, i] * x[t, i] + low[r, g] * sum_{i in g} x[t, i]) + bias[r]
    uint8 weights in groups of `group` columns, each group affine (its own scale and low value),
@@ -293,6 +294,102 @@ void q8_linear_batch(const float *x, const uint8_t *w, const float *scale, const
     q8_linear(x, w, scale, low, bias, y, tokens, rows, cols, group, bits, threads);
 }
 
+/* ---- int8 activations (q8_linear_x8) -------------------------------------------------------
+   For several tokens at once (a batched decode step, a prompt) the fp32 path above is bound by
+   arithmetic, not memory: each code is widened to a float and multiplied. Here the activations
+   are quantized per 32-group to int8 (x ~ dx * xq, as llama.cpp's Q8_0 activations), and each
+   group's dot product is 32 byte multiplies in one AVX2 instruction (vpmaddubsw), summed to int32
+   and scaled once: y[t, r] = sum_g scale[r, g] * dx[t, g] * (codes . xq) + low[r, g] * sum_g(x)
+   (the low term from the exact fp32 sums). 8-bit codes w (0..255) are made signed (w - 128, an
+   xor) so that |w'| * sign(xq) fits vpmaddubsw's 16-bit pairs; the 128 * scale goes to the low
+   term. 4-bit codes (0..15) multiply as they are. Tokens go in blocks of NB8, each row's codes
+   loaded once per block. */
+#define NB8 4
+void q8_quantize_x(const float *x, int tokens, int cols, int8_t *xq, float *dx, float *xsum) {
+    int groups = cols / 32;
+    for (int t = 0; t < tokens; t++)
+        for (int g = 0; g < groups; g++) {
+            const float *v = x + (int64_t)t * cols + g * 32;
+            float amax = 0.0f, sum = 0.0f;
+            for (int i = 0; i < 32; i++) { float a = fabsf(v[i]); if (a > amax) amax = a; sum += v[i]; }
+            float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            int8_t *q = xq + (int64_t)t * cols + g * 32;
+            for (int i = 0; i < 32; i++) q[i] = (int8_t)lrintf(v[i] * inv);
+            dx[(int64_t)t * groups + g] = d;
+            xsum[(int64_t)t * groups + g] = sum;
+        }
+}
+
+#ifdef HAVE_ROW32
+static inline __m256 dot_u8s8(__m256i u, __m256i s) {  /* 32 u8 x s8 products -> 8 float sums of 4 */
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+
+/* xq [padded tokens, cols] int8 (padding rows zero), dx and xsum [tokens, groups] */
+void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const uint8_t *w, const float *scale,
+                  const float *low, const float *bias, float *y, int tokens, int rows, int cols, int bits,
+                  int threads) {
+    int groups = cols / 32;
+    int64_t row_bytes = bits == 4 ? cols / 2 : cols;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *wr = w + (int64_t)r * row_bytes;
+        const float *sr = scale + (int64_t)r * groups, *lr = low + (int64_t)r * groups;
+        float b = bias ? bias[r] : 0.0f;
+        for (int t0 = 0; t0 < tokens; t0 += NB8) {
+            int nt = tokens - t0 < NB8 ? tokens - t0 : NB8;
+            float out[NB8] = {0};
+#ifdef HAVE_ROW32
+            __m256 acc[NB8];
+            for (int t = 0; t < NB8; t++) acc[t] = _mm256_setzero_ps();
+            for (int g = 0; g < groups; g++) {
+                __m256i u, sgn;
+                if (bits == 4) {
+                    __m128i v = _mm_loadu_si128((const __m128i *)(wr + g * 16)), m = _mm_set1_epi8(0x0F);
+                    u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+                    sgn = _mm256_setzero_si256();
+                } else {
+                    sgn = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + g * 32)), _mm256_set1_epi8((char)0x80));
+                    u = _mm256_abs_epi8(sgn);
+                }
+                for (int t = 0; t < NB8; t++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)(t0 + t) * cols + g * 32));
+                    if (bits != 4) xv = _mm256_sign_epi8(xv, sgn);
+                    __m256 d = _mm256_set1_ps(sr[g] * dx[(int64_t)(t0 + t < tokens ? t0 + t : t0) * groups + g]);
+                    acc[t] = _mm256_fmadd_ps(dot_u8s8(u, xv), d, acc[t]);
+                }
+            }
+            for (int t = 0; t < nt; t++) out[t] = hsum(acc[t]);
+#else
+            for (int t = 0; t < nt; t++) {
+                const int8_t *xt = xq + (int64_t)(t0 + t) * cols;
+                float sum = 0.0f;
+                for (int g = 0; g < groups; g++) {
+                    int dot = 0;
+                    for (int i = 0; i < 32; i++) {
+                        int code = bits == 4 ? (i < 16 ? wr[g * 16 + i] & 15 : wr[g * 16 + i - 16] >> 4)
+                                             : (int)wr[g * 32 + i] - 128;
+                        dot += code * xt[g * 32 + i];
+                    }
+                    sum += sr[g] * dx[(int64_t)(t0 + t) * groups + g] * (float)dot;
+                }
+                out[t] = sum;
+            }
+#endif
+            for (int t = 0; t < nt; t++) {
+                const float *st = xsum + (int64_t)(t0 + t) * groups;
+                float offset = 0.0f;
+                if (bits == 4)
+                    for (int g = 0; g < groups; g++) offset += lr[g] * st[g];
+                else
+                    for (int g = 0; g < groups; g++) offset += (lr[g] + 128.0f * sr[g]) * st[g];
+                y[(int64_t)(t0 + t) * rows + r] = out[t] + offset + b;
+            }
+        }
+    }
+}
+
 /* ---- one decode step for a batch of sequences (engine/llm/kernels/q8.py: Decoder) -------
    A dense Llama/Qwen2 model for B tokens, each of its own sequence (its KV slot, its position),
    every layer in C: RMSNorm, the fused q/k/v, RoPE (cos/sin given per token), the KV cache
@@ -317,6 +414,7 @@ typedef struct {
 
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter, capacity, n_layers, threads;
+    int x8;  /* batches of 2+ tokens with int8 activations (q8_linear_x8) */
     float eps, scale;
     const q8_layer *layers;
     const float *norm;
@@ -324,10 +422,16 @@ typedef struct {
     float *scratch;  /* q8_scratch_floats() floats */
 } q8_model;
 
-static void linear(const q8_mat *m, const float *x, float *y, int tokens, int threads) {
+typedef struct { int8_t *q; float *d, *sum; int on; } x8_buf;  /* a batch's quantized activations */
+
+static void linear(const q8_mat *m, const float *x, float *y, int tokens, int threads, const x8_buf *x8) {
     if (tokens == 1)
         q8_linear(x, m->q, m->scale, m->low, m->bias, y, 1, m->rows, m->cols, m->group, m->bits, threads);
-    else
+    else if (x8->on && m->group == 32) {
+        q8_quantize_x(x, tokens, m->cols, x8->q, x8->d, x8->sum);
+        q8_linear_x8(x8->q, x8->d, x8->sum, m->q, m->scale, m->low, m->bias, y, tokens, m->rows, m->cols, m->bits,
+                     threads);
+    } else
         q8_linear_batch(x, m->q, m->scale, m->low, m->bias, y, tokens, m->rows, m->cols, m->group, m->bits, threads);
 }
 
@@ -349,10 +453,15 @@ static void rope(float *v, int heads, int hd, const float *cos, const float *sin
 }
 
 /* scratch for up to `batch` tokens (rows padded to NB: q8_linear_batch reads whole blocks) */
+static long widest(int hidden, int heads, int head_dim, int inter) {
+    long w = hidden > inter ? hidden : inter;
+    return w > (long)heads * head_dim ? w : (long)heads * head_dim;
+}
+
 long q8_scratch_floats(int hidden, int heads, int kv_heads, int head_dim, int inter, int capacity, int batch) {
-    long rows = (batch + NB - 1) / NB * NB;
+    long rows = (batch + NB - 1) / NB * NB, wide = widest(hidden, heads, head_dim, inter);
     return rows * ((long)hidden + (long)(heads + 2 * kv_heads) * head_dim + (long)heads * head_dim + 3L * inter)
-           + (long)batch * heads * capacity;
+           + (long)batch * heads * capacity + rows * wide / 4 + 2L * rows * (wide / 32 + 1);
 }
 
 /* x: [B, hidden] embeddings (overwritten); slots, pos: each token's KV slot and position;
@@ -364,6 +473,9 @@ void q8_decode(const q8_model *m, float *x, int batch, const int *slots, const i
     long cap = m->capacity, slot_stride = (long)m->kv_heads * cap * hd;
     float *h = m->scratch, *qkv = h + (long)rows * H, *att = qkv + (long)rows * QKV, *gu = att + (long)rows * qd,
           *act = gu + (long)rows * 2 * I, *scores = act + (long)rows * I;  /* (layout: q8_scratch_floats) */
+    long wide = widest(H, m->heads, hd, I);
+    float *x8q = scores + (long)B * m->heads * cap;
+    x8_buf x8 = {(int8_t *)x8q, x8q + rows * wide / 4, x8q + rows * wide / 4 + rows * (wide / 32 + 1), m->x8};
     /* the padding rows of every linear layer's input stay zero */
     memset(h + (long)B * H, 0, sizeof(float) * (size_t)(rows - B) * H);
     memset(att + (long)B * qd, 0, sizeof(float) * (size_t)(rows - B) * qd);
@@ -371,7 +483,7 @@ void q8_decode(const q8_model *m, float *x, int batch, const int *slots, const i
     for (int l = 0; l < m->n_layers; l++) {
         const q8_layer *L = m->layers + l;
         for (int b = 0; b < B; b++) rms_norm(x + (long)b * H, L->ln1, h + (long)b * H, H, m->eps);
-        linear(&L->qkv, h, qkv, B, m->threads);
+        linear(&L->qkv, h, qkv, B, m->threads, &x8);
         for (int b = 0; b < B; b++) {
             float *q = qkv + (long)b * QKV, *k = q + qd, *v = q + qd + kvd;
             rope(q, m->heads, hd, cos + (long)b * hd, sin + (long)b * hd);
@@ -402,18 +514,18 @@ void q8_decode(const q8_model *m, float *x, int batch, const int *slots, const i
                 for (int i = 0; i < hd; i++) out[i] += w * vc[(long)t * hd + i];
             }
         }
-        linear(&L->o, att, h, B, m->threads);
+        linear(&L->o, att, h, B, m->threads, &x8);
         for (long i = 0; i < (long)B * H; i++) x[i] += h[i];
         for (int b = 0; b < B; b++) rms_norm(x + (long)b * H, L->ln2, h + (long)b * H, H, m->eps);
-        linear(&L->gate_up, h, gu, B, m->threads);
+        linear(&L->gate_up, h, gu, B, m->threads, &x8);
         for (int b = 0; b < B; b++)
             for (int i = 0; i < I; i++) {
                 float g = gu[(long)b * 2 * I + i];
                 act[(long)b * I + i] = g / (1.0f + expf(-g)) * gu[(long)b * 2 * I + I + i];
             }
-        linear(&L->down, act, h, B, m->threads);
+        linear(&L->down, act, h, B, m->threads, &x8);
         for (long i = 0; i < (long)B * H; i++) x[i] += h[i];
     }
     for (int b = 0; b < B; b++) rms_norm(x + (long)b * H, m->norm, h + (long)b * H, H, m->eps);
-    linear(&m->head, h, logits, B, m->threads);
+    linear(&m->head, h, logits, B, m->threads, &x8);
 }

@@ -76,6 +76,10 @@ def load(build_dir: Path):
         lib.q8_linear.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
         lib.q8_gemm.restype = None
         lib.q8_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+        lib.q8_quantize_x.restype = None
+        lib.q8_quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3
+        lib.q8_linear_x8.restype = None
+        lib.q8_linear_x8.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5
         lib.q8_linear_batch.restype = None
         lib.q8_linear_batch.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
         lib.q8_decode.restype = None
@@ -174,6 +178,24 @@ class Q8Linear:
                          tokens, self.rows, self.cols, self.group, self.bits, torch.get_num_threads())
         return out.view(*x.shape[:-1], self.rows)
 
+    def x8(self, x):
+        """The same with the activations quantized per 32 to int8 (q8.c q8_linear_x8: what a
+        batched decode step runs)."""
+        import torch
+
+        flat = x.reshape(-1, self.cols).float().contiguous()
+        tokens, groups = flat.shape[0], self.cols // GROUP
+        if self.group != GROUP:
+            raise ValueError("int8 activations need groups of 32 columns")
+        xq = torch.empty(-(-tokens // 4) * 4, self.cols, dtype=torch.int8)
+        dx, xsum = torch.empty(tokens, groups), torch.empty(tokens, groups)
+        self.lib.q8_quantize_x(flat.data_ptr(), tokens, self.cols, xq.data_ptr(), dx.data_ptr(), xsum.data_ptr())
+        out = torch.empty(tokens, self.rows, dtype=torch.float32)
+        self.lib.q8_linear_x8(xq.data_ptr(), dx.data_ptr(), xsum.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(),
+                              self.low.data_ptr(), self.bias.data_ptr() if self.bias is not None else None,
+                              out.data_ptr(), tokens, self.rows, self.cols, self.bits, torch.get_num_threads())
+        return out.view(*x.shape[:-1], self.rows)
+
     def dequantized(self):
         """The weight this layer computes with, in fp32 (tests compare against it)."""
         return dequantize(self.state(), self.rows, self.cols)
@@ -247,7 +269,7 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [("hidden", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
                 ("head_dim", ctypes.c_int), ("inter", ctypes.c_int), ("capacity", ctypes.c_int),
-                ("n_layers", ctypes.c_int), ("threads", ctypes.c_int), ("eps", ctypes.c_float),
+                ("n_layers", ctypes.c_int), ("threads", ctypes.c_int), ("x8", ctypes.c_int), ("eps", ctypes.c_float),
                 ("scale", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)), ("norm", ctypes.c_void_p),
                 ("head", _Mat), ("scratch", ctypes.c_void_p)]
 
@@ -278,7 +300,7 @@ class Decoder:
         self.scratch = torch.empty(floats, dtype=torch.float32)
         self.logits = torch.empty(self.max_batch, fast.q8_head.rows, dtype=torch.float32)
         self.model = _Model(fast.hidden, fast.heads, fast.kv_heads, fast.head_dim, inter, fast.capacity,
-                            len(fast.layers), torch.get_num_threads(), fast.eps, fast.scale, self._layers,
+                            len(fast.layers), torch.get_num_threads(), int(fast.x8), fast.eps, fast.scale, self._layers,
                             ptr(fast.norm), _mat(fast.q8_head), ptr(self.scratch))
         self._ref = ctypes.byref(self.model)
 
