@@ -45,14 +45,27 @@ def alone(model, ids: list[int], lib, x8: bool = False) -> torch.Tensor:
         return torch.cat([fast.step([1, 0], [t, 7])[:1] for t in ids])
 
 
+def on_5bit_grids(model):
+    """Every matrix's 32-weight blocks on 32 affine levels (as Q5_0/Q5_1/Q5_K blocks)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                b = p.view(p.shape[0], -1, 32)
+                lo = b.amin(-1, keepdim=True)
+                d = ((b.amax(-1, keepdim=True) - lo) / 31).clamp(min=1e-12)
+                b.copy_(lo + torch.round((b - lo) / d) * d)
+    return model
+
+
 BUILDS = {"llama-gqa": lambda: build_tiny_model(3)[0], "qwen2-biases": tiny_qwen2,
-          "llama-4bit": lambda: on_gguf_grids(build_tiny_model(6)[0])}
+          "llama-4bit": lambda: on_gguf_grids(build_tiny_model(6)[0]),
+          "qwen2-5bit": lambda: on_5bit_grids(tiny_qwen2(4))}
 
 
 # int8 activations: on the Qwen2-shaped model only. The random Llamas (a large init) are chaotic:
 # a float rounding apart between two runs moves a value across an int8 step, and two layers
 # later the logits are 2-5% apart; their exact batching is checked on the other two paths.
-CASES = [(b, p) for b in BUILDS for p in ("int8", "fp32")] + [("qwen2-biases", "int8-x8")]
+CASES = [(b, p) for b in BUILDS for p in ("int8", "fp32")] + [("qwen2-biases", "int8-x8"), ("qwen2-5bit", "int8-x8")]
 
 
 @pytest.mark.parametrize("build,path", CASES, ids=[f"{b}-{p}" for b, p in CASES])
@@ -67,6 +80,8 @@ def test_batched_logits_equal_each_sequence_alone(lib, build, path):
     want = [alone(model, ids, kernel, x8=path == "int8-x8") for ids in PROMPTS]
     fast = FastLM.attach(model, capacity=64, int8=kernel, slots=5, x8=path == "int8-x8")
     assert (fast.decoder is not None) == (path != "fp32")
+    if build == "qwen2-5bit" and kernel is not None:
+        assert {q.bits for layer in fast.layers for q in layer.q8.values()} == {5}
     got = [[] for _ in PROMPTS]
     order = [2, 0, 3, 1]  # slots in an order other than the sequences'
     with torch.inference_mode():
@@ -309,13 +324,14 @@ def test_greedy_params_in_replace_keep_priority():
     assert replace(GenParams(), priority=API).priority == API
 
 
-@pytest.mark.parametrize("rows,cols,bits,bias", [(40, 96, 8, True), (30, 64, 4, False), (13, 320, 8, False)],
-                         ids=["8-bit+bias", "4-bit", "8-bit-wide"])
+@pytest.mark.parametrize("rows,cols,bits,bias", [(40, 96, 8, True), (30, 64, 4, False), (13, 320, 8, False),
+                                                (21, 160, 5, True)],
+                         ids=["8-bit+bias", "4-bit", "8-bit-wide", "5-bit"])
 def test_int8_activations_stay_within_their_rounding(lib, rows, cols, bits, bias):
     """q8_linear_x8 for 1 to 9 tokens (blocks of 4 with tails): each output within the error of
     rounding the activations to int8 per 32 (bounded by sum |w| * step / 2 per group)."""
     torch.manual_seed(cols + bits)
-    levels = 16 if bits == 4 else 256
+    levels = {4: 16, 5: 32, 8: 256}[bits]
     w = torch.randint(0, levels, (rows, cols)).float() * torch.rand(rows, 1) * 0.1 - 0.3
     b = torch.randn(rows) if bias else None
     layer = q8.Q8Linear(w, b, lib)

@@ -138,18 +138,23 @@ def test_int8_kernel_equals_its_dequantized_weight(lib, rows, cols, tokens, bias
     assert (layer.dequantized() - w).abs().max() <= w.abs().max() / 127  # within half a step of its group's scale x2
 
 
-@pytest.mark.parametrize("rows,cols,bits,bias", [(13, 320, 8, True), (30, 64, 4, False), (7, 50, 8, True)],
-                         ids=["8-bit, panels and column blocks with tails", "4-bit", "odd-columns"])
+@pytest.mark.parametrize("rows,cols,bits,bias", [(13, 320, 8, True), (30, 64, 4, False), (7, 50, 8, True),
+                                                (11, 288, 5, True)],
+                         ids=["8-bit, panels and column blocks with tails", "4-bit", "odd-columns", "5-bit"])
 def test_the_prompt_matmul_equals_its_dequantized_weight(lib, rows, cols, bits, bias):
     """A prompt's many tokens go through q8_gemm (panels of 6 rows, 256 columns, 16 tokens at a
     time): any row, column and token count computes the dequantized weight's matmul."""
     torch.manual_seed(cols)
-    levels = 16 if bits == 4 else 256
+    levels = {4: 16, 5: 32, 8: 256}[bits]
     w = torch.randint(0, levels, (rows, cols)).float() * torch.rand(rows, 1) * 0.1 - 0.3
     b = torch.randn(rows) if bias else None
     layer = q8.Q8Linear(w, b, lib)
     assert layer.bits == bits
-    for tokens in (5, 8, 16, 21, 40):
+    assert bits == 8 or torch.allclose(layer.dequantized(), w, atol=1e-5)  # 16 or 32 levels: found exactly
+    for tokens in (1, 3, 5, 8, 16, 21, 40):
+        x = torch.randn(1, tokens, cols)
+        want = torch.nn.functional.linear(x, layer.dequantized(), b)
+        assert torch.allclose(layer(x), want, rtol=1e-4, atol=1e-4), tokens  # the matvec (decode) path
         x = torch.randn(1, tokens, cols)
         want = torch.nn.functional.linear(x, layer.dequantized(), b)
         assert torch.allclose(layer.many(x), want, rtol=1e-4, atol=1e-4), tokens
@@ -266,3 +271,37 @@ def test_the_c_decode_step_equals_the_torch_ops(build, lib):
         again = [fast.forward([t]) for t in IDS[5:]]
     assert torch.allclose(torch.cat(c_steps), torch.cat(torch_steps), atol=1e-4)
     assert torch.allclose(torch.cat(again), torch.cat(torch_steps[5:]), atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_code_layouts_round_trip(bits):
+    """pack/unpack: each layout gives back its codes (5 bits: 16 nibble bytes + 4 bytes of fifth bits)."""
+    torch.manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (6, 96), dtype=torch.uint8)
+    packed = q8.pack(codes, bits)
+    assert packed.shape == (6, 96 // 32 * q8.group_bytes(bits))
+    assert torch.equal(q8.unpack(packed, bits), codes)
+    assert q8.width(codes) == bits or bits == 8
+
+
+@pytest.mark.parametrize("bits", [5, 8])
+def test_fp16_scales_where_exact(lib, bits):
+    """Blocks as Q5_0 / Q8_0 hold them (an fp16 scale d, values d * (q - 16) or d * (q - 128)):
+    scales and low values are kept in fp16 (4 bytes a group, not 8) and every kernel path
+    computes the same weight: matvec, a batch, int8 activations, the prompt matmul."""
+    torch.manual_seed(bits)
+    rows, cols, top = 24, 256, 2 ** bits
+    d = (torch.rand(rows, cols // 32) * 0.02 + 0.001).half().float()
+    q = torch.randint(0, top, (rows, cols // 32, 32)).float()
+    q[..., 0], q[..., 1] = 0, top - 1  # every block spans its levels
+    w = (d[..., None] * (q - top // 2)).reshape(rows, cols)
+    layer = q8.Q8Linear(w, None, lib)
+    assert layer.bits == bits and layer.scale.dtype == torch.float16 and layer.fmt & q8.HALF
+    assert torch.equal(layer.dequantized(), w)
+    for tokens in (1, 3, 9):
+        x = torch.randn(tokens, cols)
+        want = x @ w.T
+        assert torch.allclose(layer(x), want, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(layer.many(x), want, rtol=1e-4, atol=1e-4)
+        assert ((layer.x8(x) - want).abs() <= 0.02 * want.abs().amax()).all()
+    assert torch.equal(layer.lookup(torch.tensor([3, 0])), w[[3, 0]])

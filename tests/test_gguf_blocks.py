@@ -22,7 +22,7 @@ from tests.test_fastpath import IDS, computes, lib, reference, tiny_qwen2  # noq
 # where each block type keeps its fp16 scale(s), as byte offsets (random bytes there could be inf/nan)
 HALVES = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,), T.Q4_K: (0, 2),
           T.Q5_K: (0, 2), T.Q6_K: (208,)}
-EXACT = {T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 8, T.Q5_1: 8, T.Q8_0: 8, T.Q4_K: 4, T.Q5_K: 8}  # -> bits of the codes
+EXACT = {T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q8_0: 8, T.Q4_K: 4, T.Q5_K: 5}  # -> bits of the codes
 
 
 def random_blocks(kind, rows: int, cols: int, seed: int = 0) -> np.ndarray:

@@ -236,22 +236,22 @@ def _joined(parts: list[dict]) -> dict:
     """States stacked by rows; one layout for all (8-bit when any part is)."""
     import torch
 
-    from engine.llm.kernels.q8 import unpack4
+    from engine.llm.kernels.q8 import pack, unpack
 
     if len(parts) == 1:
         return parts[0]
-    bits = 4 if all(p["bits"] == 4 for p in parts) else 8
-    q = [p["q"] if p["bits"] == bits else unpack4(p["q"]) for p in parts]
+    bits = max(p["bits"] for p in parts)
+    q = [p["q"] if p["bits"] == bits else pack(unpack(p["q"], p["bits"]), bits) for p in parts]
     return {"q": torch.cat(q).contiguous(), "scale": torch.cat([p["scale"] for p in parts]).contiguous(),
             "low": torch.cat([p["low"] for p in parts]).contiguous(), "bits": bits}
 
 
 def _packed(state: dict) -> dict:
-    """4-bit codes when no code is over 15 (Q4 blocks), as Q8Linear lays them out."""
-    from engine.llm.kernels.q8 import pack4
+    """4- or 5-bit codes when no code is over 15 or 31 (Q4 and Q5 blocks), as Q8Linear lays them out."""
+    from engine.llm.kernels.q8 import pack, width
 
-    if state["bits"] == 8 and state["q"].shape[1] % 32 == 0 and int(state["q"].max()) <= 15:
-        return {**state, "q": pack4(state["q"]), "bits": 4}
+    if state["bits"] == 8 and state["q"].shape[1] % 32 == 0 and (bits := width(state["q"])) < 8:
+        return {**state, "q": pack(state["q"], bits), "bits": bits}
     return state
 
 

@@ -2,10 +2,63 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 /* Weight-only 8-bit linear layer (engine/llm/kernels/q8.py):
    y[t, r] = sum_g (scale[r, g] * sum_{i in g} w[r, i] * x[t, i] + low[r, g] * sum_{i in g} x[t, i]) + bias[r]
-   uint8 weights in groups of `group` columns, each group affine (its own scale and low value),
-   fp32 activations and accumulation. Rows are split over `threads` OpenMP threads. */
+   codes in groups of `group` columns, each group affine (its own scale and low value), fp32
+   activations and accumulation. Rows are split over `threads` OpenMP threads. A group of 32
+   codes takes 32 bytes at 8 bits; 16 at 4 bits (byte j = code j | code j+16 << 4); 20 at 5
+   bits (those 16 bytes for the low four bits, then 4 bytes: bit i = code i's fifth bit), so a
+   GGUF's 5-bit blocks (Q5_0, Q5_1, Q5_K) are read at their own width. */
+
+/* `bits` as the kernels take it: the codes' width (4, 5 or 8), plus HALF when the scales and
+   low values are fp16 (where a GGUF's are exactly: Q5_0, Q8_0), so that they cost 4 bytes per
+   group instead of 8. Each row's are widened into a small buffer before use (row_scales). */
+#define HALF 0x100
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else {  /* subnormal */
+            exp = 113;
+            while (!(man & 1024)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 1023) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 112) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* row r's `groups` scales (or low values) as floats: the array itself when fp32, else widened into buf */
+static inline const float *row_scales(const void *base, int half, int64_t r, int groups, float *buf) {
+    if (!half) return (const float *)base + r * groups;
+    const uint16_t *h = (const uint16_t *)base + r * groups;
+    int g = 0;
+#ifdef __F16C__
+    for (; g + 8 <= groups; g += 8)
+        _mm256_storeu_ps(buf + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + g))));
+#endif
+    for (; g < groups; g++) buf[g] = half_to_float(h[g]);
+    return buf;
+}
+
+/* bytes of one group of 32 codes, and of a row */
+static inline int group_bytes(int bits) { return bits == 4 ? 16 : bits == 5 ? 20 : 32; }
+static inline int64_t row_bytes_of(int cols, int group, int bits) {
+    return group == 32 ? (int64_t)(cols / 32) * group_bytes(bits) : cols;
+}
+
+/* code i (0..31) of a group */
+static inline int code_at(const uint8_t *g, int bits, int i) {
+    if (bits == 8) return g[i];
+    int lo = i < 16 ? g[i] & 15 : g[i - 16] >> 4;
+    return bits == 5 ? lo | (((g[16 + i / 8] >> (i % 8)) & 1) << 4) : lo;
+}
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 /* 32 codes (lo: codes 0-15, hi: codes 16-31, one per byte) times x[0..31], as 8 partial sums */
@@ -14,6 +67,34 @@ static inline __m256 group32(__m128i lo, __m128i hi, const float *x) {
     p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), p);
     p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16), p);
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), p);
+}
+
+/* 32 bits -> 32 bytes, byte i = 0x10 where bit i is set (a 5-bit group's fifth bits) */
+static inline __m256i fifth_bits(const uint8_t *p) {
+    uint32_t qh;
+    memcpy(&qh, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(0x10));
+}
+
+/* a group's 32 codes (4, 5 or 8 bits) as bytes: lo = codes 0-15, hi = codes 16-31 */
+static inline void codes_u8(const uint8_t *g, int bits, __m128i *lo, __m128i *hi) {
+    if (bits == 8) {
+        *lo = _mm_loadu_si128((const __m128i *)g);
+        *hi = _mm_loadu_si128((const __m128i *)(g + 16));
+        return;
+    }
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i b = _mm_loadu_si128((const __m128i *)g);
+    *lo = _mm_and_si128(b, mask);
+    *hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    if (bits == 5) {
+        __m256i h = fifth_bits(g + 16);
+        *lo = _mm_or_si128(*lo, _mm256_castsi256_si128(h));
+        *hi = _mm_or_si128(*hi, _mm256_extracti128_si256(h, 1));
+    }
 }
 
 static inline float hsum(__m256 acc) {
@@ -33,23 +114,23 @@ static inline float row32(const uint8_t *w, const float *x, const float *scale, 
     return hsum(acc);
 }
 
-/* the same with 4-bit codes: 16 bytes per group, byte j = code j (low nibble) | code j+16 (high) */
-static inline float row32_q4(const uint8_t *w, const float *x, const float *scale, int groups) {
+/* the same with 4- or 5-bit codes (16 or 20 bytes per group) */
+static inline float row32_packed(const uint8_t *w, int bits, const float *x, const float *scale, int groups) {
     __m256 acc = _mm256_setzero_ps();
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    for (int g = 0; g < groups; g++, w += 16, x += 32) {
-        __m128i b = _mm_loadu_si128((const __m128i *)w);
-        __m256 p = group32(_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask), x);
-        acc = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[g]), acc);
+    int step = group_bytes(bits);
+    for (int g = 0; g < groups; g++, w += step, x += 32) {
+        __m128i lo, hi;
+        codes_u8(w, bits, &lo, &hi);
+        acc = _mm256_fmadd_ps(group32(lo, hi, x), _mm256_set1_ps(scale[g]), acc);
     }
     return hsum(acc);
 }
 #define HAVE_ROW32 1
 #endif
 
-static inline float dot4(const uint8_t *w, const float *x) {  /* one group of 32, 4-bit codes */
+static inline float dot_packed(const uint8_t *w, int bits, const float *x) {  /* one group of 32, 4 or 5 bits */
     float sum = 0.0f;
-    for (int j = 0; j < 16; j++) sum += (float)(w[j] & 15) * x[j] + (float)(w[j] >> 4) * x[j + 16];
+    for (int i = 0; i < 32; i++) sum += (float)code_at(w, bits, i) * x[i];
     return sum;
 }
 
@@ -63,11 +144,12 @@ static inline float dot8(const uint8_t *w, const float *x, int n) {
     return sum;
 }
 
-/* bits = 8: one code per byte; bits = 4: two per byte, groups of 32 only */
-void q8_linear(const float *x, const uint8_t *w, const float *scale, const float *low, const float *bias,
+/* bits = 8: one code per byte; bits = 4 or 5: groups of 32 only */
+void q8_linear(const float *x, const uint8_t *w, const void *scale, const void *low, const float *bias,
                float *y, int tokens, int rows, int cols, int group, int bits, int threads) {
-    int groups = cols / group;
-    int64_t row_bytes = bits == 4 ? cols / 2 : cols;
+    int half = bits & HALF, groups = cols / group;
+    bits &= 0xff;
+    int64_t row_bytes = row_bytes_of(cols, group, bits);
     float *xsum = malloc(sizeof(float) * (size_t)tokens * groups);  /* per token, per group: sum of x */
     if (!xsum) return;
     for (int t = 0; t < tokens; t++)
@@ -79,16 +161,17 @@ void q8_linear(const float *x, const uint8_t *w, const float *scale, const float
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
         const uint8_t *wr = w + (int64_t)r * row_bytes;
-        const float *sr = scale + (int64_t)r * groups, *lr = low + (int64_t)r * groups;
+        float bs[groups], bl[groups];
+        const float *sr = row_scales(scale, half, r, groups, bs), *lr = row_scales(low, half, r, groups, bl);
         float b = bias ? bias[r] : 0.0f;
         for (int t = 0; t < tokens; t++) {
             const float *xt = x + (int64_t)t * cols, *st = xsum + t * groups;
             float acc = 0.0f, offset = 0.0f;
-            if (bits == 4) {
+            if (bits != 8) {
 #ifdef HAVE_ROW32
-                acc = row32_q4(wr, xt, sr, groups);
+                acc = row32_packed(wr, bits, xt, sr, groups);
 #else
-                for (int g = 0; g < groups; g++) acc += sr[g] * dot4(wr + g * 16, xt + g * 32);
+                for (int g = 0; g < groups; g++) acc += sr[g] * dot_packed(wr + g * group_bytes(bits), bits, xt + g * 32);
 #endif
             } else {
 #ifdef HAVE_ROW32
@@ -118,12 +201,12 @@ static void dequant_row(const uint8_t *w, const float *scale, const float *low, 
                         int group, int bits) {
     for (int g = k0 / group; g < (k0 + n) / group; g++, out += group) {
         float s = scale[g], lo = low[g];
-        const uint8_t *b = bits == 4 ? w + g * 16 : w + (int64_t)g * group;
+        const uint8_t *b = bits != 8 ? w + g * group_bytes(bits) : w + (int64_t)g * group;
 #ifdef HAVE_ROW32
         __m256 vs = _mm256_set1_ps(s), vl = _mm256_set1_ps(lo);
-        if (bits == 4) {  /* group of 32: byte j = code j | code j+16 << 4 */
-            __m128i v = _mm_loadu_si128((const __m128i *)b), mask = _mm_set1_epi8(0x0F);
-            __m128i q[2] = {_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask)};
+        if (bits != 8) {  /* group of 32, 4 or 5 bits */
+            __m128i q[2];
+            codes_u8(b, bits, &q[0], &q[1]);
             for (int h = 0; h < 2; h++)
                 for (int j = 0; j < 2; j++) {
                     __m128i part = j ? _mm_srli_si128(q[h], 8) : q[h];
@@ -140,8 +223,8 @@ static void dequant_row(const uint8_t *w, const float *scale, const float *low, 
             continue;
         }
 #endif
-        if (bits == 4)
-            for (int j = 0; j < 16; j++) { out[j] = lo + s * (float)(b[j] & 15); out[j + 16] = lo + s * (float)(b[j] >> 4); }
+        if (bits != 8)
+            for (int j = 0; j < 32; j++) out[j] = lo + s * (float)code_at(b, bits, j);
         else
             for (int j = 0; j < group; j++) out[j] = lo + s * (float)b[j];
     }
@@ -183,25 +266,26 @@ static void tile(const float *panel, const float *xt, int n, int tp, int nv, flo
 /* xt: [cols, tp] (tp = tokens rounded up to 8, the padding zero); y: [tokens, rows].
    Each thread takes a run of row panels; for each KB columns, every panel of its run is
    dequantized once and used for all tokens, while those columns of xt stay in its cache. */
-void q8_gemm(const float *xt, int tp, const uint8_t *w, const float *scale, const float *low, const float *bias,
+void q8_gemm(const float *xt, int tp, const uint8_t *w, const void *scale, const void *low, const float *bias,
              float *y, int tokens, int rows, int cols, int group, int bits, int threads) {
-    int groups = cols / group, panels = (rows + PR - 1) / PR;
-    int64_t row_bytes = bits == 4 ? cols / 2 : cols;
+    int half = bits & HALF, groups = cols / group, panels = (rows + PR - 1) / PR;
+    bits &= 0xff;
+    int64_t row_bytes = row_bytes_of(cols, group, bits);
     if (KB % group || cols % group) return;  /* (callers check: groups of 32, or one group per row) */
     for (int t = 0; t < tokens; t++)
         for (int r = 0; r < rows; r++) y[(int64_t)t * rows + r] = bias ? bias[r] : 0.0f;
     #pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int part = 0; part < threads; part++) {
         int first = (int)((int64_t)panels * part / threads), last = (int)((int64_t)panels * (part + 1) / threads);
-        float panel[PR * KB] __attribute__((aligned(32))), acc[PR][16];
+        float panel[PR * KB] __attribute__((aligned(32))), acc[PR][16], bs[groups], bl[groups];
         for (int k0 = 0; k0 < cols; k0 += KB) {
             int n = cols - k0 < KB ? cols - k0 : KB;
             for (int p = first; p < last; p++) {
                 int r0 = p * PR, nr = rows - r0 < PR ? rows - r0 : PR;
                 for (int r = 0; r < PR; r++) {
                     if (r < nr)
-                        dequant_row(w + (int64_t)(r0 + r) * row_bytes, scale + (int64_t)(r0 + r) * groups,
-                                    low + (int64_t)(r0 + r) * groups, panel + r * KB, k0, n, group, bits);
+                        dequant_row(w + (int64_t)(r0 + r) * row_bytes, row_scales(scale, half, r0 + r, groups, bs),
+                                    row_scales(low, half, r0 + r, groups, bl), panel + r * KB, k0, n, group, bits);
                     else
                         memset(panel + r * KB, 0, sizeof(float) * n);
                 }
@@ -224,15 +308,7 @@ void q8_gemm(const float *xt, int tp, const uint8_t *w, const float *scale, cons
 #ifdef HAVE_ROW32
 static inline void codes32(const uint8_t *w, int bits, __m256 s, __m256 out[4]) {
     __m128i lo, hi;
-    if (bits == 4) {
-        const __m128i mask = _mm_set1_epi8(0x0F);
-        __m128i b = _mm_loadu_si128((const __m128i *)w);
-        lo = _mm_and_si128(b, mask);
-        hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-    } else {
-        lo = _mm_loadu_si128((const __m128i *)w);
-        hi = _mm_loadu_si128((const __m128i *)(w + 16));
-    }
+    codes_u8(w, bits, &lo, &hi);
     out[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s);
     out[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s);
     out[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s);
@@ -244,7 +320,7 @@ static inline void row_nb(const uint8_t *w, int bits, const float *x, int cols, 
                           float out[NB]) {
     __m256 acc[NB], c[4];
     for (int t = 0; t < NB; t++) acc[t] = _mm256_setzero_ps();
-    int step = bits == 4 ? 16 : 32;
+    int step = group_bytes(bits);
     for (int g = 0; g < groups; g++, w += step) {
         codes32(w, bits, _mm256_set1_ps(scale[g]), c);
         for (int t = 0; t < NB; t++) {
@@ -259,12 +335,14 @@ static inline void row_nb(const uint8_t *w, int bits, const float *x, int cols, 
 }
 #endif
 
-void q8_linear_batch(const float *x, const uint8_t *w, const float *scale, const float *low, const float *bias,
+void q8_linear_batch(const float *x, const uint8_t *w, const void *scale, const void *low, const float *bias,
                      float *y, int tokens, int rows, int cols, int group, int bits, int threads) {
 #ifdef HAVE_ROW32
+    int half = bits & HALF;
     if (tokens > 1 && group == 32) {
+        bits &= 0xff;
         int groups = cols / 32, padded = (tokens + NB - 1) / NB * NB;
-        int64_t row_bytes = bits == 4 ? cols / 2 : cols;
+        int64_t row_bytes = row_bytes_of(cols, 32, bits);
         float *xsum = malloc(sizeof(float) * (size_t)tokens * groups);
         if (!xsum) return;
         for (int t = 0; t < tokens; t++)
@@ -276,7 +354,8 @@ void q8_linear_batch(const float *x, const uint8_t *w, const float *scale, const
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int r = 0; r < rows; r++) {
             const uint8_t *wr = w + (int64_t)r * row_bytes;
-            const float *sr = scale + (int64_t)r * groups, *lr = low + (int64_t)r * groups;
+            float bs[groups], bl[groups];
+            const float *sr = row_scales(scale, half, r, groups, bs), *lr = row_scales(low, half, r, groups, bl);
             float b = bias ? bias[r] : 0.0f, out[NB];
             for (int t0 = 0; t0 < padded; t0 += NB) {
                 row_nb(wr, bits, x + (int64_t)t0 * cols, cols, sr, groups, out);
@@ -327,15 +406,18 @@ static inline __m256 dot_u8s8(__m256i u, __m256i s) {  /* 32 u8 x s8 products ->
 #endif
 
 /* xq [padded tokens, cols] int8 (padding rows zero), dx and xsum [tokens, groups] */
-void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const uint8_t *w, const float *scale,
-                  const float *low, const float *bias, float *y, int tokens, int rows, int cols, int bits,
+void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const uint8_t *w, const void *scale,
+                  const void *low, const float *bias, float *y, int tokens, int rows, int cols, int bits,
                   int threads) {
-    int groups = cols / 32;
-    int64_t row_bytes = bits == 4 ? cols / 2 : cols;
+    int half = bits & HALF;
+    bits &= 0xff;
+    int groups = cols / 32, step = group_bytes(bits);
+    int64_t row_bytes = row_bytes_of(cols, 32, bits);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
         const uint8_t *wr = w + (int64_t)r * row_bytes;
-        const float *sr = scale + (int64_t)r * groups, *lr = low + (int64_t)r * groups;
+        float bs[groups], bl[groups];
+        const float *sr = row_scales(scale, half, r, groups, bs), *lr = row_scales(low, half, r, groups, bl);
         float b = bias ? bias[r] : 0.0f;
         for (int t0 = 0; t0 < tokens; t0 += NB8) {
             int nt = tokens - t0 < NB8 ? tokens - t0 : NB8;
@@ -345,9 +427,10 @@ void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const ui
             for (int t = 0; t < NB8; t++) acc[t] = _mm256_setzero_ps();
             for (int g = 0; g < groups; g++) {
                 __m256i u, sgn;
-                if (bits == 4) {
-                    __m128i v = _mm_loadu_si128((const __m128i *)(wr + g * 16)), m = _mm_set1_epi8(0x0F);
-                    u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+                if (bits != 8) {  /* 0..31: multiplied as they are */
+                    __m128i lo, hi;
+                    codes_u8(wr + g * step, bits, &lo, &hi);
+                    u = _mm256_set_m128i(hi, lo);
                     sgn = _mm256_setzero_si256();
                 } else {
                     sgn = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + g * 32)), _mm256_set1_epi8((char)0x80));
@@ -355,7 +438,7 @@ void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const ui
                 }
                 for (int t = 0; t < NB8; t++) {
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)(t0 + t) * cols + g * 32));
-                    if (bits != 4) xv = _mm256_sign_epi8(xv, sgn);
+                    if (bits == 8) xv = _mm256_sign_epi8(xv, sgn);
                     __m256 d = _mm256_set1_ps(sr[g] * dx[(int64_t)(t0 + t < tokens ? t0 + t : t0) * groups + g]);
                     acc[t] = _mm256_fmadd_ps(dot_u8s8(u, xv), d, acc[t]);
                 }
@@ -368,8 +451,7 @@ void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const ui
                 for (int g = 0; g < groups; g++) {
                     int dot = 0;
                     for (int i = 0; i < 32; i++) {
-                        int code = bits == 4 ? (i < 16 ? wr[g * 16 + i] & 15 : wr[g * 16 + i - 16] >> 4)
-                                             : (int)wr[g * 32 + i] - 128;
+                        int code = code_at(wr + g * step, bits, i) - (bits == 8 ? 128 : 0);
                         dot += code * xt[g * 32 + i];
                     }
                     sum += sr[g] * dx[(int64_t)(t0 + t) * groups + g] * (float)dot;
@@ -380,7 +462,7 @@ void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const ui
             for (int t = 0; t < nt; t++) {
                 const float *st = xsum + (int64_t)(t0 + t) * groups;
                 float offset = 0.0f;
-                if (bits == 4)
+                if (bits != 8)
                     for (int g = 0; g < groups; g++) offset += lr[g] * st[g];
                 else
                     for (int g = 0; g < groups; g++) offset += (lr[g] + 128.0f * sr[g]) * st[g];
@@ -402,8 +484,8 @@ void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const ui
 #include <string.h>
 
 typedef struct {
-    const uint8_t *q; const float *scale, *low, *bias;
-    int rows, cols, group, bits;
+    const uint8_t *q; const void *scale, *low; const float *bias;
+    int rows, cols, group, bits;  /* (bits: with HALF when the scales are fp16) */
 } q8_mat;
 
 typedef struct {

@@ -117,26 +117,34 @@ class Q8Linear:
 
             w = weight.detach()
             parts = [self._quantize(w[i:i + CHUNK].float()) for i in range(0, self.rows, CHUNK)]  # bounded temporaries
-            self.bits = 8 if any(bits == 8 for *_, bits in parts) else 4
-            if self.bits == 8 and any(bits == 4 for *_, bits in parts):  # one layout per layer
-                parts = [self._quantize(w[i:i + CHUNK].float(), allow4=False) for i in range(0, self.rows, CHUNK)]
+            self.bits = max(bits for *_, bits in parts)  # one layout per layer: the widest part's
+            parts = [(pack(unpack(q, bits), self.bits) if bits != self.bits else q, s, lo, bits)
+                     for q, s, lo, bits in parts]
             self.q, self.scale, self.low = (torch.cat([p[k] for p in parts]).contiguous() for k in range(3))
+        self.scale, self.low = _narrowed(self.scale, self.low)
+
+    @property
+    def fmt(self) -> int:
+        """`bits` as q8.c's kernels take it: with HALF when the scales and low values are fp16."""
+        import torch
+
+        return self.bits | (HALF if self.scale.dtype == torch.float16 else 0)
 
     def state(self) -> dict:
         return {"q": self.q, "scale": self.scale, "low": self.low, "bits": self.bits}
 
-    def _quantize(self, w, allow4: bool = True):
+    def _quantize(self, w):
         """(codes, scale, low, bits) for some rows of the weight."""
         import torch
 
         rows = w.shape[0]
         blocks = w.reshape(rows, -1, self.group)
         grid = _levels(blocks)
-        if grid is not None:  # a GGUF's blocks: exact in 8 bits, or in 4 when no group has over 16 levels
+        if grid is not None:  # a GGUF's blocks: exact, at 4 or 5 bits when no group has over 16 or 32 levels
             scale, low, codes = grid
-            if allow4 and self.group == 32 and int(codes.max()) <= 15:
-                return pack4(codes.reshape(rows, self.cols)), scale, low, 4
-            return codes.reshape(rows, self.cols), scale, low, 8
+            codes = codes.reshape(rows, self.cols)
+            bits = width(codes) if self.group == 32 else 8
+            return pack(codes, bits), scale, low, bits
         else:  # (weights from fp16/bf16 files) the closer of two grids per group: min..max in
             # 255 steps, or symmetric +-absmax in 254 steps (llama.cpp's Q8_0)
             low, high = blocks.amin(-1), blocks.amax(-1)
@@ -157,7 +165,7 @@ class Q8Linear:
         out = torch.empty(flat.shape[0], self.rows, dtype=torch.float32)
         self.lib.q8_linear(flat.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), self.low.data_ptr(),
                            self.bias.data_ptr() if self.bias is not None else None, out.data_ptr(),
-                           flat.shape[0], self.rows, self.cols, self.group, self.bits, torch.get_num_threads())
+                           flat.shape[0], self.rows, self.cols, self.group, self.fmt, torch.get_num_threads())
         return out.view(*x.shape[:-1], self.rows)
 
     def many(self, x):
@@ -175,7 +183,7 @@ class Q8Linear:
         out = torch.empty(tokens, self.rows, dtype=torch.float32)
         self.lib.q8_gemm(xt.data_ptr(), padded, self.q.data_ptr(), self.scale.data_ptr(), self.low.data_ptr(),
                          self.bias.data_ptr() if self.bias is not None else None, out.data_ptr(),
-                         tokens, self.rows, self.cols, self.group, self.bits, torch.get_num_threads())
+                         tokens, self.rows, self.cols, self.group, self.fmt, torch.get_num_threads())
         return out.view(*x.shape[:-1], self.rows)
 
     def x8(self, x):
@@ -193,7 +201,7 @@ class Q8Linear:
         out = torch.empty(tokens, self.rows, dtype=torch.float32)
         self.lib.q8_linear_x8(xq.data_ptr(), dx.data_ptr(), xsum.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(),
                               self.low.data_ptr(), self.bias.data_ptr() if self.bias is not None else None,
-                              out.data_ptr(), tokens, self.rows, self.cols, self.bits, torch.get_num_threads())
+                              out.data_ptr(), tokens, self.rows, self.cols, self.fmt, torch.get_num_threads())
         return out.view(*x.shape[:-1], self.rows)
 
     def dequantized(self):
@@ -206,27 +214,82 @@ class Q8Linear:
         return dequantize(rows, len(ids), self.cols)
 
 
-def pack4(codes):
-    """[rows, cols] codes 0-15 -> [rows, cols / 2] bytes, groups of 32: byte j = code j | code j+16 << 4."""
+HALF = 0x100  # q8.c: scales and low values in fp16
+
+
+def _narrowed(scale, low):
+    """fp16 scales and low values when that loses nothing (a GGUF's Q5_0 and Q8_0 blocks: an fp16
+    scale, and low = -16 or -128 times it): a group then costs 4 bytes of them, not 8."""
+    import torch
+
+    if scale.dtype == torch.float16:
+        return scale, low
+    s16, l16 = scale.half(), low.half()
+    if torch.isfinite(s16).all() and torch.isfinite(l16).all() and torch.equal(s16.float(), scale) \
+            and torch.equal(l16.float(), low):
+        return s16.contiguous(), l16.contiguous()
+    return scale, low
+
+
+def width(codes) -> int:
+    """The narrowest layout that holds these codes (groups of 32): 4, 5 or 8 bits."""
+    top = int(codes.max()) if codes.numel() else 0
+    return 4 if top <= 15 else 5 if top <= 31 else 8
+
+
+def pack(codes, bits: int):
+    """[rows, cols] codes -> the kernel's layout (q8.c): 8 bits, one per byte; 4 bits, groups of 32
+    in 16 bytes (byte j = code j | code j+16 << 4); 5 bits, groups of 32 in 20 bytes (those 16
+    bytes of low four bits, then 4 bytes holding each code's fifth bit, bit i for code i)."""
+    import torch
+
+    if bits == 8:
+        return codes.contiguous()
     rows, cols = codes.shape
-    pairs = codes.view(rows, -1, 2, 16)
-    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(rows, cols // 2)
+    pairs = (codes & 15).view(rows, -1, 2, 16)
+    nibbles = pairs[:, :, 0] | (pairs[:, :, 1] << 4)  # [rows, groups, 16]
+    if bits == 4:
+        return nibbles.reshape(rows, cols // 2).contiguous()
+    fifth = ((codes >> 4) & 1).view(rows, -1, 4, 8).to(torch.int32)
+    high = (fifth << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)  # [rows, groups, 4]
+    return torch.cat([nibbles, high], -1).reshape(rows, -1).contiguous()
+
+
+def unpack(q, bits: int):
+    """The kernel's layout -> [rows, cols] codes (uint8)."""
+    import torch
+
+    if bits == 8:
+        return q
+    rows = q.shape[0]
+    g = q.view(rows, -1, group_bytes(bits))
+    nib = g[:, :, :16]
+    codes = torch.stack([nib & 15, nib >> 4], -2).reshape(rows, -1, 32)
+    if bits == 5:
+        high = ((g[:, :, 16:, None].to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(rows, -1, 32)
+        codes = codes | (high.to(torch.uint8) << 4)
+    return codes.reshape(rows, -1)
+
+
+def group_bytes(bits: int) -> int:
+    return {4: 16, 5: 20, 8: 32}[bits]
+
+
+def pack4(codes):
+    """[rows, cols] codes 0-15 -> 4-bit layout (pack(codes, 4))."""
+    return pack(codes, 4)
 
 
 def unpack4(packed):
-    import torch
-
-    rows = packed.shape[0]
-    q = packed.view(rows, -1, 16)
-    return torch.stack([q & 15, q >> 4], -2).reshape(rows, -1)
+    return unpack(packed, 4)
 
 
 def dequantize(state: dict, rows: int, cols: int):
     """A layer's codes ({q, scale, low, bits}) -> its [rows, cols] fp32 weight."""
-    q = unpack4(state["q"]) if state["bits"] == 4 else state["q"]
+    q = unpack(state["q"], state["bits"])
     groups = state["scale"].shape[-1]
     q = q.float().reshape(rows, groups, cols // groups)
-    return (state["low"][..., None] + q * state["scale"][..., None]).reshape(rows, cols)
+    return (state["low"].float()[..., None] + q * state["scale"].float()[..., None]).reshape(rows, cols)
 
 
 def _levels(blocks):
@@ -277,7 +340,7 @@ class _Model(ctypes.Structure):
 def _mat(layer: Q8Linear) -> _Mat:
     bias = layer.bias.data_ptr() if layer.bias is not None else None
     return _Mat(layer.q.data_ptr(), layer.scale.data_ptr(), layer.low.data_ptr(), bias,
-                layer.rows, layer.cols, layer.group, layer.bits)
+                layer.rows, layer.cols, layer.group, layer.fmt)
 
 
 class Decoder:
