@@ -20,7 +20,7 @@ from engine.llm.kernels import q8
 from engine.llm.scheduler import API, INTERACTIVE, Scheduler
 from engine.llm.tiny import build_tiny_model
 from engine.queueing import QueueFull
-from test_fastpath import on_gguf_grids, tiny_qwen2
+from test_fastpath import on_gguf_grids, run, tiny_qwen2
 
 PROMPTS = [[5, 17, 3, 38, 41, 9, 20], [7, 34, 33], [2, 31, 15, 29, 4, 28, 11, 12, 13, 40, 6], [19, 23]]
 
@@ -226,16 +226,6 @@ def test_a_driven_sequence_abandoned_midway_frees_its_slot(tmp_path):
     llm.close()
 
 
-def run_chat(llm, messages, n):
-    gen = llm.generate(messages, (), GenParams(max_new_tokens=n, temperature=0.0))
-    parts = []
-    while True:
-        try:
-            parts.append(next(gen).text)
-        except StopIteration as stop:
-            return "".join(parts), stop.value
-
-
 def test_the_next_turn_reuses_its_conversation_and_new_chats_the_primed_prompt(tmp_path):
     """The primed system prompt is copied into a new chat's slot; after another chat took a
     slot meanwhile, the next turn still finds its whole conversation so far."""
@@ -244,11 +234,11 @@ def test_the_next_turn_reuses_its_conversation_and_new_chats_the_primed_prompt(t
     primed = llm.prime([system])
     assert primed > 16
     chat = [system, {"role": "user", "content": "Tell me about boats."}]
-    first, usage = run_chat(llm, chat, 8)
+    first, usage = run(llm, chat, 8)
     assert usage["cached_prompt_tokens"] == primed
     assert answer(llm, "x")[1]["completion_tokens"] > 0  # another chat, another slot
     follow = chat + [{"role": "assistant", "content": first}, {"role": "user", "content": "And ships?"}]
-    assert run_chat(llm, follow, 4)[1]["cached_prompt_tokens"] > primed + 8  # the whole first turn
+    assert run(llm, follow, 4)[1]["cached_prompt_tokens"] > primed + 8  # the whole first turn
     llm.close()
 
 

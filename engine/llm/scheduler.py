@@ -26,6 +26,7 @@ the models for this shape.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from typing import Callable
 
 from engine.queueing import QueueFull
 
+log = logging.getLogger(__name__)
 INTERACTIVE, API = 0, 1  # priorities: the page and voice before API traffic
 MIN_REUSE = 16  # a shorter common prefix is not worth a copy
 POLL_S = 0.02  # how often an idle loop looks for cancelled sequences
@@ -93,9 +95,9 @@ class Sequence:
     def rewind(self, length: int) -> None:
         """Forget the slot's positions from `length` on (called between a `logits()` and the next
         `push`, when the loop is not running this sequence)."""
-        slot = self.slot
-        self.sched.fast.crop(length, slot.index)
-        del slot.ids[length:]
+        with self.sched._cond:  # (the loop reads the slots' tokens when it places a sequence)
+            self.sched.fast.crop(length, self.slot.index)
+            del self.slot.ids[length:]
 
     def close(self) -> None:
         """The caller is done (or gone): the slot is free at the next step."""
@@ -203,7 +205,12 @@ class Scheduler:
                 if self._closed:
                     return
                 self._drop_cancelled()
-                self._admit()
+                try:
+                    self._admit()
+                except Exception as exc:  # (a slot that could not be set up: its sequence ends, the loop goes on)
+                    log.exception("placing a sequence failed")
+                    for seq in [s for s in self.running if s.fed < len(s.prompt)]:
+                        self._end(seq, "error", exc)
                 prefill = next((s for s in self.running if s.fed < len(s.prompt)), None)
                 ready = [s for s in self.running if s.next is not None and s.fed == len(s.prompt)]
                 if prefill is None and not ready:

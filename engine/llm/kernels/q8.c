@@ -144,20 +144,28 @@ static inline float dot8(const uint8_t *w, const float *x, int n) {
     return sum;
 }
 
-/* bits = 8: one code per byte; bits = 4 or 5: groups of 32 only */
-void q8_linear(const float *x, const uint8_t *w, const void *scale, const void *low, const float *bias,
-               float *y, int tokens, int rows, int cols, int group, int bits, int threads) {
-    int half = bits & HALF, groups = cols / group;
-    bits &= 0xff;
-    int64_t row_bytes = row_bytes_of(cols, group, bits);
-    float *xsum = malloc(sizeof(float) * (size_t)tokens * groups);  /* per token, per group: sum of x */
-    if (!xsum) return;
+/* per token, per group: the sum of x (the low values' term); malloc'ed, the caller frees it */
+static float *group_sums(const float *x, int tokens, int cols, int group) {
+    int groups = cols / group;
+    float *xsum = malloc(sizeof(float) * (size_t)tokens * groups);
+    if (!xsum) return NULL;
     for (int t = 0; t < tokens; t++)
         for (int g = 0; g < groups; g++) {
             float s = 0.0f;
             for (int i = 0; i < group; i++) s += x[(int64_t)t * cols + g * group + i];
             xsum[t * groups + g] = s;
         }
+    return xsum;
+}
+
+/* bits = 8: one code per byte; bits = 4 or 5: groups of 32 only */
+void q8_linear(const float *x, const uint8_t *w, const void *scale, const void *low, const float *bias,
+               float *y, int tokens, int rows, int cols, int group, int bits, int threads) {
+    int half = bits & HALF, groups = cols / group;
+    bits &= 0xff;
+    int64_t row_bytes = row_bytes_of(cols, group, bits);
+    float *xsum = group_sums(x, tokens, cols, group);
+    if (!xsum) return;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
         const uint8_t *wr = w + (int64_t)r * row_bytes;
@@ -343,14 +351,8 @@ void q8_linear_batch(const float *x, const uint8_t *w, const void *scale, const 
         bits &= 0xff;
         int groups = cols / 32, padded = (tokens + NB - 1) / NB * NB;
         int64_t row_bytes = row_bytes_of(cols, 32, bits);
-        float *xsum = malloc(sizeof(float) * (size_t)tokens * groups);
+        float *xsum = group_sums(x, tokens, cols, 32);
         if (!xsum) return;
-        for (int t = 0; t < tokens; t++)
-            for (int g = 0; g < groups; g++) {
-                float s = 0.0f;
-                for (int i = 0; i < 32; i++) s += x[(int64_t)t * cols + g * 32 + i];
-                xsum[t * groups + g] = s;
-            }
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int r = 0; r < rows; r++) {
             const uint8_t *wr = w + (int64_t)r * row_bytes;
