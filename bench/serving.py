@@ -122,7 +122,7 @@ def agreement(cfg) -> dict:
     ids = llm.tokenizer(text, add_special_tokens=False).input_ids
     for item in items:
         ids += llm.encode([{"role": "user", "content": item["turns"][0]}])
-    ids = ids[:min(len(ids), llm.context_tokens - 1, 2400)]
+    ids = ids[:min(len(ids), llm.context_tokens - 1, 1500)]
     tops = {}
     with torch.inference_mode():
         for x8 in (False, True):

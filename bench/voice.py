@@ -12,7 +12,9 @@ so one run measures both:
  (d) TTS real-time factor and first-chunk time.
 The utterance loop runs twice in one run: with the answer prepared speculatively
 at a 200 ms pause (ours) and without (the plain way: wait for the end of the
-utterance), reported side by side as a ratio.
+utterance), reported side by side as a ratio. `--with-chat` adds a third pass
+with a chat streaming long answers alongside the whole time (another tab: the
+model's continuous batching serves both), reported against the idle figure.
 Prints one JSON object as its last line and writes bench/results/voice.json.
 
     python bench/voice.py [--utterances 21]
@@ -96,10 +98,37 @@ def wait_for_quiet(limit_s: float = 300.0, below: float = 1.5) -> list[float]:
         time.sleep(10)
 
 
+def chat_alongside(engine, run_pass) -> tuple[list[float], int]:
+    """run_pass() while another conversation streams long answers, one after another; (the voice
+    turns' end of speech -> first audio, tokens the chat streamed meanwhile)."""
+    from engine.events import CancelToken, TextDelta
+
+    stop, tokens = threading.Event(), [0]
+
+    def chat() -> None:
+        while not stop.is_set():
+            cancel = CancelToken()
+            msgs = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+            for event in engine.answer(msgs, engine.params(max_new_tokens=300, temperature=0.7), cancel):
+                if isinstance(event, TextDelta):
+                    tokens[0] += 1
+                if stop.is_set():
+                    cancel.cancel("done")
+
+    thread = threading.Thread(target=chat, daemon=True)
+    thread.start()
+    time.sleep(2)
+    eos = run_pass()[0]
+    stop.set()
+    thread.join(60)
+    return eos, tokens[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--utterances", type=int, default=21)
     ap.add_argument("--speculate-ms", type=int, default=None, help="override vad.speculate_ms (0: off)")
+    ap.add_argument("--with-chat", action="store_true", help="also measure with a chat streaming alongside")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "voice.json"))
     args = ap.parse_args()
     load_before = wait_for_quiet()
@@ -202,6 +231,7 @@ def main() -> None:
     plain_eos, _, _, _, plain_wer, _, _, _ = run_pass()
     engine.config = base_cfg
     eos_to_audio, (bargein, bargein_speech), cancels, breakdown, live_wer, energy_onsets, tails, heard = run_pass()
+    busy = chat_alongside(engine, run_pass) if args.with_chat else None
     load_after = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     engine.close()
 
@@ -232,6 +262,13 @@ def main() -> None:
         "loadavg_before": load_before, "loadavg_after": load_after,
         "live_transcripts": heard,
     }
+    if busy is not None:
+        eos_busy, tokens = busy
+        result["with_chat_eos_to_first_audio_ms_p50"] = pct(eos_busy, 0.5)
+        result["with_chat_eos_to_first_audio_ms_p90"] = pct(eos_busy, 0.9)
+        result["with_chat_vs_idle_p50"] = round(pct(eos_busy, 0.5) / pct(eos_to_audio, 0.5), 3)
+        result["chat_tokens_streamed_alongside"] = tokens
+        result["llm_serving"] = f"{llm.parallel} slots" if llm.schedules else "one at a time"
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

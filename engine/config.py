@@ -58,9 +58,13 @@ class LLMConfig:
     max_parallel: int = 8
     #: prompt tokens run per scheduler step beside the running sequences' tokens (chunked prefill)
     prefill_chunk: int = 64
-    #: int8 decode: a batched step's activations quantized per 32 to int8 (AVX2 vpmaddubsw; about
-    #: twice the arithmetic per cycle) | fp32 (each sequence computes exactly what it would alone)
+    #: int8 decode: each step's activations quantized per 32 to int8 (AVX2 vpmaddubsw: fewer
+    #: instructions per weight, and a decode step here is bound by them) | fp32 (exact to the codes)
     activations: str = "int8"
+    #: 5-bit blocks (Q5_0/Q5_1/Q5_K) kept at 5 bits and exact fp16 scales in fp16: a third less
+    #: memory read per token, but more instructions per weight (slower where, as on a 2-core
+    #: machine, decoding is bound by arithmetic rather than memory bandwidth: bench/serving.py)
+    compact_codes: bool = False
     talker: bool = False  # load the omni model's speech head too (set from tts.backend=talker)
     expert_quantization: str = "auto"  # MoE: auto (nf4 when quantization is set) | none | nf4 (4-bit experts)
     base_url: str = "http://127.0.0.1:8000/v1"  # openai backend

@@ -32,17 +32,11 @@ def lib(tmp_path_factory):
     return built
 
 
-def alone(model, ids: list[int], lib, x8: bool = False) -> torch.Tensor:
-    """Logits of each position of `ids` run one token at a time on a one-slot FastLM; with
-    `x8`, in steps of two (a companion sequence in the other slot), so that the int8
-    activations of a batched step are used: a row's result must not depend on its company."""
-    if not x8:
-        fast = FastLM.attach(model, capacity=64, int8=lib)
-        with torch.inference_mode():
-            return torch.cat([fast.forward([t]) for t in ids])
-    fast = FastLM.attach(model, capacity=64, int8=lib, slots=2, x8=True)
+def alone(model, ids: list[int], lib, x8: bool = False, compact: bool = False) -> torch.Tensor:
+    """Logits of each position of `ids` run one token at a time on a one-slot FastLM."""
+    fast = FastLM.attach(model, capacity=64, int8=lib, x8=x8, compact=compact)
     with torch.inference_mode():
-        return torch.cat([fast.step([1, 0], [t, 7])[:1] for t in ids])
+        return torch.cat([fast.forward([t]) for t in ids])
 
 
 def on_5bit_grids(model):
@@ -77,8 +71,8 @@ def test_batched_logits_equal_each_sequence_alone(lib, build, path):
     bench/serving.py's agreement on the real model.)"""
     model = BUILDS[build]()
     kernel = lib if path != "fp32" else None
-    want = [alone(model, ids, kernel, x8=path == "int8-x8") for ids in PROMPTS]
-    fast = FastLM.attach(model, capacity=64, int8=kernel, slots=5, x8=path == "int8-x8")
+    want = [alone(model, ids, kernel, x8=path == "int8-x8", compact="5bit" in build) for ids in PROMPTS]
+    fast = FastLM.attach(model, capacity=64, int8=kernel, slots=5, x8=path == "int8-x8", compact="5bit" in build)
     assert (fast.decoder is not None) == (path != "fp32")
     if build == "qwen2-5bit" and kernel is not None:
         assert {q.bits for layer in fast.layers for q in layer.q8.values()} == {5}
@@ -87,8 +81,7 @@ def test_batched_logits_equal_each_sequence_alone(lib, build, path):
     with torch.inference_mode():
         for pos in range(max(map(len, PROMPTS))):
             live = [i for i in order if pos < len(PROMPTS[i])]
-            company = [4] if len(live) == 1 and path == "int8-x8" else []  # (one token alone runs in fp32)
-            logits = fast.step(live + company, [PROMPTS[i][pos] for i in live] + [7] * len(company))
+            logits = fast.step(live, [PROMPTS[i][pos] for i in live])
             for row, i in enumerate(live):
                 got[i].append(logits[row])
     for i, ids in enumerate(PROMPTS):
@@ -324,7 +317,7 @@ def test_int8_activations_stay_within_their_rounding(lib, rows, cols, bits, bias
     levels = {4: 16, 5: 32, 8: 256}[bits]
     w = torch.randint(0, levels, (rows, cols)).float() * torch.rand(rows, 1) * 0.1 - 0.3
     b = torch.randn(rows) if bias else None
-    layer = q8.Q8Linear(w, b, lib)
+    layer = q8.Q8Linear(w, b, lib, compact=True)
     assert layer.bits == bits
     dense = layer.dequantized()
     for tokens in (1, 2, 3, 4, 5, 9):

@@ -148,7 +148,7 @@ def test_the_prompt_matmul_equals_its_dequantized_weight(lib, rows, cols, bits, 
     levels = {4: 16, 5: 32, 8: 256}[bits]
     w = torch.randint(0, levels, (rows, cols)).float() * torch.rand(rows, 1) * 0.1 - 0.3
     b = torch.randn(rows) if bias else None
-    layer = q8.Q8Linear(w, b, lib)
+    layer = q8.Q8Linear(w, b, lib, compact=True)
     assert layer.bits == bits
     assert bits == 8 or torch.allclose(layer.dequantized(), w, atol=1e-5)  # 16 or 32 levels: found exactly
     for tokens in (1, 3, 5, 8, 16, 21, 40):
@@ -295,7 +295,7 @@ def test_fp16_scales_where_exact(lib, bits):
     q = torch.randint(0, top, (rows, cols // 32, 32)).float()
     q[..., 0], q[..., 1] = 0, top - 1  # every block spans its levels
     w = (d[..., None] * (q - top // 2)).reshape(rows, cols)
-    layer = q8.Q8Linear(w, None, lib)
+    layer = q8.Q8Linear(w, None, lib, compact=True)
     assert layer.bits == bits and layer.scale.dtype == torch.float16 and layer.fmt & q8.HALF
     assert torch.equal(layer.dequantized(), w)
     for tokens in (1, 3, 9):

@@ -70,7 +70,7 @@ class FastLM:
     last logits, `step(slots, tokens)` runs one token for each of several slots at once."""
 
     def __init__(self, weights: Weights, capacity: int, int8=None, codes_path=None, slots: int = 1,
-                 x8: bool = True) -> None:
+                 x8: bool = False, compact: bool = False) -> None:
         import torch
 
         cfg = weights.config
@@ -78,6 +78,7 @@ class FastLM:
         self.lengths = [0] * self.slots  # positions held, per slot
         #: a batched step's activations in int8 (kernels/q8.c q8_linear_x8); one sequence's stay fp32
         self.x8 = x8
+        self.compact = compact  # 5-bit codes and fp16 scales where the blocks allow (LLMConfig.compact_codes)
         self.hidden, self.eps = cfg.hidden_size, cfg.rms_norm_eps
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -122,7 +123,7 @@ class FastLM:
         saved = self._codes[len(self._found)] if self._codes is not None else None
         if saved is None and isinstance(weight, Coded):
             saved = weight.state()
-        layer = Q8Linear(weight, bias, self.int8, codes=saved)
+        layer = Q8Linear(weight, bias, self.int8, codes=saved, compact=self.compact)
         self._found.append(layer.state())
         if self.shared:
             weight.data.copy_(layer.dequantized())
@@ -139,7 +140,7 @@ class FastLM:
 
     @classmethod
     def attach(cls, model, capacity: int, int8=None, codes_path=None, slots: int = 1,
-               x8: bool = True) -> "FastLM | None":
+               x8: bool = False, compact: bool = False) -> "FastLM | None":
         """A FastLM for a transformers `model`, or None when its architecture or layers are not
         the plain Llama/Qwen2 shape this path computes (the caller keeps transformers' forward).
         The model's q/k/v and gate/up become views of the fused weights: it keeps working."""
@@ -163,7 +164,7 @@ class FastLM:
                            "down": mlp.down_proj.weight, "down_bias": mlp.down_proj.bias})
         weights = Weights(cfg, model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight,
                           model.model.rotary_emb, layers)
-        return cls(weights, capacity, int8, codes_path, slots, x8)
+        return cls(weights, capacity, int8, codes_path, slots, x8, compact)
 
     @property
     def length(self) -> int:

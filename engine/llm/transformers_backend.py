@@ -86,11 +86,10 @@ class TransformersBackend(LLMBackend):
         if mode == "transformers" or self.moe is not None or self.omni is not None or self.talker_model:
             return None
         lib = q8.load(self.cache_dir / "kernels") if mode == "int8" else None
-        slots, x8 = self.cfg.max_parallel, self.cfg.activations == "int8"
+        how = {"slots": self.cfg.max_parallel, "x8": self.cfg.activations == "int8", "compact": self.cfg.compact_codes}
         if self.lean is not None:
-            return FastLM(self.lean.weights(), self.kv_capacity, int8=lib, codes_path=self._codes_path(), slots=slots,
-                          x8=x8)
-        return FastLM.attach(self._model, self.kv_capacity, int8=lib, codes_path=self._codes_path(), slots=slots, x8=x8)
+            return FastLM(self.lean.weights(), self.kv_capacity, int8=lib, codes_path=self._codes_path(), **how)
+        return FastLM.attach(self._model, self.kv_capacity, int8=lib, codes_path=self._codes_path(), **how)
 
     def _serve(self):
         """The scheduler that owns the fast path (engine/llm/scheduler.py): every use of the model

@@ -405,6 +405,42 @@ void q8_quantize_x(const float *x, int tokens, int cols, int8_t *xq, float *dx, 
 static inline __m256 dot_u8s8(__m256i u, __m256i s) {  /* 32 u8 x s8 products -> 8 float sums of 4 */
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
+
+/* one group's 32 codes against 32 int8 activations: 8 int32 partial sums */
+static inline __m256i x8_group(const uint8_t *w, int bits, const int8_t *x) {
+    __m256i u, xv = _mm256_loadu_si256((const __m256i *)x);
+    if (bits == 8) {  /* w - 128, signed: |w'| times xq with w''s sign */
+        __m256i sg = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w), _mm256_set1_epi8((char)0x80));
+        u = _mm256_abs_epi8(sg);
+        xv = _mm256_sign_epi8(xv, sg);
+    } else {  /* 0..31: multiplied as they are */
+        __m128i lo, hi;
+        codes_u8(w, bits, &lo, &hi);
+        u = _mm256_set_m128i(hi, lo);
+    }
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), _mm256_set1_epi16(1));
+}
+
+/* one row against one token: sum_g scale_g * dx_g * (codes . xq). Eight groups at a time: their
+   dot products are reduced into one vector of 8 sums (a tree of hadds), then converted and
+   scaled together, so the float work is per 8 groups, not per group. */
+static inline float x8_row(const uint8_t *wr, int bits, int step, const int8_t *xq, const float *dx, int groups,
+                           const float *sr) {
+    __m256 acc = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        __m256i p[8];
+        for (int j = 0; j < 8; j++) p[j] = x8_group(wr + (int64_t)(g + j) * step, bits, xq + (g + j) * 32);
+        __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+        __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+        __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(_mm256_loadu_ps(sr + g), _mm256_loadu_ps(dx + g)), acc);
+    }
+    for (; g < groups; g++)
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x8_group(wr + (int64_t)g * step, bits, xq + g * 32)),
+                              _mm256_set1_ps(sr[g] * dx[g]), acc);
+    return hsum(acc);
+}
 #endif
 
 /* xq [padded tokens, cols] int8 (padding rows zero), dx and xsum [tokens, groups] */
@@ -425,27 +461,8 @@ void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const ui
             int nt = tokens - t0 < NB8 ? tokens - t0 : NB8;
             float out[NB8] = {0};
 #ifdef HAVE_ROW32
-            __m256 acc[NB8];
-            for (int t = 0; t < NB8; t++) acc[t] = _mm256_setzero_ps();
-            for (int g = 0; g < groups; g++) {
-                __m256i u, sgn;
-                if (bits != 8) {  /* 0..31: multiplied as they are */
-                    __m128i lo, hi;
-                    codes_u8(wr + g * step, bits, &lo, &hi);
-                    u = _mm256_set_m128i(hi, lo);
-                    sgn = _mm256_setzero_si256();
-                } else {
-                    sgn = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + g * 32)), _mm256_set1_epi8((char)0x80));
-                    u = _mm256_abs_epi8(sgn);
-                }
-                for (int t = 0; t < NB8; t++) {
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)(t0 + t) * cols + g * 32));
-                    if (bits == 8) xv = _mm256_sign_epi8(xv, sgn);
-                    __m256 d = _mm256_set1_ps(sr[g] * dx[(int64_t)(t0 + t < tokens ? t0 + t : t0) * groups + g]);
-                    acc[t] = _mm256_fmadd_ps(dot_u8s8(u, xv), d, acc[t]);
-                }
-            }
-            for (int t = 0; t < nt; t++) out[t] = hsum(acc[t]);
+            for (int t = 0; t < nt; t++)  /* (the row's codes stay in L1 from one token to the next) */
+                out[t] = x8_row(wr, bits, step, xq + (int64_t)(t0 + t) * cols, dx + (int64_t)(t0 + t) * groups, groups, sr);
 #else
             for (int t = 0; t < nt; t++) {
                 const int8_t *xt = xq + (int64_t)(t0 + t) * cols;
@@ -498,7 +515,7 @@ typedef struct {
 
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter, capacity, n_layers, threads;
-    int x8;  /* batches of 2+ tokens with int8 activations (q8_linear_x8) */
+    int x8;  /* activations quantized per 32 to int8 (q8_linear_x8), else fp32 */
     float eps, scale;
     const q8_layer *layers;
     const float *norm;
@@ -509,13 +526,13 @@ typedef struct {
 typedef struct { int8_t *q; float *d, *sum; int on; } x8_buf;  /* a batch's quantized activations */
 
 static void linear(const q8_mat *m, const float *x, float *y, int tokens, int threads, const x8_buf *x8) {
-    if (tokens == 1)
-        q8_linear(x, m->q, m->scale, m->low, m->bias, y, 1, m->rows, m->cols, m->group, m->bits, threads);
-    else if (x8->on && m->group == 32) {
+    if (x8->on && m->group == 32) {
         q8_quantize_x(x, tokens, m->cols, x8->q, x8->d, x8->sum);
         q8_linear_x8(x8->q, x8->d, x8->sum, m->q, m->scale, m->low, m->bias, y, tokens, m->rows, m->cols, m->bits,
                      threads);
-    } else
+    } else if (tokens == 1)
+        q8_linear(x, m->q, m->scale, m->low, m->bias, y, 1, m->rows, m->cols, m->group, m->bits, threads);
+    else
         q8_linear_batch(x, m->q, m->scale, m->low, m->bias, y, tokens, m->rows, m->cols, m->group, m->bits, threads);
 }
 

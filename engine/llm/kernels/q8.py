@@ -104,7 +104,7 @@ class Q8Linear:
     symmetric int8 per row agreed with fp32 on 0.90 of greedy tokens, symmetric per 32 on
     0.97 and lost 3-4 of 60 quality items."""
 
-    def __init__(self, weight, bias, lib, codes: dict | None = None) -> None:
+    def __init__(self, weight, bias, lib, codes: dict | None = None, compact: bool = False) -> None:
         """`codes`: a `state()` saved earlier for this very weight (a warm start skips the search)."""
         self.rows, self.cols = weight.shape  # (a GGUF's coded weight has a shape, no values)
         self.group = GROUP if self.cols % GROUP == 0 else self.cols
@@ -121,7 +121,22 @@ class Q8Linear:
             parts = [(pack(unpack(q, bits), self.bits) if bits != self.bits else q, s, lo, bits)
                      for q, s, lo, bits in parts]
             self.q, self.scale, self.low = (torch.cat([p[k] for p in parts]).contiguous() for k in range(3))
-        self.scale, self.low = _narrowed(self.scale, self.low)
+        self._lay_out(compact)
+
+    def _lay_out(self, compact: bool) -> None:
+        """5-bit codes and exact fp16 scales when `compact`, else 8-bit codes and fp32 scales for
+        5-bit blocks (fewer instructions per weight: see LLMConfig.compact_codes)."""
+        import torch
+
+        if compact:
+            if self.bits == 8 and self.group == GROUP and width(self.q) == 5:
+                self.q, self.bits = pack(self.q, 5), 5
+            self.scale, self.low = _narrowed(self.scale, self.low)
+            return
+        if self.bits == 5:
+            self.q, self.bits = unpack(self.q, 5).contiguous(), 8
+        if self.scale.dtype == torch.float16:
+            self.scale, self.low = self.scale.float(), self.low.float()
 
     @property
     def fmt(self) -> int:
