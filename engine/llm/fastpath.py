@@ -70,14 +70,14 @@ class FastLM:
     last logits, `step(slots, tokens)` runs one token for each of several slots at once."""
 
     def __init__(self, weights: Weights, capacity: int, int8=None, codes_path=None, slots: int = 1,
-                 x8: bool = False, compact: bool = False) -> None:
+                 x8: int = 0, compact: bool = False) -> None:
         import torch
 
         cfg = weights.config
         self.capacity, self.slots = capacity, max(1, slots)
         self.lengths = [0] * self.slots  # positions held, per slot
-        #: a batched step's activations in int8 (kernels/q8.c q8_linear_x8); one sequence's stay fp32
-        self.x8 = x8
+        #: a decode step's activations quantized per 32 to int8 (kernels/q8.c q8_linear_x8), else fp32
+        self.x8 = int(x8)
         self.compact = compact  # 5-bit codes and fp16 scales where the blocks allow (LLMConfig.compact_codes)
         self.hidden, self.eps = cfg.hidden_size, cfg.rms_norm_eps
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -140,7 +140,7 @@ class FastLM:
 
     @classmethod
     def attach(cls, model, capacity: int, int8=None, codes_path=None, slots: int = 1,
-               x8: bool = False, compact: bool = False) -> "FastLM | None":
+               x8: int = 0, compact: bool = False) -> "FastLM | None":
         """A FastLM for a transformers `model`, or None when its architecture or layers are not
         the plain Llama/Qwen2 shape this path computes (the caller keeps transformers' forward).
         The model's q/k/v and gate/up become views of the fused weights: it keeps working."""

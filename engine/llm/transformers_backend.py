@@ -86,7 +86,7 @@ class TransformersBackend(LLMBackend):
         if mode == "transformers" or self.moe is not None or self.omni is not None or self.talker_model:
             return None
         lib = q8.load(self.cache_dir / "kernels") if mode == "int8" else None
-        how = {"slots": self.cfg.max_parallel, "x8": self.cfg.activations == "int8", "compact": self.cfg.compact_codes}
+        how = {"slots": self.cfg.max_parallel, "x8": q8.ACTIVATIONS[self.cfg.activations], "compact": self.cfg.compact_codes}
         if self.lean is not None:
             return FastLM(self.lean.weights(), self.kv_capacity, int8=lib, codes_path=self._codes_path(), **how)
         return FastLM.attach(self._model, self.kv_capacity, int8=lib, codes_path=self._codes_path(), **how)

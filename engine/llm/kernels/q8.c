@@ -62,11 +62,12 @@ static inline int code_at(const uint8_t *g, int bits, int i) {
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 /* 32 codes (lo: codes 0-15, hi: codes 16-31, one per byte) times x[0..31], as 8 partial sums */
-static inline __m256 group32(__m128i lo, __m128i hi, const float *x) {
+static inline __m256 group32(__m128i lo, __m128i hi, const float *x) {  /* (two chains: shorter latency) */
     __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x));
+    __m256 q = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16));
     p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(x + 8), p);
-    p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16), p);
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), p);
+    q = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(x + 24), q);
+    return _mm256_add_ps(p, q);
 }
 
 /* 32 bits -> 32 bytes, byte i = 0x10 where bit i is set (a 5-bit group's fifth bits) */
@@ -106,12 +107,18 @@ static inline float hsum(__m256 acc) {
 
 /* one row against one token, groups of 32 8-bit codes (32 bytes per group) */
 static inline float row32(const uint8_t *w, const float *x, const float *scale, int groups) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < groups; g++, w += 32, x += 32) {
+    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();  /* (two accumulators: groups overlap) */
+    int g = 0;
+    for (; g + 2 <= groups; g += 2, w += 64, x += 64) {
         __m256 p = group32(_mm_loadu_si128((const __m128i *)w), _mm_loadu_si128((const __m128i *)(w + 16)), x);
+        __m256 q = group32(_mm_loadu_si128((const __m128i *)(w + 32)), _mm_loadu_si128((const __m128i *)(w + 48)), x + 32);
         acc = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[g]), acc);
+        acc2 = _mm256_fmadd_ps(q, _mm256_set1_ps(scale[g + 1]), acc2);
     }
-    return hsum(acc);
+    for (; g < groups; g++, w += 32, x += 32)
+        acc = _mm256_fmadd_ps(group32(_mm_loadu_si128((const __m128i *)w), _mm_loadu_si128((const __m128i *)(w + 16)), x),
+                              _mm256_set1_ps(scale[g]), acc);
+    return hsum(_mm256_add_ps(acc, acc2));
 }
 
 /* the same with 4- or 5-bit codes (16 or 20 bytes per group) */
@@ -325,13 +332,14 @@ static inline void codes32(const uint8_t *w, int bits, __m256 s, __m256 out[4]) 
 
 /* one row (groups of 32) against NB tokens of x (row stride cols): out[t] = sum_g scale_g * codes . x_t */
 static inline void row_nb(const uint8_t *w, int bits, const float *x, int cols, const float *scale, int groups,
-                          float out[NB]) {
+                          float out[NB], int n) {  /* (n: 4, or 2 for a batch's tail) */
     __m256 acc[NB], c[4];
     for (int t = 0; t < NB; t++) acc[t] = _mm256_setzero_ps();
     int step = group_bytes(bits);
     for (int g = 0; g < groups; g++, w += step) {
         codes32(w, bits, _mm256_set1_ps(scale[g]), c);
         for (int t = 0; t < NB; t++) {
+            if (t >= n) break;
             const float *xt = x + (int64_t)t * cols + g * 32;
             acc[t] = _mm256_fmadd_ps(c[0], _mm256_loadu_ps(xt), acc[t]);
             acc[t] = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xt + 8), acc[t]);
@@ -339,7 +347,7 @@ static inline void row_nb(const uint8_t *w, int bits, const float *x, int cols, 
             acc[t] = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xt + 24), acc[t]);
         }
     }
-    for (int t = 0; t < NB; t++) out[t] = hsum(acc[t]);
+    for (int t = 0; t < n; t++) out[t] = hsum(acc[t]);
 }
 #endif
 
@@ -360,7 +368,13 @@ void q8_linear_batch(const float *x, const uint8_t *w, const void *scale, const 
             const float *sr = row_scales(scale, half, r, groups, bs), *lr = row_scales(low, half, r, groups, bl);
             float b = bias ? bias[r] : 0.0f, out[NB];
             for (int t0 = 0; t0 < padded; t0 += NB) {
-                row_nb(wr, bits, x + (int64_t)t0 * cols, cols, sr, groups, out);
+                int n = tokens - t0 >= NB ? NB : tokens - t0;  /* a tail of 1-3 tokens: 2 at a time, then 1 */
+                if (n == NB || n == 2) row_nb(wr, bits, x + (int64_t)t0 * cols, cols, sr, groups, out, n);
+                else if (n == 3) row_nb(wr, bits, x + (int64_t)t0 * cols, cols, sr, groups, out, 2);
+                if (n == 1 || n == 3) {
+                    const float *xt = x + (int64_t)(t0 + n - 1) * cols;
+                    out[n - 1] = bits == 8 ? row32(wr, xt, sr, groups) : row32_packed(wr, bits, xt, sr, groups);
+                }
                 for (int t = t0; t < tokens && t < t0 + NB; t++) {
                     float offset = 0.0f;
                     for (int g = 0; g < groups; g++) offset += lr[g] * xsum[t * groups + g];
@@ -462,17 +476,16 @@ void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const ui
             float out[NB8] = {0};
 #ifdef HAVE_ROW32
             for (int t = 0; t < nt; t++)  /* (the row's codes stay in L1 from one token to the next) */
-                out[t] = x8_row(wr, bits, step, xq + (int64_t)(t0 + t) * cols, dx + (int64_t)(t0 + t) * groups, groups, sr);
+                out[t] = x8_row(wr, bits, step, xq + (int64_t)(t0 + t) * cols, dx + (int64_t)(t0 + t) * groups,
+                                groups, sr);
 #else
             for (int t = 0; t < nt; t++) {
                 const int8_t *xt = xq + (int64_t)(t0 + t) * cols;
                 float sum = 0.0f;
                 for (int g = 0; g < groups; g++) {
                     int dot = 0;
-                    for (int i = 0; i < 32; i++) {
-                        int code = code_at(wr + g * step, bits, i) - (bits == 8 ? 128 : 0);
-                        dot += code * xt[g * 32 + i];
-                    }
+                    for (int i = 0; i < 32; i++)
+                        dot += (code_at(wr + g * step, bits, i) - (bits == 8 ? 128 : 0)) * xt[g * 32 + i];
                     sum += sr[g] * dx[(int64_t)(t0 + t) * groups + g] * (float)dot;
                 }
                 out[t] = sum;
@@ -481,7 +494,7 @@ void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const ui
             for (int t = 0; t < nt; t++) {
                 const float *st = xsum + (int64_t)(t0 + t) * groups;
                 float offset = 0.0f;
-                if (bits != 8)
+                if (bits != 8)  /* (8-bit codes were made signed: their 128 * scale goes here) */
                     for (int g = 0; g < groups; g++) offset += lr[g] * st[g];
                 else
                     for (int g = 0; g < groups; g++) offset += (lr[g] + 128.0f * sr[g]) * st[g];
@@ -523,7 +536,7 @@ typedef struct {
     float *scratch;  /* q8_scratch_floats() floats */
 } q8_model;
 
-typedef struct { int8_t *q; float *d, *sum; int on; } x8_buf;  /* a batch's quantized activations */
+typedef struct { int8_t *q; float *d, *sum; int on; } x8_buf;  /* a step's quantized activations */
 
 static void linear(const q8_mat *m, const float *x, float *y, int tokens, int threads, const x8_buf *x8) {
     if (x8->on && m->group == 32) {

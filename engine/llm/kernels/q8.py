@@ -203,7 +203,7 @@ class Q8Linear:
 
     def x8(self, x):
         """The same with the activations quantized per 32 to int8 (q8.c q8_linear_x8: what a
-        batched decode step runs)."""
+        decode step runs with llm.activations=int8)."""
         import torch
 
         flat = x.reshape(-1, self.cols).float().contiguous()
@@ -230,6 +230,7 @@ class Q8Linear:
 
 
 HALF = 0x100  # q8.c: scales and low values in fp16
+ACTIVATIONS = {"fp32": 0, "int8": 1}  # llm.activations -> q8.c's model.x8
 
 
 def _narrowed(scale, low):
