@@ -7,7 +7,7 @@
  (b) prompt processing: tokens/s for 128- and 512-token prompts, ours (q8_gemm, cold
      slot) beside `llama-bench -p 128,512`; and the app prompt's cold first token;
  (c) server level: N closed-loop HTTP clients (default 20) streaming 48-token answers for
-     `--seconds` each against our app at --max-parallel 8, at --max-parallel 1, and against
+     `--seconds` each against our app at --max-parallel 8, 1 and N (a slot per client), and against
      `llama-server --parallel 8` on the same GGUF: p50/p95 time to first token, p50/p95
      inter-token gap, answers/s, errors; the app's peak RSS while every slot is busy.
 llama.cpp's programs are built from the llama-cpp-python sdist's sources for this CPU
@@ -343,7 +343,8 @@ def main() -> int:
                                          for b, r in result["ours"]["decode"].items()}
     if not args.skip_server:
         result["server"] = {"ours_parallel_8": serve_ours(8, args.clients, args.seconds),
-                            "ours_parallel_1": serve_ours(1, args.clients, args.seconds)}
+                            "ours_parallel_1": serve_ours(1, args.clients, args.seconds),
+                            f"ours_parallel_{args.clients}": serve_ours(args.clients, args.clients, args.seconds)}
         if bins is not None:
             result["server"]["llama_server_parallel_8"] = serve_llama(bins, source.path, 8, args.clients, args.seconds)
     out = ROOT / "bench" / "results" / "serving.json"

@@ -94,3 +94,30 @@ def test_the_cpu_profile_model_loads_lean_and_its_tokenizer_matches_transformers
     ids = ours(text).input_ids
     assert ids == theirs(text, add_special_tokens=False).input_ids
     assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+
+
+def test_answers_are_the_same_batched_or_one_at_a_time(real_engine):
+    """Greedy answers of the real model to three questions asked at once (one batch: continuous
+    batching) equal those asked one after another."""
+    import threading
+
+    from engine.llm.base import GenParams
+
+    llm = real_engine.llm()
+    questions = ["What is the capital of France?", "Name three colours.", "What is two plus two?"]
+
+    def ask(q: str) -> str:
+        gen = llm.generate([{"role": "user", "content": q}], (), GenParams(max_new_tokens=24, temperature=0.0))
+        return "".join(e.text for e in gen if isinstance(e, TextDelta))
+
+    alone = [ask(q) for q in questions]
+    together: list = [None] * len(questions)
+    steps_before = llm.scheduler.stepped_tokens - llm.scheduler.steps
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i])))
+               for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == alone
+    assert llm.scheduler.stepped_tokens - llm.scheduler.steps > steps_before  # some steps carried several
