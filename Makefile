@@ -69,7 +69,8 @@ browser:
 # 2 cores; pip keeps the built wheel in its cache, so later installs take seconds)
 bench: install llamacpp qwen
 	$(PY) bench/text.py
-	$(PY) bench/voice.py
+	$(PY) bench/serving.py
+	$(PY) bench/voice.py --with-chat
 	$(PY) bench/tools.py
 	$(PY) bench/quality.py
 

@@ -147,6 +147,7 @@ def main() -> None:
     engine.start_loading().join()
     tts, asr, llm = engine.roles["tts"].get(), engine.roles["asr"].get(), engine.roles["llm"].get()
     llm_label = f"{llm.name} ({llm.decode_path})"  # (before engine.close() drops the model)
+    serving = f"{llm.parallel} slots" if llm.schedules else "one at a time"
 
     # (d) TTS on its own
     tts_rtf, tts_first = [], []
@@ -268,7 +269,7 @@ def main() -> None:
         result["with_chat_eos_to_first_audio_ms_p90"] = pct(eos_busy, 0.9)
         result["with_chat_vs_idle_p50"] = round(pct(eos_busy, 0.5) / pct(eos_to_audio, 0.5), 3)
         result["chat_tokens_streamed_alongside"] = tokens
-        result["llm_serving"] = f"{llm.parallel} slots" if llm.schedules else "one at a time"
+        result["llm_serving"] = serving
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
