@@ -149,3 +149,16 @@ def say():
         return cache[(text, rate)].copy()
 
     return _say
+
+
+def concurrently(fn, items, timeout: float = 120) -> list:
+    """fn(item) for every item, each on its own thread, all at once; the results in order."""
+    import threading
+
+    out: list = [None] * len(items)
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(items[i]))) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return out

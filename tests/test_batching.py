@@ -20,6 +20,7 @@ from engine.llm.kernels import q8
 from engine.llm.scheduler import API, INTERACTIVE, Scheduler
 from engine.llm.tiny import build_tiny_model
 from engine.queueing import QueueFull
+from tests.conftest import concurrently
 from test_fastpath import on_gguf_grids, run, tiny_qwen2
 
 PROMPTS = [[5, 17, 3, 38, 41, 9, 20], [7, 34, 33], [2, 31, 15, 29, 4, 28, 11, 12, 13, 40, 6], [19, 23]]
@@ -149,13 +150,7 @@ def test_answers_are_the_same_batched_or_one_at_a_time(tmp_path):
     one = backend(tmp_path / "a", parallel=1, **{"llm.activations": "fp32"})
     want = [answer(one, q)[0] for q in questions]
     many = backend(tmp_path / "b", parallel=4, **{"llm.activations": "fp32"})
-    got = [None] * len(questions)
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, answer(many, questions[i])[0]))
-               for i in range(len(questions))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    got = concurrently(lambda q: answer(many, q)[0], questions)
     assert got == want
     assert many.scheduler.stepped_tokens > many.scheduler.steps  # some step carried several sequences
     assert not many.scheduler.locked()

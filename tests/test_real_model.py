@@ -99,8 +99,7 @@ def test_the_cpu_profile_model_loads_lean_and_its_tokenizer_matches_transformers
 def test_answers_are_the_same_batched_or_one_at_a_time(real_engine):
     """Greedy answers of the real model to three questions asked at once (one batch: continuous
     batching) equal those asked one after another."""
-    import threading
-
+    from tests.conftest import concurrently
     from engine.llm.base import GenParams
 
     llm = real_engine.llm()
@@ -111,13 +110,6 @@ def test_answers_are_the_same_batched_or_one_at_a_time(real_engine):
         return "".join(e.text for e in gen if isinstance(e, TextDelta))
 
     alone = [ask(q) for q in questions]
-    together: list = [None] * len(questions)
     steps_before = llm.scheduler.stepped_tokens - llm.scheduler.steps
-    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i])))
-               for i in range(len(questions))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert together == alone
+    assert concurrently(ask, questions) == alone
     assert llm.scheduler.stepped_tokens - llm.scheduler.steps > steps_before  # some steps carried several

@@ -151,6 +151,40 @@ static inline float dot8(const uint8_t *w, const float *x, int n) {
     return sum;
 }
 
+/* A few tokens at once (a batched decode step): each row's codes are turned into floats once
+   per NB tokens instead of once per token, and the row is read from memory once for all. */
+#define NB 4
+#ifdef HAVE_ROW32
+static inline void codes32(const uint8_t *w, int bits, __m256 s, __m256 out[4]) {
+    __m128i lo, hi;
+    codes_u8(w, bits, &lo, &hi);
+    out[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s);
+    out[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s);
+    out[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s);
+    out[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s);
+}
+
+/* one row (groups of 32) against NB tokens of x (row stride cols): out[t] = sum_g scale_g * codes . x_t */
+static inline void row_nb(const uint8_t *w, int bits, const float *x, int cols, const float *scale, int groups,
+                          float out[NB], int n) {  /* (n: 4, or 2 for a batch's tail) */
+    __m256 acc[NB], c[4];
+    for (int t = 0; t < NB; t++) acc[t] = _mm256_setzero_ps();
+    int step = group_bytes(bits);
+    for (int g = 0; g < groups; g++, w += step) {
+        codes32(w, bits, _mm256_set1_ps(scale[g]), c);
+        for (int t = 0; t < NB; t++) {
+            if (t >= n) break;
+            const float *xt = x + (int64_t)t * cols + g * 32;
+            acc[t] = _mm256_fmadd_ps(c[0], _mm256_loadu_ps(xt), acc[t]);
+            acc[t] = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xt + 8), acc[t]);
+            acc[t] = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xt + 16), acc[t]);
+            acc[t] = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xt + 24), acc[t]);
+        }
+    }
+    for (int t = 0; t < n; t++) out[t] = hsum(acc[t]);
+}
+#endif
+
 /* per token, per group: the sum of x (the low values' term); malloc'ed, the caller frees it */
 static float *group_sums(const float *x, int tokens, int cols, int group) {
     int groups = cols / group;
@@ -163,6 +197,30 @@ static float *group_sums(const float *x, int tokens, int cols, int group) {
             xsum[t * groups + g] = s;
         }
     return xsum;
+}
+
+/* one row's dot products (scale_g * codes . x, without the low term) with n (1..NB) tokens of x */
+static inline void dots(const uint8_t *wr, int bits, int group, const float *x, int cols, const float *sr, int groups,
+                        int n, float out[NB]) {
+#ifdef HAVE_ROW32
+    if (group == 32 && n >= 2) {  /* 4 or 2 at a time; a third alone */
+        row_nb(wr, bits, x, cols, sr, groups, out, n == 3 ? 2 : n);
+        if (n != 3) return;
+        x += 2 * (int64_t)cols, out += 2, n = 1;
+    }
+#endif
+    for (int t = 0; t < n; t++) {
+        const float *xt = x + (int64_t)t * cols;
+        float acc = 0.0f;
+#ifdef HAVE_ROW32
+        if (group == 32) acc = bits == 8 ? row32(wr, xt, sr, groups) : row32_packed(wr, bits, xt, sr, groups); else
+#endif
+        if (bits != 8)
+            for (int g = 0; g < groups; g++) acc += sr[g] * dot_packed(wr + g * group_bytes(bits), bits, xt + g * 32);
+        else
+            for (int g = 0; g < groups; g++) acc += sr[g] * dot8(wr + g * group, xt + g * group, group);
+        out[t] = acc;
+    }
 }
 
 /* bits = 8: one code per byte; bits = 4 or 5: groups of 32 only */
@@ -178,25 +236,15 @@ void q8_linear(const float *x, const uint8_t *w, const void *scale, const void *
         const uint8_t *wr = w + (int64_t)r * row_bytes;
         float bs[groups], bl[groups];
         const float *sr = row_scales(scale, half, r, groups, bs), *lr = row_scales(low, half, r, groups, bl);
-        float b = bias ? bias[r] : 0.0f;
-        for (int t = 0; t < tokens; t++) {
-            const float *xt = x + (int64_t)t * cols, *st = xsum + t * groups;
-            float acc = 0.0f, offset = 0.0f;
-            if (bits != 8) {
-#ifdef HAVE_ROW32
-                acc = row32_packed(wr, bits, xt, sr, groups);
-#else
-                for (int g = 0; g < groups; g++) acc += sr[g] * dot_packed(wr + g * group_bytes(bits), bits, xt + g * 32);
-#endif
-            } else {
-#ifdef HAVE_ROW32
-                if (group == 32) acc = row32(wr, xt, sr, groups); else
-#endif
-                for (int g = 0; g < groups; g++) acc += sr[g] * dot8(wr + g * group, xt + g * group, group);
+        float b = bias ? bias[r] : 0.0f, out[NB];
+        for (int t0 = 0; t0 < tokens; t0 += NB) {
+            int n = tokens - t0 < NB ? tokens - t0 : NB;
+            dots(wr, bits, group, x + (int64_t)t0 * cols, cols, sr, groups, n, out);
+            for (int t = t0; t < t0 + n; t++) {
+                float offset = 0.0f;
+                for (int g = 0; g < groups; g++) offset += lr[g] * xsum[t * groups + g];
+                y[(int64_t)t * rows + r] = out[t - t0] + offset + b;
             }
-            for (int g = 0; g < groups; g++)
-                offset += lr[g] * st[g];
-            y[(int64_t)t * rows + r] = acc + offset + b;
         }
     }
     free(xsum);
@@ -313,80 +361,6 @@ void q8_gemm(const float *xt, int tp, const uint8_t *w, const void *scale, const
             }
         }
     }
-}
-
-/* ---- a linear layer for a few tokens at once (a batched decode step) ----------------------
-   Memory-bound like a matvec, but each row's codes are turned into floats once per NB tokens
-   instead of once per token: a row is read from memory once for the whole batch. x holds
-   `tokens` rows padded to a multiple of NB (the padding rows zero; their outputs dropped). */
-#define NB 4
-#ifdef HAVE_ROW32
-static inline void codes32(const uint8_t *w, int bits, __m256 s, __m256 out[4]) {
-    __m128i lo, hi;
-    codes_u8(w, bits, &lo, &hi);
-    out[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s);
-    out[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s);
-    out[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s);
-    out[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s);
-}
-
-/* one row (groups of 32) against NB tokens of x (row stride cols): out[t] = sum_g scale_g * codes . x_t */
-static inline void row_nb(const uint8_t *w, int bits, const float *x, int cols, const float *scale, int groups,
-                          float out[NB], int n) {  /* (n: 4, or 2 for a batch's tail) */
-    __m256 acc[NB], c[4];
-    for (int t = 0; t < NB; t++) acc[t] = _mm256_setzero_ps();
-    int step = group_bytes(bits);
-    for (int g = 0; g < groups; g++, w += step) {
-        codes32(w, bits, _mm256_set1_ps(scale[g]), c);
-        for (int t = 0; t < NB; t++) {
-            if (t >= n) break;
-            const float *xt = x + (int64_t)t * cols + g * 32;
-            acc[t] = _mm256_fmadd_ps(c[0], _mm256_loadu_ps(xt), acc[t]);
-            acc[t] = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xt + 8), acc[t]);
-            acc[t] = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xt + 16), acc[t]);
-            acc[t] = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xt + 24), acc[t]);
-        }
-    }
-    for (int t = 0; t < n; t++) out[t] = hsum(acc[t]);
-}
-#endif
-
-void q8_linear_batch(const float *x, const uint8_t *w, const void *scale, const void *low, const float *bias,
-                     float *y, int tokens, int rows, int cols, int group, int bits, int threads) {
-#ifdef HAVE_ROW32
-    int half = bits & HALF;
-    if (tokens > 1 && group == 32) {
-        bits &= 0xff;
-        int groups = cols / 32, padded = (tokens + NB - 1) / NB * NB;
-        int64_t row_bytes = row_bytes_of(cols, 32, bits);
-        float *xsum = group_sums(x, tokens, cols, 32);
-        if (!xsum) return;
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int r = 0; r < rows; r++) {
-            const uint8_t *wr = w + (int64_t)r * row_bytes;
-            float bs[groups], bl[groups];
-            const float *sr = row_scales(scale, half, r, groups, bs), *lr = row_scales(low, half, r, groups, bl);
-            float b = bias ? bias[r] : 0.0f, out[NB];
-            for (int t0 = 0; t0 < padded; t0 += NB) {
-                int n = tokens - t0 >= NB ? NB : tokens - t0;  /* a tail of 1-3 tokens: 2 at a time, then 1 */
-                if (n == NB || n == 2) row_nb(wr, bits, x + (int64_t)t0 * cols, cols, sr, groups, out, n);
-                else if (n == 3) row_nb(wr, bits, x + (int64_t)t0 * cols, cols, sr, groups, out, 2);
-                if (n == 1 || n == 3) {
-                    const float *xt = x + (int64_t)(t0 + n - 1) * cols;
-                    out[n - 1] = bits == 8 ? row32(wr, xt, sr, groups) : row32_packed(wr, bits, xt, sr, groups);
-                }
-                for (int t = t0; t < tokens && t < t0 + NB; t++) {
-                    float offset = 0.0f;
-                    for (int g = 0; g < groups; g++) offset += lr[g] * xsum[t * groups + g];
-                    y[(int64_t)t * rows + r] = out[t - t0] + offset + b;
-                }
-            }
-        }
-        free(xsum);
-        return;
-    }
-#endif
-    q8_linear(x, w, scale, low, bias, y, tokens, rows, cols, group, bits, threads);
 }
 
 /* ---- int8 activations (q8_linear_x8) -------------------------------------------------------
@@ -509,7 +483,7 @@ void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const ui
    every layer in C: RMSNorm, the fused q/k/v, RoPE (cos/sin given per token), the KV cache
    writes, attention of each token over its own slot's positions 0..pos (grouped-query heads),
    o, RMSNorm, the fused gate/up, SiLU, down, the residuals; then the final norm and the head.
-   Every weight row is read once for the whole batch (q8_linear_batch); B = 1 is the plain
+   Every weight row is read once for the whole batch (q8_linear, NB tokens at a time); B = 1 is the plain
    matvec. The same arithmetic as engine/llm/fastpath.py's torch ops, without a Python call
    per op. */
 #include <math.h>
@@ -543,10 +517,8 @@ static void linear(const q8_mat *m, const float *x, float *y, int tokens, int th
         q8_quantize_x(x, tokens, m->cols, x8->q, x8->d, x8->sum);
         q8_linear_x8(x8->q, x8->d, x8->sum, m->q, m->scale, m->low, m->bias, y, tokens, m->rows, m->cols, m->bits,
                      threads);
-    } else if (tokens == 1)
-        q8_linear(x, m->q, m->scale, m->low, m->bias, y, 1, m->rows, m->cols, m->group, m->bits, threads);
-    else
-        q8_linear_batch(x, m->q, m->scale, m->low, m->bias, y, tokens, m->rows, m->cols, m->group, m->bits, threads);
+    } else
+        q8_linear(x, m->q, m->scale, m->low, m->bias, y, tokens, m->rows, m->cols, m->group, m->bits, threads);
 }
 
 static void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
@@ -566,7 +538,7 @@ static void rope(float *v, int heads, int hd, const float *cos, const float *sin
         }
 }
 
-/* scratch for up to `batch` tokens (rows padded to NB: q8_linear_batch reads whole blocks) */
+/* scratch for up to `batch` tokens (rows padded to NB) */
 static long widest(int hidden, int heads, int head_dim, int inter) {
     long w = hidden > inter ? hidden : inter;
     return w > (long)heads * head_dim ? w : (long)heads * head_dim;

@@ -80,8 +80,6 @@ def load(build_dir: Path):
         lib.q8_quantize_x.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3
         lib.q8_linear_x8.restype = None
         lib.q8_linear_x8.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5
-        lib.q8_linear_batch.restype = None
-        lib.q8_linear_batch.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
         lib.q8_decode.restype = None
         lib.q8_decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5
         lib.q8_scratch_floats.restype = ctypes.c_long
