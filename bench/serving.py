@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import socket
 import statistics
 import subprocess
@@ -149,7 +148,7 @@ def llama_batched(bins: dict, gguf: Path) -> dict:
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 10 and cells[0].isdigit():
-            pp, tg, b = int(cells[0]), int(cells[1]), int(cells[2])
+            b = int(cells[2])
             out[str(b)] = {"aggregate_tok_s": float(cells[7]), "prompt_tok_s": float(cells[5])}
     return {"command": " ".join(cmd[1:]), "decode": out}
 

@@ -4,7 +4,6 @@ sequences join and leave mid-run, a Stop frees its slot at once, the page and vo
 before the API, a full queue is refused, and answers are the same batched or not."""
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import replace
 
@@ -158,28 +157,36 @@ def test_answers_are_the_same_batched_or_one_at_a_time(tmp_path):
 
 
 def test_sequences_join_and_leave_mid_run_and_stop_frees_the_slot(tmp_path):
-    """A long answer runs; a second joins while it decodes and finishes first; a Stop of the
-    long one ends it within a step and its slot takes the next request."""
+    """A sequence is mid-run (a driven one: it moves only when the test pushes); a second joins,
+    runs to its end and leaves while the first still holds its slot and goes on; a Stop
+    (cancelled from inside its own stream) ends a sampled sequence within one step, and the
+    slot takes the next request. No timing involved."""
     llm = backend(tmp_path, parallel=2)
-    cancel = CancelToken()
-    long_times: list[float] = []
-    result = {}
-    t = threading.Thread(target=lambda: result.update(long=answer(llm, "A long story please.", n=200, cancel=cancel,
-                                                                  out=long_times)))
-    t.start()
-    while len(long_times) < 3:
-        time.sleep(0.005)
-    short = answer(llm, "Hi.", n=5)
+    sched = llm.scheduler
+    held = sched.open([5, 6, 7, 8, 9])
+    token = int(held.logits().argmax())
+    short = answer(llm, "Hi.", n=5)  # joins beside it, finishes, leaves
     assert short[1]["completion_tokens"] == 5 and short[1]["finish_reason"] == "length"
-    assert t.is_alive()  # the long one still decodes: the short one joined and left mid-run
-    cancel.cancel("stop")
-    t.join(10)
-    assert result["long"][1]["finish_reason"] == "cancelled" and result["long"][1]["completion_tokens"] < 200
-    assert not llm.scheduler.locked()
+    held.push(token)  # the first goes on after the other left
+    assert held.logits().shape[0] == 1 and held.slot.owner is held
+    held.close()
+
+    cancel, seen = CancelToken(), []
+
+    def sample(logits):  # the user presses Stop while the third token streams
+        seen.append(int(logits.argmax()))
+        if len(seen) == 3:
+            cancel.cancel("stop")
+        return 40 + len(seen)
+
+    assert not {41, 42, 43} & llm.stop_ids
+    seq = sched.submit([3, 4, 5], sample, max_new=100, cancel=cancel)
+    assert list(seq.tokens()) == [41, 42, 43] and seq.finish == "cancelled"
     deadline = time.monotonic() + 5
-    while llm.scheduler.running and time.monotonic() < deadline:
+    while sched.running and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert all(slot.owner is None for slot in llm.scheduler.slots)
+    assert all(slot.owner is None for slot in sched.slots) and not sched.locked()
+    assert answer(llm, "Hi.", n=3)[1]["completion_tokens"] == 3  # the slot serves the next request
     llm.close()
 
 
@@ -233,37 +240,31 @@ def test_the_next_turn_reuses_its_conversation_and_new_chats_the_primed_prompt(t
 
 
 def test_the_engine_serves_a_voice_turn_beside_a_streaming_chat(tmp_path):
-    """A chat streams a long answer while a voice-style turn and an API completion arrive: all
-    three complete, none waits for another to end (the engine takes no lock around them)."""
+    """While a chat's answer is mid-stream (its sequence holds a slot and is not finished), a
+    voice-style turn and an API completion through the engine both complete: nothing waits
+    for the chat to end, and the engine's lock is never taken for a scheduling backend. Then
+    three turns at once on threads all complete."""
     from engine.engine import Engine
+    from engine.events import TextDelta
 
     engine = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path), "llm.max_parallel": 4}, env={}))
     llm = engine.llm()
     assert llm.schedules and engine.model_queue is llm.scheduler
-    done: dict[str, float] = {}
-    firsts: dict[str, float] = {}
 
-    def turn(name: str, n: int, api: bool = False) -> None:
+    def turn(name: str, n: int = 8, api: bool = False) -> int:
         params = engine.params(max_new_tokens=n, temperature=0.0)
         msgs = [{"role": "user", "content": f"{name}: say something"}]
         gen = engine.complete(msgs, params, CancelToken()) if api else engine.answer(msgs, params, CancelToken())
-        for event in gen:
-            if type(event).__name__ == "TextDelta":
-                firsts.setdefault(name, time.monotonic())
-        done[name] = time.monotonic()
+        return sum(isinstance(event, TextDelta) for event in gen)
 
-    chat = threading.Thread(target=turn, args=("chat", 200))
-    chat.start()
-    while "chat" not in firsts:
-        time.sleep(0.005)
-    others = [threading.Thread(target=turn, args=("voice", 8)), threading.Thread(target=turn, args=("api", 8, True))]
-    for t in others:
-        t.start()
-    for t in others + [chat]:
-        t.join(60)
-    assert set(done) == {"chat", "voice", "api"}
-    assert firsts["voice"] < done["chat"] and firsts["api"] < done["chat"]  # served while the chat streamed
-    assert not engine.model_lock.busy  # never taken for a scheduling backend
+    chat = llm.scheduler.open(llm.encode([{"role": "user", "content": "Tell me a long story."}]))
+    chat.push(int(chat.logits().argmax()))  # mid-answer
+    chat.logits()
+    assert turn("voice") > 0 and turn("api", api=True) > 0
+    assert chat.finish is None and not engine.model_lock.busy
+    chat.close()
+    assert all(n > 0 for n in concurrently(lambda name: turn(name, 40, name == "api"), ["chat", "voice", "api"]))
+    assert not engine.model_lock.busy
     engine.close()
 
 
