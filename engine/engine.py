@@ -139,7 +139,7 @@ class Engine:
         if fitted.dropped or fitted.truncated_chars:
             yield Notice(fitted.notice(llm.context_tokens))
         lock = None if llm.schedules else self.model_lock  # (a scheduling backend queues its own)
-        waiting = llm.scheduler if lock is None else lock
+        waiting = self.model_queue
         if waiting.busy and not waiting.full():
             ahead = waiting.waiting + (lock is not None)
             if ahead:

@@ -67,7 +67,6 @@ class Sequence:
         self.finish: str | None = None
         self.error: BaseException | None = None
         self.out: queue.SimpleQueue = queue.SimpleQueue()
-        self.submitted = time.monotonic()
 
     # ---- the caller's side -------------------------------------------------------------
     def tokens(self):

@@ -371,9 +371,7 @@ void q8_gemm(const float *xt, int tp, const uint8_t *w, const void *scale, const
    and scaled once: y[t, r] = sum_g scale[r, g] * dx[t, g] * (codes . xq) + low[r, g] * sum_g(x)
    (the low term from the exact fp32 sums). 8-bit codes w (0..255) are made signed (w - 128, an
    xor) so that |w'| * sign(xq) fits vpmaddubsw's 16-bit pairs; the 128 * scale goes to the low
-   term. 4-bit codes (0..15) multiply as they are. Tokens go in blocks of NB8, each row's codes
-   loaded once per block. */
-#define NB8 4
+   term. 4- and 5-bit codes (0..31) multiply as they are. */
 void q8_quantize_x(const float *x, int tokens, int cols, int8_t *xq, float *dx, float *xsum) {
     int groups = cols / 32;
     for (int t = 0; t < tokens; t++)
@@ -431,7 +429,7 @@ static inline float x8_row(const uint8_t *wr, int bits, int step, const int8_t *
 }
 #endif
 
-/* xq [padded tokens, cols] int8 (padding rows zero), dx and xsum [tokens, groups] */
+/* xq [tokens, cols] int8, dx and xsum [tokens, groups] */
 void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const uint8_t *w, const void *scale,
                   const void *low, const float *bias, float *y, int tokens, int rows, int cols, int bits,
                   int threads) {
@@ -445,35 +443,25 @@ void q8_linear_x8(const int8_t *xq, const float *dx, const float *xsum, const ui
         float bs[groups], bl[groups];
         const float *sr = row_scales(scale, half, r, groups, bs), *lr = row_scales(low, half, r, groups, bl);
         float b = bias ? bias[r] : 0.0f;
-        for (int t0 = 0; t0 < tokens; t0 += NB8) {
-            int nt = tokens - t0 < NB8 ? tokens - t0 : NB8;
-            float out[NB8] = {0};
+        for (int t = 0; t < tokens; t++) {  /* (the row's codes stay in L1 from one token to the next) */
+            const int8_t *xt = xq + (int64_t)t * cols;
+            const float *dt = dx + (int64_t)t * groups, *st = xsum + (int64_t)t * groups;
+            float dot = 0.0f, offset = 0.0f;
 #ifdef HAVE_ROW32
-            for (int t = 0; t < nt; t++)  /* (the row's codes stay in L1 from one token to the next) */
-                out[t] = x8_row(wr, bits, step, xq + (int64_t)(t0 + t) * cols, dx + (int64_t)(t0 + t) * groups,
-                                groups, sr);
+            dot = x8_row(wr, bits, step, xt, dt, groups, sr);
 #else
-            for (int t = 0; t < nt; t++) {
-                const int8_t *xt = xq + (int64_t)(t0 + t) * cols;
-                float sum = 0.0f;
-                for (int g = 0; g < groups; g++) {
-                    int dot = 0;
-                    for (int i = 0; i < 32; i++)
-                        dot += (code_at(wr + g * step, bits, i) - (bits == 8 ? 128 : 0)) * xt[g * 32 + i];
-                    sum += sr[g] * dx[(int64_t)(t0 + t) * groups + g] * (float)dot;
-                }
-                out[t] = sum;
+            for (int g = 0; g < groups; g++) {
+                int sum = 0;
+                for (int i = 0; i < 32; i++)
+                    sum += (code_at(wr + g * step, bits, i) - (bits == 8 ? 128 : 0)) * xt[g * 32 + i];
+                dot += sr[g] * dt[g] * (float)sum;
             }
 #endif
-            for (int t = 0; t < nt; t++) {
-                const float *st = xsum + (int64_t)(t0 + t) * groups;
-                float offset = 0.0f;
-                if (bits != 8)  /* (8-bit codes were made signed: their 128 * scale goes here) */
-                    for (int g = 0; g < groups; g++) offset += lr[g] * st[g];
-                else
-                    for (int g = 0; g < groups; g++) offset += (lr[g] + 128.0f * sr[g]) * st[g];
-                y[(int64_t)(t0 + t) * rows + r] = out[t] + offset + b;
-            }
+            if (bits != 8)  /* (8-bit codes were made signed: their 128 * scale goes here) */
+                for (int g = 0; g < groups; g++) offset += lr[g] * st[g];
+            else
+                for (int g = 0; g < groups; g++) offset += (lr[g] + 128.0f * sr[g]) * st[g];
+            y[(int64_t)t * rows + r] = dot + offset + b;
         }
     }
 }
@@ -538,16 +526,16 @@ static void rope(float *v, int heads, int hd, const float *cos, const float *sin
         }
 }
 
-/* scratch for up to `batch` tokens (rows padded to NB) */
+/* scratch for up to `batch` tokens */
 static long widest(int hidden, int heads, int head_dim, int inter) {
     long w = hidden > inter ? hidden : inter;
     return w > (long)heads * head_dim ? w : (long)heads * head_dim;
 }
 
 long q8_scratch_floats(int hidden, int heads, int kv_heads, int head_dim, int inter, int capacity, int batch) {
-    long rows = (batch + NB - 1) / NB * NB, wide = widest(hidden, heads, head_dim, inter);
+    long rows = batch, wide = widest(hidden, heads, head_dim, inter);
     return rows * ((long)hidden + (long)(heads + 2 * kv_heads) * head_dim + (long)heads * head_dim + 3L * inter)
-           + (long)batch * heads * capacity + rows * wide / 4 + 2L * rows * (wide / 32 + 1);
+           + (long)batch * heads * capacity + (rows * wide + 3) / 4 + 2L * rows * (wide / 32 + 1);
 }
 
 /* x: [B, hidden] embeddings (overwritten); slots, pos: each token's KV slot and position;
@@ -555,17 +543,14 @@ long q8_scratch_floats(int hidden, int heads, int kv_heads, int head_dim, int in
 void q8_decode(const q8_model *m, float *x, int batch, const int *slots, const int *pos, const float *cos,
                const float *sin, float *logits) {
     int hd = m->head_dim, qd = m->heads * hd, kvd = m->kv_heads * hd, group = m->heads / m->kv_heads;
-    int B = batch, rows = (B + NB - 1) / NB * NB, H = m->hidden, I = m->inter, QKV = qd + 2 * kvd;
+    int B = batch, rows = B, H = m->hidden, I = m->inter, QKV = qd + 2 * kvd;
     long cap = m->capacity, slot_stride = (long)m->kv_heads * cap * hd;
     float *h = m->scratch, *qkv = h + (long)rows * H, *att = qkv + (long)rows * QKV, *gu = att + (long)rows * qd,
           *act = gu + (long)rows * 2 * I, *scores = act + (long)rows * I;  /* (layout: q8_scratch_floats) */
     long wide = widest(H, m->heads, hd, I);
     float *x8q = scores + (long)B * m->heads * cap;
-    x8_buf x8 = {(int8_t *)x8q, x8q + rows * wide / 4, x8q + rows * wide / 4 + rows * (wide / 32 + 1), m->x8};
-    /* the padding rows of every linear layer's input stay zero */
-    memset(h + (long)B * H, 0, sizeof(float) * (size_t)(rows - B) * H);
-    memset(att + (long)B * qd, 0, sizeof(float) * (size_t)(rows - B) * qd);
-    memset(act + (long)B * I, 0, sizeof(float) * (size_t)(rows - B) * I);
+    float *x8d = x8q + (rows * wide + 3) / 4;
+    x8_buf x8 = {(int8_t *)x8q, x8d, x8d + rows * (wide / 32 + 1), m->x8};
     for (int l = 0; l < m->n_layers; l++) {
         const q8_layer *L = m->layers + l;
         for (int b = 0; b < B; b++) rms_norm(x + (long)b * H, L->ln1, h + (long)b * H, H, m->eps);

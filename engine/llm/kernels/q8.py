@@ -208,7 +208,7 @@ class Q8Linear:
         tokens, groups = flat.shape[0], self.cols // GROUP
         if self.group != GROUP:
             raise ValueError("int8 activations need groups of 32 columns")
-        xq = torch.empty(-(-tokens // 4) * 4, self.cols, dtype=torch.int8)
+        xq = torch.empty(tokens, self.cols, dtype=torch.int8)
         dx, xsum = torch.empty(tokens, groups), torch.empty(tokens, groups)
         self.lib.q8_quantize_x(flat.data_ptr(), tokens, self.cols, xq.data_ptr(), dx.data_ptr(), xsum.data_ptr())
         out = torch.empty(tokens, self.rows, dtype=torch.float32)
