@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
@@ -21,9 +22,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app import chat_audio
+from app.api_answers import Answer, collect, finish, merged, sse, usage_of
+from app.api_params import chat_params, with_facts
 from app.bodies import ChatMessage, ChatRequest, error, invalid
 from engine.errors import InputError, Unavailable
-from engine.events import CancelToken, Done, Error, Event, Notice, TextDelta
+from engine.events import CancelToken, Done, Error, Event, TextDelta, ToolCallDelta
 from engine.engine import Engine
 from engine.status import status
 
@@ -144,8 +147,12 @@ def _messages(raw: list[ChatMessage], max_bytes: int) -> tuple[list[dict], list[
                 else:
                     raise ValueError(f"messages[{i}] has a content part of unsupported type {str(kind)[:40]!r}")
             content = "\n".join(texts)
-        role = {"developer": "system", "tool": "user"}.get(msg.role, msg.role)
-        out.append({"role": role, "content": content})
+        message = {"role": "system" if msg.role == "developer" else msg.role, "content": content}
+        if msg.tool_calls:  # an assistant's calls, and the results they got (read by the chat template)
+            message["tool_calls"] = msg.tool_calls
+        if msg.role == "tool":
+            message["tool_call_id"] = msg.tool_call_id or ""
+        out.append(message)
     return out, sorted(set(notes)), media
 
 
@@ -184,11 +191,19 @@ def make_router(engine: Engine) -> APIRouter:
     def model_id() -> str:
         return engine.config.llm.model
 
+    def model_card() -> dict:
+        return {"id": model_id(), "object": "model", "created": 0, "owned_by": "local", "state": engine.llm_state()[0]}
+
     @router.get("/models")
     def models() -> dict:
-        return {"object": "list", "data": [
-            {"id": model_id(), "object": "model", "created": 0, "owned_by": "local",
-             "state": engine.llm_state()[0]}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @router.get("/models/{model:path}")
+    def one_model(model: str):
+        if model != model_id():
+            return error(404, f"no model named {model[:80]!r}; this server runs {model_id()!r}",
+                         param="model")
+        return model_card()
 
     @router.get("/status")
     def get_status() -> dict:
@@ -201,13 +216,13 @@ def make_router(engine: Engine) -> APIRouter:
         try:
             body = ChatRequest.model_validate(await read_json(request))
             messages, unreadable, media = _messages(body.messages, engine.config.max_upload_mb * 1_000_000)
-            total = sum(len(m["content"]) for m in messages)
+            total = sum(len(m["content"] or "") for m in messages)
             if total > engine.config.max_prompt_chars:
                 raise ValueError(f"the messages hold {total:,} characters; the limit is "
                                  f"{engine.config.max_prompt_chars:,}")
-            tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            asked = (tokens, body.temperature, body.top_p, body.seed)
-            params = engine.params(*asked)
+            if body.n > 1 and body.modalities and "audio" in body.modalities:
+                raise ValueError("n: spoken answers (modalities audio) come one at a time; send n=1")
+            params = await asyncio.to_thread(chat_params, engine, body)
             cancel = CancelToken()
             spoken = await asyncio.to_thread(chat_audio.requested, engine, body, cancel)  # modalities: audio
         except ValidationError as exc:
@@ -215,7 +230,7 @@ def make_router(engine: Engine) -> APIRouter:
         except (ValueError, TypeError) as exc:
             return error(400, str(exc))
         except Unavailable as exc:
-            return error(503, f"speech synthesis is unavailable: {exc.why}; {exc.what_to_set}", "server_error")
+            return error(503, f"{exc.why}; {exc.what_to_set}", "server_error")
         if engine.model_queue.full():
             return busy(engine)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -225,72 +240,79 @@ def make_router(engine: Engine) -> APIRouter:
         except InputError as exc:
             return error(400, f"messages: {exc}", param="messages")
         if heard or len(unread) < len(media):  # facts or a transcript joined a message: llm.facts_temperature
-            params = engine.params(*asked, facts=True)
+            params = with_facts(engine, params, body)
         prefix = (f"(I can't read {' or '.join(unreadable)} sent as links or files: send them inline "
                   "as base64 data.)\n\n") if unreadable else ""
         if unread:
             prefix += f"(I didn't look at {'; '.join(unread)}.)\n\n"
-        events = iterate_in_thread(lambda: engine.complete(messages, params, cancel), cancel)
+        streams = [choice_stream(engine, messages, replace(params, seed=params.seed + i)) for i in range(body.n)]
 
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id(),
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            if usage is not None:
-                obj["usage"] = usage
-            return f"data: {json.dumps(obj)}\n\n"
+        def chunk(i: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> str:
+            choice = {"index": i, "delta": delta, "finish_reason": finish_reason}
+            if logprobs is not None:
+                choice["logprobs"] = {"content": list(logprobs)}
+            return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id(),
+                        "choices": [choice]})
 
         if body.stream:
-            async def sse() -> AsyncIterator[str]:
-                yield chunk({"role": "assistant", "content": prefix})
+            async def events() -> AsyncIterator[str]:
+                answers = [Answer() for _ in streams]
+                for i in range(len(streams)):
+                    yield chunk(i, {"role": "assistant", "content": prefix})
                 for delta in spoken.push(prefix) if spoken else ():
-                    yield chunk(delta)
-                async for ev in events:
+                    yield chunk(0, delta)
+                async for i, ev in merged(streams):
+                    answers[i].add(ev)
                     if isinstance(ev, TextDelta):
-                        yield chunk({"content": ev.text})
+                        yield chunk(i, {"content": ev.text}, logprobs=ev.logprobs if body.logprobs else None)
                         for delta in spoken.push(ev.text) if spoken else ():
-                            yield chunk(delta)
+                            yield chunk(0, delta)
+                    elif isinstance(ev, ToolCallDelta):
+                        call = answers[i].calls[ev.index]
+                        fn = {"name": ev.name, "arguments": ""} if ev.name else {"arguments": ev.arguments}
+                        part = {"index": ev.index, "function": fn}
+                        if ev.name:
+                            part.update(id=call["id"], type="function")
+                        yield chunk(i, {"tool_calls": [part]})
                     elif isinstance(ev, Error):
-                        yield f"data: {json.dumps({'error': {'message': ev.message, 'type': 'server_error'}})}\n\n"
+                        yield sse({"error": {"message": ev.message, "type": "server_error"}})
                     elif isinstance(ev, Done):
                         if spoken:  # the rest of the answer's audio, then the finish
                             async for delta in iterate_in_thread(spoken.rest, cancel):
-                                yield chunk(delta) if isinstance(delta, dict) else ""
-                        yield chunk({}, _finish(ev.usage), _usage(ev.usage))
+                                yield chunk(0, delta) if isinstance(delta, dict) else ""
+                        yield chunk(i, {}, finish(ev.usage))
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id(),
+                               "choices": [], "usage": usage_of(answers)})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(sse(), media_type="text/event-stream",
+            return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        parts, done, errors, notices = [prefix], None, [], []
-        async for ev in events:
-            if isinstance(ev, TextDelta):
-                parts.append(ev.text)
-            elif isinstance(ev, Error):
-                errors.append(ev.message)
-            elif isinstance(ev, Notice):
-                notices.append(ev.message)
-            elif isinstance(ev, Done):
-                done = ev
-        if done is not None and done.usage.get("finish_reason") == "busy":  # the queue filled while it waited
+        answers = list(await asyncio.gather(*(collect(s) for s in streams)))
+        if any(a.busy for a in answers):  # the queue filled while it waited
             return busy(engine)
-        if errors and len(parts) == 1:
-            return error(503, " ".join(errors), "server_error")
-        usage = done.usage if done else {}
-        message = {"role": "assistant", "content": "".join(parts)}
-        if spoken:
-            message["audio"] = await asyncio.to_thread(spoken.whole, message["content"])
+        if all(a.failed for a in answers):
+            return error(503, " ".join(answers[0].errors), "server_error")
+        choices = []
+        for i, a in enumerate(answers):
+            message = {"role": "assistant", "content": prefix + a.text if a.text or not a.calls else None}
+            if a.calls:
+                message["tool_calls"] = a.tool_calls()
+            if spoken:
+                message["audio"] = await asyncio.to_thread(spoken.whole, message["content"] or "")
+            choice = {"index": i, "finish_reason": finish(a.usage), "message": message}
+            if body.logprobs:
+                choice["logprobs"] = {"content": a.logprobs}
+            choices.append(choice)
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_id(),
-                "choices": [{"index": 0, "finish_reason": _finish(usage), "message": message}],
-                "usage": _usage(usage), "notices": notices}
+                "choices": choices, "usage": usage_of(answers), "notices": [n for a in answers for n in a.notices]}
 
     return router
 
 
-def _finish(usage: dict) -> str:
-    reason = usage.get("finish_reason", "stop")
-    return "length" if reason == "length" else "stop"
-
-
-def _usage(usage: dict) -> dict:
-    p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def choice_stream(engine: Engine, messages, params) -> AsyncIterator[Event]:
+    """One sampled answer's events, from a worker thread; its own cancel (a stop string ends
+    this choice alone), set when the client goes."""
+    cancel = CancelToken()
+    return iterate_in_thread(lambda: engine.complete(messages, params, cancel), cancel)

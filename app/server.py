@@ -17,6 +17,7 @@ def build_app(engine: Engine):
     import gradio as gr
     from fastapi import FastAPI
 
+    from app import completions_api, responses_api
     from app.api import make_router
     from app.audio_api import make_audio_router
     from app.images_api import make_image_router
@@ -28,6 +29,8 @@ def build_app(engine: Engine):
     # the token (when set) guards /v1 and /voice in app/security.Edge, docs included
     api = FastAPI(title="Omni assistant", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     api.include_router(make_router(engine))
+    api.include_router(completions_api.make_router(engine))
+    api.include_router(responses_api.make_router(engine))
     api.include_router(make_image_router(engine))
     api.include_router(make_audio_router(engine))
     api.include_router(make_realtime_router(engine))

@@ -7,15 +7,18 @@ answer is produced: fit the history, wait for the model, stream, time it.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
+from dataclasses import replace
 from typing import Generator, Iterator, Sequence
 
 from engine.config import Config
-from engine.context import fit
+from engine.context import Fitted, fit
 from engine.errors import Unavailable
 from engine.events import CancelToken, Done, Error, Event, Notice, Returning, TextDelta
 from engine.llm.base import GenParams, LLMBackend, Message
+from engine.llm.decoding import StopText
 from engine.queueing import FairLock, QueueFull
 from engine.roles import Role, build_roles
 from engine.store import Store
@@ -43,8 +46,6 @@ class Engine:
 
     def set_speech(self, voice: str | None = None, rate: float | None = None) -> None:
         """Change the voice or speaking rate; the TTS reloads on next use."""
-        from dataclasses import replace
-
         from engine.config import ConfigError, validate
 
         tts = replace(self.config.tts, voice=voice or self.config.tts.voice,
@@ -106,17 +107,20 @@ class Engine:
             seed=c.seed if seed is None else seed,
         )
 
-    def complete(self, messages: Sequence[Message], params: GenParams,
+    def complete(self, messages: Sequence[Message] | str, params: GenParams,
                  cancel: CancelToken) -> Iterator[Event]:
         """A stateless completion (the OpenAI API): nothing is stored. It waits behind the page's
-        and voice's turns when the model is busy."""
-        from dataclasses import replace
-
+        and voice's turns when the model is busy. A string is a raw prompt (no chat template)."""
         from engine.llm.scheduler import API
 
         params = replace(params, priority=API)
-        if not messages or messages[0]["role"] != "system":
+        if isinstance(messages, str):
+            pass
+        elif not messages or messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.config.system_prompt}, *messages]
+        if params.response_format is not None and not isinstance(messages, str):
+            messages = [{**messages[0], "content": messages[0]["content"] + json_note(params.response_format)},
+                        *messages[1:]]
         _, usage, timings = yield from self.answer(messages, params, cancel)
         yield Done(usage, timings, interrupted=usage.get("finish_reason") == "cancelled")
 
@@ -135,7 +139,7 @@ class Engine:
             yield Error(f"The language model is {exc}", recoverable=True)
             return "", usage, {}
         budget = llm.context_tokens - min(params.max_new_tokens, llm.context_tokens // 2)
-        fitted = fit(messages, llm.count_tokens, budget)
+        fitted = fit(messages, llm.count_tokens, budget) if not isinstance(messages, str) else Fitted(messages, 0, 0)
         if fitted.dropped or fitted.truncated_chars:
             yield Notice(fitted.notice(llm.context_tokens))
         lock = None if llm.schedules else self.model_lock  # (a scheduling backend queues its own)
@@ -161,12 +165,24 @@ class Engine:
                 yield Notice(f"{llm.name} reads text only, so it answers from what the perception tools found in "
                              f"the {' and '.join(unseen)}; set --llm to an omni model (Qwen2.5-Omni, Qwen3-Omni) "
                              "for it to look at them itself.")
+            stops = StopText(params.stop)
             for event in (stream := Returning(llm.generate(fitted.messages, seen, params, cancel))):
                 if isinstance(event, TextDelta):
                     first = first or time.monotonic()
+                    if params.stop:  # (the text up to a stop string; the answer ends there)
+                        event = replace(event, text=stops.push(event.text))
+                        if stops.hit:
+                            cancel.cancel("stop sequence")
+                        if not (event.text or event.logprobs):
+                            continue
                     parts.append(event.text)
                 yield event
+            if tail := stops.flush():
+                parts.append(tail)
+                yield TextDelta(tail)
             usage = stream.value or usage
+            if stops.hit:
+                usage = {**usage, "finish_reason": "stop"}
         except QueueFull:
             yield from self._busy(usage, waiting)
             return "", usage, {}
@@ -195,3 +211,12 @@ class Engine:
         for role in self.roles.values():
             role.close()
         self.store.close()
+
+
+def json_note(response_format: dict) -> str:
+    """What the system prompt says when the answer must be JSON (the grammar makes it so; told,
+    a small model fills the fields with what was asked rather than whatever parses)."""
+    schema = response_format.get("schema")
+    if schema is None:
+        return "\n\nReply with a single JSON object only."
+    return f"\n\nReply with a single JSON object only, following this JSON Schema: {json.dumps(schema)}"

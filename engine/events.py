@@ -68,6 +68,9 @@ class Event:
 @dataclass(frozen=True)
 class TextDelta(Event):
     text: str
+    #: each token's log-probability with its alternatives, when asked (GenParams.logprobs):
+    #: OpenAI's entries, {"token", "logprob", "bytes", "top_logprobs"}
+    logprobs: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,16 @@ class Transcript(Event):
 class ToolCall(Event):
     name: str
     arguments: dict
+
+
+@dataclass(frozen=True)
+class ToolCallDelta(Event):
+    """A function call the model is making (OpenAI's `tools`), streamed: its name first (with
+    empty arguments), then fragments of its JSON arguments. `index`: the call's place in the turn."""
+
+    index: int
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True)

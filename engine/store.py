@@ -34,6 +34,13 @@ CREATE TABLE IF NOT EXISTS turns (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns(conversation_id, id);
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    previous_id TEXT,
+    messages TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS media (
     sha256 TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -132,6 +139,32 @@ class Store:
 
     def delete_conversation(self, cid: str) -> None:
         self._tx("DELETE FROM conversations WHERE id = ?", (cid,))
+
+    # stored answers of the Responses API (/v1/responses with store: the messages this response
+    # added, its input and output, and the response it followed)
+    def save_response(self, rid: str, previous: str | None, messages: list[dict], body: dict) -> None:
+        self._tx("INSERT INTO responses VALUES (?, ?, ?, ?, ?)",
+                 (rid, previous, json.dumps(messages), json.dumps(body), time.time()))
+
+    def get_response(self, rid: str) -> dict | None:
+        rows = self._query("SELECT body FROM responses WHERE id = ?", (rid,))
+        return json.loads(rows[0]["body"]) if rows else None
+
+    def response_messages(self, rid: str, limit: int = 256) -> list[dict] | None:
+        """The conversation up to and including response `rid`, following each one's previous
+        (at most `limit` back); None when `rid` is not stored."""
+        chain: list[list[dict]] = []
+        while rid and len(chain) < limit:
+            rows = self._query("SELECT previous_id, messages FROM responses WHERE id = ?", (rid,))
+            if not rows:
+                return None if not chain else [m for part in reversed(chain) for m in part]
+            chain.append(json.loads(rows[0]["messages"]))
+            rid = rows[0]["previous_id"]
+        return [m for part in reversed(chain) for m in part]
+
+    def delete_response(self, rid: str) -> bool:
+        with self._transaction() as db:
+            return db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount > 0
 
     # turns and media
     def add_turn(self, cid: str, role: str, content: str, status: str = "complete",

@@ -36,6 +36,22 @@ class GenParams:
     priority: int = 0
     #: a list the backend appends the thinker's trace to (hidden states for an omni talker)
     trace: list | None = field(default=None, compare=False)
+    #: OpenAI's sampling extras (`LLMBackend.features` says which a backend honours):
+    #: penalties on tokens already in the answer, a bias per token id, and the log-probabilities
+    #: of each chosen token with this many alternatives (None: not asked)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple = ()  # ((token id, bias), ...)
+    logprobs: int | None = None
+    #: strings that end the answer where they appear, unshown (any backend: engine.answer)
+    stop: tuple = ()
+    #: the answer is JSON: {"schema": a JSON Schema} or {"schema": None} for any JSON object
+    response_format: dict | None = field(default=None, compare=False)
+    #: function tools the model may call (OpenAI's {"type": "function", "function": {...}} list),
+    #: `tool_choice` ("auto", "required", or a tool's name) and whether several calls may come at once
+    tools: tuple = field(default=(), compare=False)
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
 
 
 def answer_seed(seed: int, prompt: bytes) -> int:
@@ -68,6 +84,10 @@ class LLMBackend(ABC):
     scheduler: object | None = None
     #: sequences it decodes at once
     parallel: int = 1
+    #: what it honours beyond the plain answer: "tools", "response_format", "logprobs",
+    #: "penalties", "logit_bias", "raw_prompt" (a prompt without the chat template), "fim"
+    #: (fill in the middle: the model has FIM tokens). The API refuses (400) what is not here.
+    features: frozenset = frozenset()
 
     @abstractmethod
     def generate(

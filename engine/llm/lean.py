@@ -151,6 +151,7 @@ class LeanTokenizer:
         self.special = {name: _content(conf.get(name)) for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
         self.eos_token_id = self.convert_tokens_to_ids(self.special["eos_token"])
         self.unk_token_id = self.convert_tokens_to_ids(self.special["unk_token"])
+        self.chat_template = template
         self._template = _environment().from_string(template)
 
     def convert_tokens_to_ids(self, token: str | None) -> int | None:

@@ -1,4 +1,4 @@
-"""Structured output from the transformers backend: choices and JSON tool calls.
+"""Structured output from the transformers backend: choices, JSON tool calls, grammars.
 
 - `choose`: pick one of a few answers by the model's likelihood of each (the
   prompt runs once; each option is scored on the KV cache, then cropped off),
@@ -6,11 +6,13 @@
 - `json_call`: grammar-constrained decoding of a JSON object that satisfies
   a JSON schema (xgrammar compiles the schema into a token mask applied to
   the logits at every step), so the call always parses and validates.
+- `Grammar`: the same mask for a sampled answer (OpenAI's `response_format`, decoding.Sampler)
+  and for a function call's arguments (tool_calls.py).
 """
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from engine.errors import Unavailable
 from engine.events import CancelToken
@@ -63,22 +65,76 @@ def _compiler(backend):
     return backend.grammar_compiler
 
 
+class Grammar:
+    """A JSON value's grammar applied token by token (xgrammar): `mask(logits)` leaves only the
+    tokens it allows (near the end of the budget, those that close strings and objects are
+    pushed up), `accept(token)` moves it on, `done` once the value is whole; then only the
+    model's end token is allowed. `schema` None: any JSON object (OpenAI's json_object)."""
+
+    def __init__(self, backend, schema: dict | None, budget: int) -> None:
+        import xgrammar as xgr
+
+        self.matcher = xgr.GrammarMatcher(compile_schema(backend, schema))
+        _, self.info, self.closing = backend.grammar_compiler
+        self.bitmask = xgr.allocate_token_bitmask(1, self.info.vocab_size)
+        self.left, self.end = budget, min(backend.stop_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def mask(self, logits):
+        import torch
+        import xgrammar as xgr
+
+        logits = logits.float().cpu()
+        width = logits.shape[-1]
+        if width < self.info.vocab_size:  # the grammar's vocabulary may be padded
+            logits = torch.nn.functional.pad(logits, (0, self.info.vocab_size - width), value=-1e9)
+        elif width > self.info.vocab_size:  # (the model's may be too)
+            logits = logits[..., :self.info.vocab_size]
+        if self.done:  # the value is whole: the answer ends
+            out = torch.full_like(logits, float("-inf"))
+            out[..., self.end] = 0.0
+            return out
+        if self.left < FINISH_MARGIN:  # running out: close strings and objects where allowed
+            logits = logits + self.closing
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask)
+        return logits
+
+    def accept(self, token: int) -> None:
+        if self.done:
+            return
+        if not self.matcher.accept_token(token):
+            raise ValueError("the grammar refused its own token")
+        self.left -= 1
+
+
+def compile_schema(backend, schema: dict | None):
+    """The compiled grammar of a JSON schema (None: any JSON object). ValueError saying what
+    the grammar engine could not take (the API's 400)."""
+    compiler = _compiler(backend)[0]
+    schema = {"type": "object"} if schema is None else schema
+    try:  # strict (no properties beyond those named) where it names them; a free-form object stays free
+        return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False,
+                                            strict_mode=bool(schema.get("properties")))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"the JSON schema cannot be compiled to a grammar: {str(exc).splitlines()[0][:300]}") from None
+
+
 def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelToken | None = None,
               max_new_tokens: int = 256) -> tuple[dict, int]:
     """A JSON object satisfying `schema`, decoded greedily under the schema's grammar.
     Returns (object, tokens generated). Raises ValueError if the budget ends first."""
     import torch
-    import xgrammar as xgr
 
-    compiler, info, closing = _compiler(backend)
-    grammar = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
-    matcher = xgr.GrammarMatcher(grammar)
-    mask = xgr.allocate_token_bitmask(1, info.vocab_size)
+    grammar = Grammar(backend, schema, max_new_tokens)
     prompt = backend.encode(messages)
     with torch.inference_mode():
         steps = backend.steps(prompt)  # (the fast path's int8 steps when the model has one)
         try:
-            out_ids = _constrained(steps, matcher, mask, info, closing, max_new_tokens, cancel)
+            out_ids = list(constrained(steps, grammar, max_new_tokens, cancel))
         finally:
             steps.close()
     text = backend.tokenizer.decode(out_ids, skip_special_tokens=True)
@@ -86,32 +142,19 @@ def json_call(backend, messages: Sequence[dict], schema: dict, cancel: CancelTok
         from generators.base import Cancelled
 
         raise Cancelled("cancelled")
-    if not matcher.is_terminated():
+    if not grammar.done:
         raise ValueError(f"the tool call did not finish within {max_new_tokens} tokens")
     return json.loads(text), len(out_ids)
 
 
-def _constrained(steps, matcher, mask, info, closing, max_new_tokens: int, cancel) -> list[int]:
-    """Greedy tokens under the grammar's mask until it terminates, the budget ends or a cancel."""
-    import torch
-    import xgrammar as xgr
-
-    out_ids: list[int] = []
-    for step in range(max_new_tokens):
+def constrained(steps, grammar: Grammar, max_new_tokens: int, cancel) -> Iterator[int]:
+    """Greedy tokens under the grammar, as they come, until it is done, the budget ends or a cancel."""
+    for _ in range(max_new_tokens):
         if cancel is not None and cancel.cancelled:
-            break
-        logits = steps.logits.float().cpu()
-        if logits.shape[-1] < info.vocab_size:  # the grammar's vocabulary may be padded
-            logits = torch.nn.functional.pad(logits, (0, info.vocab_size - logits.shape[-1]), value=-1e9)
-        if max_new_tokens - step < FINISH_MARGIN:  # running out: close strings and objects where allowed
-            logits = logits + closing
-        matcher.fill_next_token_bitmask(mask)
-        xgr.apply_token_bitmask_inplace(logits, mask)
-        token = int(logits.argmax(-1))
-        if not matcher.accept_token(token):
-            raise ValueError("the grammar refused its own token")
-        if matcher.is_terminated():
-            break
-        out_ids.append(token)
+            return
+        token = int(grammar.mask(steps.logits).argmax(-1))
+        grammar.accept(token)
+        if grammar.done:
+            return
+        yield token
         steps.push(token)
-    return out_ids

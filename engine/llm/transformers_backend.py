@@ -12,19 +12,21 @@ sampling and detokenizing in engine/llm/decoding.py.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 from engine.config import LLMConfig
 from engine.errors import Unavailable
-from engine.events import CancelToken, RouterStats, TextDelta
+from engine.events import CancelToken, RouterStats
 from engine.llm.base import GenParams, LLMBackend, Message
-from engine.llm.decoding import Detokenizer, Sampler, stop_ids
+from engine.llm.decoding import Sampler, TokenText, stop_ids
 from engine.llm.loading import device_of, load_model, load_tiny, max_positions, text_config
 from engine.llm.sources import resolve
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 MAX_KV_POSITIONS = 32768
+FIM = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")  # fill in the middle (Qwen2.5-Coder's tokens)
 
 
 class TransformersBackend(LLMBackend):
@@ -212,11 +214,25 @@ class TransformersBackend(LLMBackend):
     def count_tokens(self, messages: Sequence[Message]) -> int:
         return len(self.encode(messages))
 
-    def encode(self, messages: Sequence[Message], opened: bool = True) -> list[int]:
+    def encode(self, messages: Sequence[Message] | str, opened: bool = True, tools: Sequence[dict] = ()) -> list[int]:
         """The prompt's token ids: the chat template, with the assistant's turn opened (or not:
-        a prefix every later prompt starts with, `prime`)."""
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=opened)
+        a prefix every later prompt starts with, `prime`), and the function tools the model may
+        call (tool_calls.py). A string is a raw prompt (OpenAI's /v1/completions): no template."""
+        from engine.llm.tool_calls import native, template_messages
+
+        if isinstance(messages, str):
+            return self.tokenizer(messages, add_special_tokens=False).input_ids
+        own = native(self.tokenizer)
+        extra = {"tools": list(tools)} if tools and own else {}
+        text = self.tokenizer.apply_chat_template(template_messages(messages, tools, own), tokenize=False,
+                                                  add_generation_prompt=opened, **extra)
         return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    @property
+    def features(self) -> frozenset:
+        fim = all(self.tokenizer.convert_tokens_to_ids(t) not in (None, self.tokenizer.unk_token_id) for t in FIM)
+        return frozenset({"tools", "response_format", "logprobs", "penalties", "logit_bias", "raw_prompt",
+                          *(("fim",) if fim else ())})
 
     def generate(self, messages, media=(), params=GenParams(), cancel=None):
         import torch
@@ -224,14 +240,29 @@ class TransformersBackend(LLMBackend):
         cancel = cancel or CancelToken()
         media = [m for m in media if getattr(m, "kind", None) in self.media_kinds]
         inputs, masks, seen_files = self.omni.build(messages, media) if media else (None, {}, [])
-        prompt = inputs["input_ids"][0].tolist() if inputs else self.encode(messages)
+        tools = params.tools if params.tool_choice != "none" else ()
+        prompt = inputs["input_ids"][0].tolist() if inputs else self.encode(messages, tools=tools)
         budget = self.context_tokens - len(prompt)
         if budget <= 0:
             media_note = f" ({sum(int(m.sum()) for m in masks.values())} of them for the media)" if masks else ""
             raise ValueError(f"prompt is {len(prompt)} tokens{media_note}; the context holds {self.context_tokens}")
         max_new = min(params.max_new_tokens, budget)
-        sampler = Sampler(params, self.device, self.suppress, prompt)
-        detok = Detokenizer(self.tokenizer)
+        if tools:  # the model calls a tool, or answers with its opener suppressed
+            from engine.llm.tool_calls import OPEN, opener, tool_turn
+
+            called = yield from tool_turn(self, prompt, replace(params, max_new_tokens=max_new), cancel)
+            if called is not None:
+                return called
+            first = opener(self.tokenizer)
+            if self.tokenizer.decode([first]) == OPEN.strip():  # (a token of its own, as Qwen's: never a stray "<")
+                params = replace(params, logit_bias=(*params.logit_bias, (first, -1e4)))
+        grammar = None
+        if params.response_format is not None:  # JSON, under the grammar of its schema
+            from engine.llm.structured import Grammar
+
+            grammar = Grammar(self, params.response_format.get("schema"), max_new)
+        sampler = Sampler(params, self.device, self.suppress, prompt, grammar)
+        detok = TokenText(self.tokenizer, sampler)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "finish_reason": "length"}
         if masks:
             usage["media_tokens"] = {kind: int(m.sum()) for kind, m in masks.items()}
@@ -260,8 +291,8 @@ class TransformersBackend(LLMBackend):
                     usage["finish_reason"] = "stop"
                     break
                 usage["completion_tokens"] = step + 1
-                if text := detok.push(token):
-                    yield TextDelta(text)
+                if delta := detok.push(token):
+                    yield delta
                 if cancel.cancelled:
                     usage["finish_reason"] = "cancelled"
                     break
@@ -271,8 +302,8 @@ class TransformersBackend(LLMBackend):
                 out = self._forward(trace, input_ids=nxt, cache=out.cache, use_cache=True)
                 logits = out.logits[:, -1, :]
             self._kept = (seen[:out.cache.get_seq_length()], out.cache)
-        if text := detok.flush():
-            yield TextDelta(text)
+        if delta := detok.flush():
+            yield delta
         if self.moe is not None:
             yield RouterStats(self.moe.summary())
         usage["cached_prompt_tokens"] = self._reused
@@ -285,15 +316,15 @@ class TransformersBackend(LLMBackend):
         try:
             for token in seq.tokens():
                 taken += 1
-                if text := detok.push(token):
-                    yield TextDelta(text)
+                if delta := detok.push(token):
+                    yield delta
                 if cancel.cancelled:  # (the loop may be a few tokens ahead: those are dropped)
                     finish = "cancelled"
                     break
         finally:
             seq.close()  # (a consumer gone mid-answer: its slot is free at the next step)
-        if text := detok.flush():
-            yield TextDelta(text)
+        if delta := detok.flush():
+            yield delta
         usage.update(completion_tokens=taken, finish_reason=finish or seq.finish, cached_prompt_tokens=seq.reused)
         return usage
 
