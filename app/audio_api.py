@@ -23,6 +23,7 @@ from app.bodies import error, invalid
 from app.speech_roles import decode_16k, pick_voice, voices
 from engine.errors import InputError, Unavailable
 from engine.events import CancelToken, Error
+from engine.speech.decode import ACCEPTED as AUDIO_ACCEPTED
 
 MAX_SPEECH_CHARS = 4096  # as OpenAI's /audio/speech
 TRANSCRIPT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
@@ -34,7 +35,7 @@ class TranscriptionForm(BaseModel):
     """The multipart fields of /v1/audio/transcriptions (and /translations, without language)."""
 
     model_config = ConfigDict(extra="ignore")
-    file: bytes = Field(b"", description="the audio file (WAV, FLAC, OGG/Opus, MP3)")
+    file: bytes = Field(b"", description=f"the audio file ({AUDIO_ACCEPTED})")
     model: str = Field("whisper-1", description="accepted and ignored: the server's --asr model answers")
     language: str | None = Field(None, max_length=20, description="ISO-639-1 code; skips detection")
     prompt: str | None = Field(None, max_length=4000, description="accepted; Whisper here is not prompted")
@@ -94,13 +95,8 @@ async def _upload_audio(engine, upload) -> tuple[np.ndarray, str]:
         def check_and_decode() -> np.ndarray:
             record = media_mod.ingest(src, Path(tmp) / "media", limit, name)
             if record.kind != "audio":
-                raise InputError(f"{name} is {record.kind}, not audio: send WAV, FLAC, OGG/Opus or MP3")
-            try:
-                return decode_16k(Path(record.path))
-            except InputError as exc:
-                raise InputError(f"{name}: {exc}") from None
-            except Exception:  # noqa: BLE001 - a stream that breaks mid-file; libsndfile names our temp path
-                raise InputError(media_mod.damaged(name, record.mime)) from None
+                raise InputError(f"{name} is {record.kind}, not audio: send {AUDIO_ACCEPTED}")
+            return decode_16k(Path(record.path), name=name)  # InputError (naming `name`) when it breaks mid-file
 
         return await asyncio.to_thread(check_and_decode), name
 

