@@ -13,6 +13,10 @@ from engine.llm import load_backend
 from engine.llm.base import GenParams
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a long story."}]
+ROOM = {"context_tokens": "2048"}  # (the tiny tokenizer spells a tool's prompt letter by letter)
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"]}
 
 
 def run(backend, params=GenParams(max_new_tokens=24, temperature=0.0), cancel=None, messages=MSGS):
@@ -58,6 +62,32 @@ class LLMContract:
         events, usage = run(backend, cancel=cancel)
         assert len(events) <= 1 and usage["finish_reason"] == "cancelled"
 
+    def test_what_it_declares_beyond_text_it_honours(self, backend):
+        """features: a JSON answer under its schema, a forced tool call whose arguments validate,
+        each token's log-probability. A backend that declares none of them is refused them by the API."""
+        import json
+
+        import jsonschema
+
+        from engine.events import ToolCallDelta
+
+        features = backend.features
+        if "response_format" in features:
+            events, _ = run(backend, GenParams(max_new_tokens=80, temperature=0.7, response_format={"schema": PERSON}))
+            jsonschema.validate(json.loads("".join(e.text for e in events)), PERSON)
+        if "tools" in features:
+            tool = {"type": "function", "function": {"name": "person", "parameters": PERSON}}
+            events, usage = run(backend, GenParams(max_new_tokens=80, temperature=0.0, tools=(tool,),
+                                                   tool_choice="required"))
+            calls = [e for e in events if isinstance(e, ToolCallDelta)]
+            assert usage["finish_reason"] == "tool_calls" and calls[0].name == "person"
+            jsonschema.validate(json.loads("".join(c.arguments for c in calls)), PERSON)
+        if "logprobs" in features:
+            events, usage = run(backend, GenParams(max_new_tokens=6, temperature=0.0, logprobs=2))
+            entries = [entry for e in events for entry in e.logprobs]
+            assert len(entries) == usage["completion_tokens"]
+            assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in entries)
+
     def test_count_tokens_grows_with_the_prompt(self, backend):
         short = backend.count_tokens([{"role": "user", "content": "hi"}])
         long = backend.count_tokens([{"role": "user", "content": "hi " * 50}])
@@ -68,7 +98,7 @@ class LLMContract:
 class TestTransformersBackend(LLMContract):
     @pytest.fixture(scope="class")
     def backend(self, tmp_path_factory):
-        cfg = load_config("tiny", env={}).llm
+        cfg = load_config("tiny", overrides=ROOM, env={}).llm
         b = load_backend(cfg, tmp_path_factory.mktemp("models"))
         yield b
         b.close()
@@ -168,7 +198,7 @@ class TestQuantizedBackend(TestTransformersBackend):
     @pytest.fixture(scope="class")
     def backend(self, tmp_path_factory):
         pytest.importorskip("bitsandbytes")
-        cfg = load_config("tiny", overrides={"quantization": "4bit"}, env={}).llm
+        cfg = load_config("tiny", overrides={"quantization": "4bit", **ROOM}, env={}).llm
         b = load_backend(cfg, tmp_path_factory.mktemp("models"))
         yield b
         b.close()
@@ -196,7 +226,7 @@ class TestLeanBackend(TestTransformersBackend):
 
         model, tokenizer = build_tiny_model(6)
         folder = save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), on_gguf_grids(model), tokenizer)
-        cfg = load_config("tiny", overrides={"llm.model": str(folder)}, env={}).llm
+        cfg = load_config("tiny", overrides={"llm.model": str(folder), **ROOM}, env={}).llm
         b = load_backend(cfg, tmp_path_factory.mktemp("models"))
         assert b.lean is not None
         yield b
@@ -211,7 +241,7 @@ class TestOmniBackbone(TestTransformersBackend):
 
     @pytest.fixture(scope="class")
     def backend(self, tmp_path_factory):
-        cfg = load_config("tiny", overrides={"llm": "tiny-omni"}, env={}).llm
+        cfg = load_config("tiny", overrides={"llm": "tiny-omni", **ROOM}, env={}).llm
         b = load_backend(cfg, tmp_path_factory.mktemp("models"))
         yield b
         b.close()

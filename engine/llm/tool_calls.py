@@ -5,10 +5,16 @@ tools' JSON in the system turn, a call as `<tool_call>{"name": ..., "arguments":
 results as `<tool_response>` in a user turn); for a template without one, the same format
 written into the system prompt here, with calls and results as plain text turns.
 
+Whether to call ("auto"; "required" or a named tool skip the question): a small model's
+own first token is no guide (Qwen2.5-0.5B writes the call as a JSON code block, or
+JSON for a joke with a weather tool on offer). What is: how much more likely the request
+becomes once a tool is named (pointwise mutual information, `backend.score`): "Add 17
+and 25" is far likelier from a user of add(a, b) than from any user; "Tell me a joke"
+is not. The model calls when some tool makes the request likelier (bench/function_calling.py
+measures it). After a tool's result, it answers, unless it opens a call itself.
+
 The turn, on the model's KV cache (`backend.steps`: a driven sequence of the scheduler's
 batch on the fast path):
-- whether to call ("auto"): the model's own next token, a call when it opens one (Qwen's
-  `<tool_call>` token); "required" or a named tool skip the question;
 - which tool: the one named, the only one, or the most likely of the names (each scored on
   the cache, then rewound), as the router chooses (structured.choose);
 - the arguments: decoded under the grammar of that tool's JSON Schema, so every call parses
@@ -26,6 +32,11 @@ from engine.events import CancelToken, ToolCallDelta
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 MAX_CALLS = 4  # calls in one turn when parallel calls are allowed
+# the decision's two readings of the request (wants_a_call)
+ANY_USER = "A user asks an assistant:\n"
+TOOL_USER = "A user asks an assistant that can run the function {signature}, to run it:\n"
+SCORED_TOKENS = 48  # of the request (its start says what it wants)
+MARGIN = 0.0  # nats: likelier at all
 TOOLS_NOTE = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
@@ -83,7 +94,29 @@ def opener(tokenizer) -> int:
     return tokenizer(OPEN, add_special_tokens=False).input_ids[0]
 
 
-def tool_turn(backend, prompt: list[int], params, cancel: CancelToken
+def wants_a_call(backend, request: str, tools: dict) -> bool:
+    """Does some tool make the request likelier than it is from any user (see the module's note)?"""
+    ids = lambda text: backend.encode(text)  # noqa: E731  (a raw prompt: no chat template)
+    asked = ids(request)[:SCORED_TOKENS]
+    if not asked:
+        return False
+
+    def likelihood(prefix: str) -> float:
+        head = ids(prefix)
+        return backend.score(head + asked, len(head))
+
+    alone = likelihood(ANY_USER)
+    return any(likelihood(TOOL_USER.format(signature=signature(name, spec))) > alone + MARGIN
+               for name, spec in tools.items())
+
+
+def signature(name: str, spec: dict) -> str:
+    props = (spec.get("parameters") or {}).get("properties") or {}
+    described = f": {' '.join(str(spec.get('description', '')).split())[:200]}" if spec.get("description") else ""
+    return f"{name}({', '.join(list(props)[:12])}){described}"
+
+
+def tool_turn(backend, messages: Sequence[dict], prompt: list[int], params, cancel: CancelToken
               ) -> Generator[ToolCallDelta, None, dict | None]:
     """The calls the model makes after `prompt` (streamed as ToolCallDelta: the name first, then
     fragments of the arguments), and the usage (finish_reason "tool_calls", or "length" when
@@ -102,7 +135,9 @@ def tool_turn(backend, prompt: list[int], params, cancel: CancelToken
         steps = backend.steps(prompt)
         try:
             if params.tool_choice == "auto" and int(steps.logits.argmax(-1)) != opener(tok):
-                return None
+                last = messages[-1] if messages else {}
+                if last.get("role") != "user" or not wants_a_call(backend, _text(last.get("content")), tools):
+                    return None
             for index in range(MAX_CALLS if params.parallel_tool_calls else 1):
                 if index and not _opens_another(steps, ids, backend.stop_ids, opener(tok)):
                     break
@@ -169,3 +204,9 @@ def _name(steps, ids, tools: dict, choice: str) -> str:
         scores[name] = score
     steps.rewind(start)
     return max(scores, key=scores.get)
+
+
+def _text(content) -> str:
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content or ""

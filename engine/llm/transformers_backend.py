@@ -23,6 +23,7 @@ from engine.llm.base import GenParams, LLMBackend, Message
 from engine.llm.decoding import Sampler, TokenText, stop_ids
 from engine.llm.loading import device_of, load_model, load_tiny, max_positions, text_config
 from engine.llm.sources import resolve
+from engine.llm.stepping import Steps, crop, score
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 MAX_KV_POSITIONS = 32768
@@ -194,12 +195,16 @@ class TransformersBackend(LLMBackend):
 
             reset_positions(self.model)
 
-    def steps(self, prompt: list[int]) -> "_Steps":
+    def steps(self, prompt: list[int]) -> Steps:
         """The prompt run, then one token at a time (`push`), each giving the next logits: for
         constrained decoding, on the fast path when the model has one. The kept cache is dropped."""
         self.ready()
         self._kept = ([], None)
-        return _Steps(self, prompt)
+        return Steps(self, prompt)
+
+    def score(self, prompt: list[int], start: int) -> float:
+        """How likely the model finds prompt[start:] after prompt[:start]: the sum of its log-probabilities."""
+        return score(self, prompt, start)
 
     def choose(self, messages, options):
         from engine.llm.structured import choose
@@ -250,7 +255,7 @@ class TransformersBackend(LLMBackend):
         if tools:  # the model calls a tool, or answers with its opener suppressed
             from engine.llm.tool_calls import OPEN, opener, tool_turn
 
-            called = yield from tool_turn(self, prompt, replace(params, max_new_tokens=max_new), cancel)
+            called = yield from tool_turn(self, messages, prompt, replace(params, max_new_tokens=max_new), cancel)
             if called is not None:
                 return called
             first = opener(self.tokenizer)
@@ -406,7 +411,7 @@ class TransformersBackend(LLMBackend):
 
         cache, common = self._reusable(prompt)
         if cache is not None:
-            _crop(cache, common)
+            crop(cache, common)
         ids = torch.tensor([prompt[common:]], device=self.device)
         return self._forward(trace, input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
 
@@ -425,54 +430,6 @@ class TransformersBackend(LLMBackend):
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       min_new_tokens=max_new_tokens, do_sample=False)
         return out[0, ids.shape[1]:].tolist()
-
-
-class _Steps:
-    """A prompt's KV cache stepped one token at a time: `push` appends, `rewind` drops back,
-    `close` when done. On the fast path, a driven sequence of the scheduler's batch."""
-
-    def __init__(self, backend: TransformersBackend, prompt: list[int]) -> None:
-        self.backend, self.cache, self.length = backend, None, len(prompt)
-        self.seq = backend.scheduler.open(prompt) if backend.scheduler is not None else None
-        if self.seq is not None:
-            self.logits = self.seq.logits()
-        else:
-            self.logits = self._forward(prompt, logits_to_keep=1)
-
-    def rewind(self, length: int) -> None:
-        """Forget the positions from `length` on (the logits are those of the last push)."""
-        if self.seq is not None:
-            self.seq.rewind(length)
-        else:
-            _crop(self.cache, length)
-        self.length = min(self.length, length)
-
-    def close(self) -> None:
-        if self.seq is not None:
-            self.seq.close()
-
-    def _forward(self, ids, **kwargs):
-        import torch
-
-        b = self.backend
-        out = b.model(input_ids=torch.tensor([ids], device=b.device), cache=self.cache, use_cache=True, **kwargs)
-        self.cache = out.cache
-        return out.logits[:, -1, :]
-
-    def push(self, token: int):
-        if self.seq is not None:
-            self.seq.push(token)
-            self.logits = self.seq.logits()
-        else:
-            self.logits = self._forward([token])
-        self.length += 1
-        return self.logits
-
-
-def _crop(cache, length: int) -> None:
-    """Keep the first `length` positions of a transformers KV cache."""
-    if cache.get_seq_length() > length:
-        cache.crop(length - cache.get_seq_length())  # (this API takes how many to drop)
 
 
 def _cpu():
