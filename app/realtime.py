@@ -60,6 +60,13 @@ class Instructed:
         self.instructions = ""
         self.vad: dict = {}
         self.tts = None  # a packaged voice other than the configured one, when the client picked one
+        self.tools: tuple = ()  # the client's functions (session.update tools), in the chat API's shape
+        self.tool_choice = "auto"
+
+    def params(self, *args, **kwargs):
+        """The engine's params, with this connection's functions."""
+        params = self._engine.params(*args, **kwargs)
+        return replace(params, tools=self.tools, tool_choice=self.tool_choice) if self.tools else params
 
     @property
     def roles(self) -> dict:
@@ -174,10 +181,36 @@ class Connection:
                 raise ValueError("turn detection can be switched only before the first audio is appended")
             self.view.vad = _vad_settings(td or {})
             self.proto.session["turn_detection"] = None if td is None else {"type": "server_vad", **(td or {})}
+        if "tools" in s or "tool_choice" in s:
+            await asyncio.to_thread(self._tools, s)
         for key in ("voice", "instructions"):
             if key in s:
                 self.proto.session[key] = s[key]
         await self.send(self.proto.event("session.updated", session=self.proto.session))
+
+    def _tools(self, s: dict) -> None:
+        """session.update's `tools` and `tool_choice`: checked as the chat API checks them."""
+        from pydantic import ValidationError
+
+        from app.api_params import chat_params
+        from app.bodies import ChatRequest, where
+
+        tools = s.get("tools", self.proto.session["tools"])
+        choice = s.get("tool_choice", self.proto.session["tool_choice"])
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise ValueError("tools must be a list of {'type': 'function', 'name', 'description', 'parameters'}")
+        as_chat = [{"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}} for t in tools]
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": {"name": choice.get("name", "")}}
+        try:
+            body = ChatRequest.model_validate({"messages": [{"role": "user", "content": "-"}], "tools": as_chat or None,
+                                               "tool_choice": choice if as_chat or choice == "none" else None})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"{where(first['loc'])}: {first['msg'].removeprefix('Value error, ')}") from None
+        params = chat_params(self.engine, body)
+        self.view.tools, self.view.tool_choice = params.tools, params.tool_choice
+        self.proto.session.update(tools=tools, tool_choice=s.get("tool_choice", self.proto.session["tool_choice"]))
 
     async def append(self, event: dict) -> None:
         audio = event.get("audio")
@@ -227,8 +260,10 @@ class Connection:
 
     async def item_create(self, event: dict) -> None:
         item = event.get("item")
+        if isinstance(item, dict) and item.get("type") == "function_call_output":
+            return await self.function_output(item)
         if not isinstance(item, dict) or item.get("type", "message") != "message" or item.get("role", "user") != "user":
-            raise ValueError("conversation.item.create takes a user message item")
+            raise ValueError("conversation.item.create takes a user message item or a function_call_output")
         parts = item.get("content")
         texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("type") in ("input_text", "text")] \
             if isinstance(parts, list) else []
@@ -239,6 +274,19 @@ class Connection:
             raise ValueError(f"the item's text must be 1-{MAX_TEXT_CHARS:,} characters")
         created = self.proto.new_user_item("input_text", text, item.get("id"))
         self.pending.append(("text", text, created))
+        await self.send(self.proto.event("conversation.item.created", previous_item_id=None, item=created))
+
+    async def function_output(self, item: dict) -> None:
+        """A function's result: read by the model as the next turn (then `response.create`)."""
+        from engine.llm.tool_calls import result_text
+
+        output = item.get("output")
+        if not isinstance(output, str) or len(output) > MAX_TEXT_CHARS:
+            raise ValueError(f"a function_call_output needs 'output': a string of at most {MAX_TEXT_CHARS:,} characters")
+        created = {"id": item.get("id") if isinstance(item.get("id"), str) else self.proto.new_user_item("input_text")["id"],
+                   "object": "realtime.item", "type": "function_call_output", "status": "completed",
+                   "call_id": str(item.get("call_id", ""))[:64], "output": output}
+        self.pending.append(("text", result_text(output), created))
         await self.send(self.proto.event("conversation.item.created", previous_item_id=None, item=created))
 
     async def response_create(self, event: dict) -> None:

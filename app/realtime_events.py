@@ -8,6 +8,8 @@ the events to send, so its mapping reads and tests on its own.
     VoiceState thinking     -> speech_stopped, committed, conversation.item.created
     Transcript              -> conversation.item.input_audio_transcription.completed
     TextDelta               -> response.audio_transcript.delta (or response.text.delta, text only)
+    ToolCallDelta           -> a function_call item: output_item.added, function_call_arguments.delta
+                               (.done and output_item.done when the response ends)
     AudioChunk              -> response.audio.delta (PCM16 at 24 kHz, base64)
     VoiceState listening    -> response.done (completed: the answer's audio has all been sent)
     VoiceState interrupted  -> response.done (cancelled, turn_detected) and speech_started
@@ -19,7 +21,7 @@ import uuid
 
 import numpy as np
 
-from engine.events import AudioChunk, Done, Error, Event, TextDelta, Transcript, VoiceState
+from engine.events import AudioChunk, Done, Error, Event, TextDelta, ToolCallDelta, Transcript, VoiceState
 
 RATE = 24_000
 
@@ -78,7 +80,7 @@ class Protocol:
         item = {"id": new_id("item"), "object": "realtime.item", "type": "message", "status": "in_progress",
                 "role": "assistant", "content": []}
         self.response = {"id": new_id("resp"), "modalities": modalities, "direct": direct, "item": item,
-                         "text": [], "resampler": None, "audio_bytes": 0}
+                         "text": [], "resampler": None, "audio_bytes": 0, "calls": {}}
         self._usage = {}
         part = {"type": "audio", "transcript": ""} if audio else {"type": "text", "text": ""}
         rid = self.response["id"]
@@ -93,7 +95,7 @@ class Protocol:
         if status != "in_progress":
             p, c = self._usage.get("prompt_tokens", 0), self._usage.get("completion_tokens", 0)
             usage = {"total_tokens": p + c, "input_tokens": p, "output_tokens": c}
-        output = [] if status == "in_progress" else [r["item"]]
+        output = [] if status == "in_progress" else [r["item"], *(c for _, c in sorted(r["calls"].items()))]
         return {"id": r["id"], "object": "realtime.response", "status": status, "status_details": details,
                 "output": output, "modalities": r["modalities"], "usage": usage}
 
@@ -120,8 +122,14 @@ class Protocol:
         item.update(status="completed" if status == "completed" else "incomplete", content=[part])
         details = {"type": status, "reason": reason} if reason else None
         out += [self.event("response.content_part.done", **where, part=part),
-                self.event("response.output_item.done", response_id=r["id"], output_index=0, item=item),
-                self.event("response.done", response=self._shape(status, details))]
+                self.event("response.output_item.done", response_id=r["id"], output_index=0, item=item)]
+        for index, call in sorted(r["calls"].items()):
+            call["status"] = "completed"
+            out += [self.event("response.function_call_arguments.done", response_id=r["id"], item_id=call["id"],
+                               output_index=index + 1, call_id=call["call_id"], name=call["name"],
+                               arguments=call["arguments"]),
+                    self.event("response.output_item.done", response_id=r["id"], output_index=index + 1, item=call)]
+        out.append(self.event("response.done", response=self._shape(status, details)))
         self.response = None
         return out
 
@@ -157,16 +165,30 @@ class Protocol:
             return []
         if isinstance(ev, Error):
             return [self.error(ev.message, "engine_error", kind="server_error")]
-        if not isinstance(ev, (TextDelta, AudioChunk)):
+        if not isinstance(ev, (TextDelta, AudioChunk, ToolCallDelta)):
             return []  # notices, perception, progress: nothing in the protocol for them
         self.turn_open = True
         out = [] if self.response is not None else self.begin(self.modalities, direct=False)
+        if isinstance(ev, ToolCallDelta):
+            return out + self._call(ev)
         if isinstance(ev, AudioChunk):
             x = np.frombuffer(ev.pcm, "<i2").astype(np.float32) / 32767.0
             return out + self._audio(x, ev.sample_rate)
         self.response["text"].append(ev.text)
         kind = "response.audio_transcript.delta" if "audio" in self.response["modalities"] else "response.text.delta"
         return out + [self.event(kind, **self._where(), delta=ev.text)]
+
+    def _call(self, ev: ToolCallDelta) -> list[dict]:
+        r = self.response
+        if ev.name:
+            call = {"id": new_id("item"), "object": "realtime.item", "type": "function_call", "status": "in_progress",
+                    "name": ev.name, "call_id": new_id("call"), "arguments": ""}
+            r["calls"][ev.index] = call
+            return [self.event("response.output_item.added", response_id=r["id"], output_index=ev.index + 1, item=call)]
+        call = r["calls"][ev.index]
+        call["arguments"] += ev.arguments
+        return [self.event("response.function_call_arguments.delta", response_id=r["id"], item_id=call["id"],
+                           output_index=ev.index + 1, call_id=call["call_id"], delta=ev.arguments)]
 
     def _state(self, state: str, reason: str) -> list[dict]:
         if state == "hearing":

@@ -19,7 +19,7 @@ from engine.tools import plan as tool_plan
 from engine.context import as_message
 from engine.engine import Engine
 from engine.errors import InputError
-from engine.events import CancelToken, Done, Error, Event, Notice, Returning, RouterStats, TextDelta
+from engine.events import CancelToken, Done, Error, Event, Notice, Returning, RouterStats, TextDelta, ToolCallDelta
 from engine.llm.base import Message
 from engine.speech.speaker import Speaker, speaker_for
 from engine.perception.understand import Understood, understand, unreadable_note, user_message, with_facts
@@ -191,10 +191,13 @@ class Session:
             grounded = bool(p.got.facts) or (bool(p.got.heard) and not p.turn.spoken)  # facts or a file's transcript
             params = replace(engine.params(p.turn.max_new_tokens, p.turn.temperature, facts=grounded),
                              trace=speaker.trace if speaker is not None else None)  # (the talker's states)
-            errors = []
+            errors, calls = [], {}
             for event in (stream := Returning(engine.answer(messages, params, cancel, p.records))):
                 if isinstance(event, Error):
                     errors.append(event.message)
+                elif isinstance(event, ToolCallDelta):  # a client's function (realtime tools): kept as written
+                    call = calls.setdefault(event.index, {"name": event.name, "arguments": ""})
+                    call["arguments"] += event.arguments
                 elif isinstance(event, RouterStats):  # MoE models: which experts this answer used
                     answered.meta["router_stats"] = event.experts
                 yield event
@@ -203,6 +206,11 @@ class Session:
                     yield from speaker.ready()
             text, answered.usage, answered.timings = stream.value
             answered.text += text
+            if calls:
+                from engine.llm.tool_calls import calls_text
+
+                answered.text += calls_text([calls[i] for i in sorted(calls)])
+                answered.meta["function_calls"] = [calls[i] for i in sorted(calls)]
             answered.meta.update({"usage": answered.usage, "timings": answered.timings,
                                   **({"error": " ".join(errors)} if errors else {})})
         if speaker is not None:

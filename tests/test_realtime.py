@@ -145,6 +145,44 @@ def test_manual_commit_answers_with_audio(rt_server, say):
     client.close()
 
 
+def test_a_function_is_called_its_output_read_and_the_answer_goes_on(rt_server):
+    """session.update tools -> a function_call item whose arguments validate; its output as a
+    function_call_output item -> the next response answers (with audio) instead of calling again."""
+    import jsonschema
+
+    weather = {"type": "function", "name": "get_weather", "description": "The weather in a city now",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
+                              "required": ["city"]}}
+    client = _client(rt_server)
+    with client.beta.realtime.connect(model="tiny") as conn:
+        seen: list = []
+        _until(conn, "session.created", seen)
+        conn.session.update(session={"turn_detection": None, "tools": [{"type": "function", "name": "bad name!"}]})
+        assert "tools[0].function.name" in _until(conn, "error", seen).error.message
+        conn.session.update(session={"turn_detection": None, "tools": [weather], "tool_choice": "required"})
+        assert _until(conn, "session.updated", seen).session.tools[0].name == "get_weather"
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "Weather in Oslo?"}]})
+        conn.response.create()
+        done = _until(conn, "response.done", seen)
+        call = next(item for item in done.response.output if item.type == "function_call")
+        jsonschema.validate(json.loads(call.arguments), weather["parameters"])
+        streamed = "".join(e.delta for e in seen if e.type == "response.function_call_arguments.delta")
+        assert streamed == call.arguments == next(e for e in seen if e.type ==
+                                                  "response.function_call_arguments.done").arguments
+        conn.session.update(session={"tool_choice": "auto"})
+        _until(conn, "session.updated", seen)
+        conn.conversation.item.create(item={"type": "function_call_output", "call_id": call.call_id,
+                                            "output": "Snow, minus 4 C"})
+        assert _until(conn, "conversation.item.created", seen).item.type == "function_call_output"
+        conn.response.create()
+        done = _until(conn, "response.done", seen)
+        assert done.response.status == "completed"
+        assert [item.type for item in done.response.output] == ["message"]  # an answer, not another call
+        assert done.response.output[0].content[0].transcript
+    client.close()
+
+
 def test_garbage_gets_error_events_and_the_session_goes_on(rt_server):
     from websockets.sync.client import connect
 

@@ -32,6 +32,7 @@ from engine.events import CancelToken, ToolCallDelta
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 MAX_CALLS = 4  # calls in one turn when parallel calls are allowed
+RESULT = "<tool_response>"  # a tool's result, as a user turn where the template has no tool role
 # the decision's two readings of the request (wants_a_call)
 ANY_USER = "A user asks an assistant:\n"
 TOOL_USER = "A user asks an assistant that can run the function {signature}, to run it:\n"
@@ -64,10 +65,9 @@ def template_messages(messages: Sequence[dict], tools: Sequence[dict], own_forma
         if own_format:
             out.append({**m, "content": content, **({"tool_calls": calls} if calls else {})})
         elif m["role"] == "tool":
-            out.append({"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"})
+            out.append({"role": "user", "content": result_text(content)})
         elif calls:
-            text = "".join(f"\n{OPEN}{json.dumps(c, ensure_ascii=False)}{CLOSE}" for c in calls)
-            out.append({"role": "assistant", "content": (content + text).strip()})
+            out.append({"role": "assistant", "content": (content + calls_text(calls)).strip()})
         else:
             out.append({"role": m["role"], "content": content})
     if tools and not own_format:
@@ -77,6 +77,17 @@ def template_messages(messages: Sequence[dict], tools: Sequence[dict], own_forma
         else:
             out.insert(0, {"role": "system", "content": TOOLS_NOTE.format(tools=listed).lstrip()})
     return out
+
+
+def calls_text(calls: Sequence[dict]) -> str:
+    """Calls ({"name", "arguments"}) as the model writes them (stored where a turn holds text only)."""
+    return "".join(f"\n{OPEN}{json.dumps({'name': c['name'], 'arguments': _as_object(c['arguments'])}, ensure_ascii=False)}"
+                   f"{CLOSE}" for c in calls)
+
+
+def result_text(content: str) -> str:
+    """A tool's result as a user turn's text."""
+    return f"{RESULT}\n{content}\n</tool_response>"
 
 
 def _as_object(arguments) -> dict:
@@ -136,7 +147,9 @@ def tool_turn(backend, messages: Sequence[dict], prompt: list[int], params, canc
         try:
             if params.tool_choice == "auto" and int(steps.logits.argmax(-1)) != opener(tok):
                 last = messages[-1] if messages else {}
-                if last.get("role") != "user" or not wants_a_call(backend, _text(last.get("content")), tools):
+                said = _text(last.get("content"))
+                if last.get("role") != "user" or said.lstrip().startswith(RESULT) or \
+                        not wants_a_call(backend, said, tools):
                     return None
             for index in range(MAX_CALLS if params.parallel_tool_calls else 1):
                 if index and not _opens_another(steps, ids, backend.stop_ids, opener(tok)):
