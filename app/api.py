@@ -66,6 +66,18 @@ async def iterate_in_thread(make: Callable[[], Iterator[Event]], cancel: CancelT
         cancel.cancel("client disconnected")
 
 
+NOT_STARTED = (ValidationError, ValueError, TypeError, Unavailable)  # a request that cannot start
+
+
+def not_started(exc: Exception) -> JSONResponse:
+    """A bad field's 400 (pydantic's names each field), or the 503 of a role that is not there."""
+    if isinstance(exc, ValidationError):
+        return invalid(exc)
+    if isinstance(exc, Unavailable):
+        return error(503, f"{exc.why}; {exc.what_to_set}", "server_error")
+    return error(400, str(exc))
+
+
 def busy(engine: Engine) -> JSONResponse:
     """429 while the model's queue is full: say so now rather than keep the client for minutes."""
     return error(429, f"the assistant is busy: {engine.model_queue.waiting} requests are waiting for the model; "
@@ -225,12 +237,8 @@ def make_router(engine: Engine) -> APIRouter:
             params = await asyncio.to_thread(chat_params, engine, body)
             cancel = CancelToken()
             spoken = await asyncio.to_thread(chat_audio.requested, engine, body, cancel)  # modalities: audio
-        except ValidationError as exc:
-            return invalid(exc)
-        except (ValueError, TypeError) as exc:
-            return error(400, str(exc))
-        except Unavailable as exc:
-            return error(503, f"{exc.why}; {exc.what_to_set}", "server_error")
+        except NOT_STARTED as exc:
+            return not_started(exc)
         if engine.model_queue.full():
             return busy(engine)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())

@@ -16,14 +16,12 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
 
-from app.api import busy, choice_stream, read_json
+from app.api import NOT_STARTED, busy, choice_stream, not_started, read_json
 from app.api_answers import collect, finish, merged, sse, usage_of
 from app.api_params import check, sampling
-from app.bodies import CompletionRequest, error, invalid
+from app.bodies import CompletionRequest, error
 from engine.engine import Engine
-from engine.errors import Unavailable
 from engine.events import Done, Error, TextDelta
 
 FIM = "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
@@ -45,12 +43,8 @@ def make_router(engine: Engine) -> APIRouter:
             params = sampling(engine, body, body.max_tokens, body.logprobs)
             prompt = FIM.format(prefix=body.prompt, suffix=body.suffix) if body.suffix is not None else body.prompt
             await asyncio.to_thread(_fits, engine, body, prompt, params)
-        except ValidationError as exc:
-            return invalid(exc)
-        except (ValueError, TypeError) as exc:
-            return error(400, str(exc))
-        except Unavailable as exc:
-            return error(503, f"{exc.why}; {exc.what_to_set}", "server_error")
+        except NOT_STARTED as exc:
+            return not_started(exc)
         if engine.model_queue.full():
             return busy(engine)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())

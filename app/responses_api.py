@@ -20,14 +20,14 @@ from typing import AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from app.api import _look, _messages, busy, choice_stream, read_json
+from app.api import NOT_STARTED, _look, _messages, busy, choice_stream, not_started, read_json
 from app.api_answers import Answer
 from app.api_params import chat_params
-from app.bodies import Body, ChatRequest, error, invalid, refused
+from app.bodies import Body, ChatRequest, error, refused
 from engine.engine import Engine
-from engine.errors import InputError, Unavailable
+from engine.errors import InputError
 from engine.events import Done, Error, TextDelta, ToolCallDelta
 
 
@@ -138,12 +138,8 @@ def make_router(engine: Engine) -> APIRouter:
             if unreadable:
                 raise ValueError("input: send files inline as base64 data")
             params = await asyncio.to_thread(chat_params, engine, chat)
-        except ValidationError as exc:
-            return invalid(exc)
-        except (ValueError, TypeError) as exc:
-            return error(400, str(exc))
-        except Unavailable as exc:
-            return error(503, f"{exc.why}; {exc.what_to_set}", "server_error")
+        except NOT_STARTED as exc:
+            return not_started(exc)
         if engine.model_queue.full():
             return busy(engine)
         try:

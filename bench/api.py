@@ -223,7 +223,8 @@ def bench_direct(engine, say, n: int) -> dict:
 
 def bench_chat_audio(client, asr) -> dict:
     from engine.speech.asr import word_error_rate
-    from engine.speech.audio import read_audio
+    from engine.speech.audio import WHISPER_RATE
+    from engine.speech.decode import decode
 
     wers, texts = [], []
     for prompt in ("What is the capital of France?", "Name a colour of the rainbow.", "Say hello to my friend."):
@@ -234,7 +235,7 @@ def bench_chat_audio(client, asr) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".wav") as f:
             f.write(base64.b64decode(m.audio.data))
             f.flush()
-            back = asr.transcribe(read_audio(f.name)).text
+            back = asr.transcribe(decode(f.name, WHISPER_RATE)).text
         wers.append(word_error_rate(m.audio.transcript, back))
         texts.append(m.audio.transcript)
     return {"answers": len(wers), "spoken_answer_wer": round(statistics.mean(wers), 4), "examples": texts[:2]}

@@ -78,14 +78,6 @@ def to_int16(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, -1.0, 1.0) * 32767.0).round().astype("<i2")
 
 
-def read_audio(path: str | Path, rate_out: int = WHISPER_RATE, max_s: float | None = None) -> np.ndarray:
-    """A file (WAV, FLAC, OGG/Opus, MP3, M4A/AAC, WebM/Opus, ...) -> mono float32 at `rate_out`
-    (engine.speech.decode, the one decoder: InputError when it cannot be read or is too long)."""
-    from engine.speech import decode
-
-    return decode.decode(path, rate_out, max_s=max_s)
-
-
 def write_wav(path: str | Path, x: np.ndarray, rate: int) -> Path:
     import soundfile as sf
 
