@@ -61,6 +61,8 @@ class Event:
             if f.name == "pcm":
                 out["bytes"] = len(value)  # raw audio is not JSON
                 continue
+            if f.name == "logprobs" and not value:  # (asked for by API clients only)
+                continue
             out[f.name] = asdict(value) if is_dataclass(value) else value
         return out
 
