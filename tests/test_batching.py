@@ -328,24 +328,3 @@ def test_int8_activations_stay_within_their_rounding(lib, rows, cols, bits, bias
         assert (err <= bound).all(), (tokens, float((err - bound).max()))
         assert float(err.max()) > 0  # (really the quantized path: fp32 would be exact)
 
-
-def test_a_scored_text_is_what_the_model_says_of_it_token_by_token(tmp_path):
-    """`score` (tool_calls' decision reads it): the log-likelihood of a text after a prefix, run
-    as a chunk in a slot of the batch, equals the sum of each token's log-probability with the
-    model stepped one token at a time; a second score of the same text, with the prefix and the
-    text already in a slot's cache, is the same (the text reruns from where its logits start)."""
-    llm = backend(tmp_path, parallel=2, **{"llm.activations": "fp32"})
-    prefix, text = [5, 17, 3, 38, 41, 9, 20, 11, 12, 13, 14, 15, 16, 18, 19, 21, 22, 24], [30, 2, 31, 15, 29, 4]
-    steps = llm.steps(prefix)
-    want = 0.0
-    try:
-        for token in text:
-            want += float(torch.log_softmax(steps.logits[0].float(), -1)[token])
-            steps.push(token)
-    finally:
-        steps.close()
-    first = llm.score(prefix + text, len(prefix))
-    assert first == pytest.approx(want, abs=1e-3)
-    assert llm.score(prefix + text, len(prefix)) == pytest.approx(first, abs=1e-4)
-    assert llm.score(prefix + text[::-1], len(prefix)) != pytest.approx(first, abs=1e-3)
-    llm.close()

@@ -211,9 +211,9 @@ class FastLM:
             self.lengths[s] += 1
         return logits
 
-    def forward(self, ids, slot: int = 0, every: bool = False) -> "object":
+    def forward(self, ids, slot: int = 0) -> "object":
         """Run `ids` (a list of token ids) after the slot's cached positions; logits of the last
-        one, [1, vocab] (`every`: of each, [len(ids), vocab], to score a text)."""
+        one, [1, vocab]."""
         import torch
         import torch.nn.functional as F
 
@@ -232,10 +232,9 @@ class FastLM:
             mask = keys.unsqueeze(0) <= positions.view(-1, 1)
         for layer in self.layers:
             x = layer(x, start, count, cos, sin, mask, slot)
-        kept = count if every else 1
-        x = F.rms_norm(x[:, -kept:], (self.hidden,), self.norm, self.eps)
+        x = F.rms_norm(x[:, -1:], (self.hidden,), self.norm, self.eps)
         self.lengths[slot] = start + count
-        return self.linear(x, self.head, None, self.q8_head, kept)[0].float()
+        return self.linear(x, self.head, None, self.q8_head, 1)[:, -1].float()
 
 
 def plain_config(arch: str, cfg) -> bool:

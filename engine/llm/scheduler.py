@@ -64,8 +64,6 @@ class Sequence:
         self.reused = 0  # of them, taken from a kept prefix
         self.next: int | None = None  # the token to run at the next step
         self.generated = 0
-        self.score_from: int | None = None  # a scored text: the logits of every position from here (`score`)
-        self.rows: list = []
         self.finish: str | None = None
         self.error: BaseException | None = None
         self.out: queue.SimpleQueue = queue.SimpleQueue()
@@ -163,9 +161,7 @@ class Scheduler:
             raise ValueError("an empty prompt")
         if len(prompt) + max_new > self.fast.capacity:
             raise ValueError(f"the context holds {self.fast.capacity} tokens")
-        return self._queue(Sequence(self, prompt, sample, max_new, set(stop), cancel, priority))
-
-    def _queue(self, seq: Sequence) -> Sequence:
+        seq = Sequence(self, prompt, sample, max_new, set(stop), cancel, priority)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the model is closed")
@@ -178,13 +174,6 @@ class Scheduler:
     def open(self, prompt: list[int], priority: int = INTERACTIVE) -> Sequence:
         """A driven sequence (constrained decoding): the caller reads logits and pushes tokens."""
         return self.submit(prompt, None, priority=priority)
-
-    def score(self, prompt: list[int], start: int, priority: int = INTERACTIVE) -> Sequence:
-        """A driven sequence whose first `logits()` are those of every position from `start - 1` on
-        ([len(prompt) - start + 1, vocab]): how likely the model finds prompt[start:] after the rest."""
-        seq = Sequence(self, prompt, None, 0, set(), None, priority)
-        seq.score_from = max(1, start) - 1
-        return self._queue(seq)
 
     def forget(self) -> None:
         """Drop every free slot's kept cache (a benchmark's cold prompt)."""
@@ -241,17 +230,10 @@ class Scheduler:
 
     def _prefill(self, seq: Sequence) -> None:
         chunk = seq.prompt[seq.fed:seq.fed + self.prefill_chunk]
-        every = seq.score_from is not None and seq.fed + len(chunk) > seq.score_from
-        logits = self.fast.forward(chunk, seq.slot.index, every=every)
-        if every:  # (a scored text: the rows from score_from on)
-            seq.rows.append(logits[max(0, seq.score_from - seq.fed):])
+        logits = self.fast.forward(chunk, seq.slot.index)
         seq.fed += len(chunk)
         seq.slot.ids.extend(chunk)
         if seq.fed == len(seq.prompt):
-            if seq.rows:
-                import torch
-
-                logits = torch.cat(seq.rows)
             with self._cond:
                 self._got(seq, logits)
 
@@ -323,8 +305,6 @@ class Scheduler:
                 if a != b:
                     break
                 n += 1
-            if seq.score_from is not None:  # a scored text runs from where its logits are wanted
-                n = min(n, seq.score_from)
             return min(n, len(seq.prompt) - 1)  # at least one token runs, to give logits
 
         own = max(free, key=lambda s: (common(s), -s.used if common(s) < MIN_REUSE else 0))

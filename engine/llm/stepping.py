@@ -1,6 +1,6 @@
-"""A prompt's KV cache stepped by hand (constrained decoding, choices, tool calls) and a text
-scored on the model: on the fast path a driven sequence of the scheduler's batch
-(engine/llm/scheduler.py), else transformers' forward with its own cache."""
+"""A prompt's KV cache stepped by hand (constrained decoding, choices, tool calls): on the fast
+path a driven sequence of the scheduler's batch (engine/llm/scheduler.py), else transformers'
+forward with its own cache."""
 from __future__ import annotations
 
 
@@ -50,23 +50,3 @@ def crop(cache, length: int) -> None:
     """Keep the first `length` positions of a transformers KV cache."""
     if cache.get_seq_length() > length:
         cache.crop(length - cache.get_seq_length())  # (this API takes how many to drop)
-
-
-def score(backend, prompt: list[int], start: int) -> float:
-    """The sum of the log-probabilities of prompt[start:] after prompt[:start]."""
-    import torch
-
-    with torch.inference_mode():
-        if backend.scheduler is not None:
-            seq = backend.scheduler.score(prompt, start)
-            try:
-                rows = seq.logits()
-            finally:
-                seq.close()
-        else:
-            backend.ready()
-            backend._kept = ([], None)
-            rows = backend.model(input_ids=torch.tensor([prompt], device=backend.device)).logits[0, start - 1:]
-        logp = torch.log_softmax(rows[:-1].float(), -1)  # (row j gives prompt[start + j])
-        return float(logp.gather(1, torch.tensor(prompt[start:], device=logp.device)[:, None]).sum())
-

@@ -5,18 +5,20 @@ tools' JSON in the system turn, a call as `<tool_call>{"name": ..., "arguments":
 results as `<tool_response>` in a user turn); for a template without one, the same format
 written into the system prompt here, with calls and results as plain text turns.
 
-Whether to call ("auto"; "required" or a named tool skip the question): a small model's
-own first token is no guide (Qwen2.5-0.5B writes the call as a JSON code block, or
-JSON for a joke with a weather tool on offer). What is: how much more likely the request
-becomes once a tool is named (pointwise mutual information, `backend.score`): "Add 17
-and 25" is far likelier from a user of add(a, b) than from any user; "Tell me a joke"
-is not. The model calls when some tool makes the request likelier (bench/function_calling.py
-measures it). After a tool's result, it answers, unless it opens a call itself.
+Whether to call ("auto"; "required" or a named tool skip the question): the model's own
+words under its own tool prompt. A small model seldom opens the template's `<tool_call>`
+(Qwen2.5-0.5B writes the call as a JSON code block, or bare JSON), so it is let write,
+greedily, until it shows what it does: a call once it names an offered tool in JSON
+(`"name": "get_weather"`), an answer as soon as its text cannot start a call (MAX_LOOK
+tokens at most; then it is rewound). bench/function_calling.py measured the alternatives:
+this reads right 0.91 of the time on two sets, where the first token alone read 0.50 and
+the request's likelihood with and without each tool 0.91 on the set it was tuned on but
+0.68 on a held-out one. After a tool's result, the model answers unless it opens a call.
 
 The turn, on the model's KV cache (`backend.steps`: a driven sequence of the scheduler's
 batch on the fast path):
-- which tool: the one named, the only one, or the most likely of the names (each scored on
-  the cache, then rewound), as the router chooses (structured.choose);
+- which tool: the one the model named, the one asked for, the only one, or the most likely
+  of the names (each scored on the cache, then rewound), as the router chooses;
 - the arguments: decoded under the grammar of that tool's JSON Schema, so every call parses
   and validates, streamed as they come;
 - then another call, when parallel calls are allowed and the model opens one.
@@ -26,6 +28,7 @@ suppressed.
 from __future__ import annotations
 
 import json
+import re
 from typing import Generator, Sequence
 
 from engine.events import CancelToken, ToolCallDelta
@@ -33,11 +36,9 @@ from engine.events import CancelToken, ToolCallDelta
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 MAX_CALLS = 4  # calls in one turn when parallel calls are allowed
 RESULT = "<tool_response>"  # a tool's result, as a user turn where the template has no tool role
-# the decision's two readings of the request (wants_a_call)
-ANY_USER = "A user asks an assistant:\n"
-TOOL_USER = "A user asks an assistant that can run the function {signature}, to run it:\n"
-SCORED_TOKENS = 48  # of the request (its start says what it wants)
-MARGIN = 0.0  # nats: likelier at all
+MAX_LOOK = 40  # tokens the model may write before it has shown whether it calls
+CALL_STARTS = ("<tool_call>", "```", "{", "[")  # how a small model's call begins
+NAMED = re.compile(r'"name"\s*:\s*"([^"]{1,64})"')
 TOOLS_NOTE = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
@@ -105,26 +106,28 @@ def opener(tokenizer) -> int:
     return tokenizer(OPEN, add_special_tokens=False).input_ids[0]
 
 
-def wants_a_call(backend, request: str, tools: dict) -> bool:
-    """Does some tool make the request likelier than it is from any user (see the module's note)?"""
-    ids = lambda text: backend.encode(text)  # noqa: E731  (a raw prompt: no chat template)
-    asked = ids(request)[:SCORED_TOKENS]
-    if not asked:
-        return False
+def written_call(steps, tok, stop_ids, tools: dict) -> str | None:
+    """The tool the model calls when let write freely (greedy), or None when it answers; the
+    cache is rewound to where it was (see the module's note)."""
+    from engine.llm.decoding import Detokenizer
 
-    def likelihood(prefix: str) -> float:
-        head = ids(prefix)
-        return backend.score(head + asked, len(head))
-
-    alone = likelihood(ANY_USER)
-    return any(likelihood(TOOL_USER.format(signature=signature(name, spec))) > alone + MARGIN
-               for name, spec in tools.items())
-
-
-def signature(name: str, spec: dict) -> str:
-    props = (spec.get("parameters") or {}).get("properties") or {}
-    described = f": {' '.join(str(spec.get('description', '')).split())[:200]}" if spec.get("description") else ""
-    return f"{name}({', '.join(list(props)[:12])}){described}"
+    start, detok, text, opened = steps.length, Detokenizer(tok), "", False
+    try:
+        for _ in range(MAX_LOOK):
+            token = int(steps.logits.argmax(-1))
+            if token in stop_ids:
+                return None
+            opened = opened or token == opener(tok)
+            text += detok.push(token)
+            head = text.lstrip()
+            if not opened and head and not any(head.startswith(c) or c.startswith(head) for c in CALL_STARTS):
+                return None  # an answer: its words cannot start a call
+            if found := NAMED.search(text):
+                return found.group(1) if found.group(1) in tools else None
+            steps.push(token)
+        return None
+    finally:
+        steps.rewind(start)
 
 
 def tool_turn(backend, messages: Sequence[dict], prompt: list[int], params, cancel: CancelToken
@@ -145,16 +148,18 @@ def tool_turn(backend, messages: Sequence[dict], prompt: list[int], params, canc
     with torch.inference_mode():
         steps = backend.steps(prompt)
         try:
-            if params.tool_choice == "auto" and int(steps.logits.argmax(-1)) != opener(tok):
+            choice = params.tool_choice
+            if choice == "auto" and int(steps.logits.argmax(-1)) != opener(tok):
                 last = messages[-1] if messages else {}
-                said = _text(last.get("content"))
-                if last.get("role") != "user" or said.lstrip().startswith(RESULT) or \
-                        not wants_a_call(backend, said, tools):
+                if last.get("role") != "user" or _text(last.get("content")).lstrip().startswith(RESULT):
+                    return None  # a tool's result: the model answers from it
+                choice = written_call(steps, tok, backend.stop_ids, tools)
+                if choice is None:
                     return None
             for index in range(MAX_CALLS if params.parallel_tool_calls else 1):
                 if index and not _opens_another(steps, ids, backend.stop_ids, opener(tok)):
                     break
-                name = _name(steps, ids, tools, params.tool_choice)
+                name = _name(steps, ids, tools, choice if index == 0 else "auto")
                 spent = _push(steps, ids(f'{OPEN}{{"name": "') + ids(f'{name}", "arguments": '))
                 usage["completion_tokens"] += spent
                 usage["tool_calls"] += 1

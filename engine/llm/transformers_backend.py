@@ -23,7 +23,7 @@ from engine.llm.base import GenParams, LLMBackend, Message
 from engine.llm.decoding import Sampler, TokenText, stop_ids
 from engine.llm.loading import device_of, load_model, load_tiny, max_positions, text_config
 from engine.llm.sources import resolve
-from engine.llm.stepping import Steps, crop, score
+from engine.llm.stepping import Steps, crop
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 MAX_KV_POSITIONS = 32768
@@ -201,10 +201,6 @@ class TransformersBackend(LLMBackend):
         self.ready()
         self._kept = ([], None)
         return Steps(self, prompt)
-
-    def score(self, prompt: list[int], start: int) -> float:
-        """How likely the model finds prompt[start:] after prompt[:start]: the sum of its log-probabilities."""
-        return score(self, prompt, start)
 
     def choose(self, messages, options):
         from engine.llm.structured import choose
