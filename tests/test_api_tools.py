@@ -265,3 +265,17 @@ def test_langchain_drives_tools_and_structured_output(server):
     jsonschema.validate(called.tool_calls[0]["args"], WEATHER["function"]["parameters"])
     person = llm.with_structured_output(Person, method="json_schema").invoke("Invent a person.")
     assert isinstance(person, Person)
+
+
+def test_an_answer_reads_calls_and_results_as_notes():
+    """A small model shown its calls and their results in its tool format writes the call again
+    as JSON; the answer's prompt folds each call and result into the question as a note."""
+    from engine.llm.tool_calls import as_facts
+
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}]
+    assert as_facts(convo) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
+                               'Weather in Paris?\n\n[get_weather({"city": "Paris"}) returned: 18 C, sunny]'}]
+    assert as_facts(convo[:2]) == convo[:2]

@@ -80,6 +80,33 @@ def template_messages(messages: Sequence[dict], tools: Sequence[dict], own_forma
     return out
 
 
+def as_facts(messages: Sequence[dict]) -> list[dict]:
+    """The conversation for an answer (not a call): each call and its result folded into the
+    user turn that asked, as a note of what was found ("[get_weather({"city": "Paris"}) returned:
+    18 C, sunny]"), the way perception facts are given. A small model answers from such a note;
+    shown the calls and results in its tool format, it writes the call again as JSON."""
+    out: list[dict] = []
+    names: dict[str, str] = {}
+    for m in messages:
+        calls = m.get("tool_calls") or ()
+        if m.get("role") == "assistant" and calls:
+            for c in calls:
+                fn = c.get("function", c)
+                names[c.get("id", "")] = f"{fn.get('name', '')}({json.dumps(_as_object(fn.get('arguments')))})"
+            if m.get("content"):
+                out.append({"role": "assistant", "content": m["content"]})
+            continue
+        if m.get("role") == "tool":
+            note = f"[{names.get(m.get('tool_call_id', ''), 'a tool')} returned: {m.get('content') or ''}]"
+            if out and out[-1]["role"] == "user":
+                out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{note}"}
+            else:
+                out.append({"role": "user", "content": note})
+            continue
+        out.append({k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")})
+    return out
+
+
 def calls_text(calls: Sequence[dict]) -> str:
     """Calls ({"name", "arguments"}) as the model writes them (stored where a turn holds text only)."""
     return "".join(f"\n{OPEN}{json.dumps({'name': c['name'], 'arguments': _as_object(c['arguments'])}, ensure_ascii=False)}"

@@ -24,6 +24,7 @@ from engine.llm.decoding import Sampler, TokenText, stop_ids
 from engine.llm.loading import device_of, load_model, load_tiny, max_positions, text_config
 from engine.llm.sources import resolve
 from engine.llm.stepping import Steps, crop
+from engine.llm.tool_calls import as_facts
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 MAX_KV_POSITIONS = 32768
@@ -242,6 +243,8 @@ class TransformersBackend(LLMBackend):
         media = [m for m in media if getattr(m, "kind", None) in self.media_kinds]
         inputs, masks, seen_files = self.omni.build(messages, media) if media else (None, {}, [])
         tools = params.tools if params.tool_choice != "none" else ()
+        if not tools and not isinstance(messages, str):  # (an answer reads earlier calls and results as notes)
+            messages = as_facts(messages)
         prompt = inputs["input_ids"][0].tolist() if inputs else self.encode(messages, tools=tools)
         budget = self.context_tokens - len(prompt)
         if budget <= 0:
@@ -254,6 +257,10 @@ class TransformersBackend(LLMBackend):
             called = yield from tool_turn(self, messages, prompt, replace(params, max_new_tokens=max_new), cancel)
             if called is not None:
                 return called
+            # the model answers: without the tools' block, and with calls and results as notes of what
+            # was found (tool_calls.as_facts): in its tool format a small model writes calls as text
+            prompt = self.encode(as_facts(messages))
+            max_new = min(params.max_new_tokens, self.context_tokens - len(prompt))
             first = opener(self.tokenizer)
             if self.tokenizer.decode([first]) == OPEN.strip():  # (a token of its own, as Qwen's: never a stray "<")
                 params = replace(params, logit_bias=(*params.logit_bias, (first, -1e4)))
