@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.api import NOT_STARTED, busy, choice_stream, not_started, read_json
-from app.api_answers import collect, finish, merged, sse, usage_of
+from app.api_answers import Answer, collect, finish, merged, sse, usage_of
 from app.api_params import check, sampling
 from app.bodies import CompletionRequest, error
 from engine.engine import Engine
@@ -66,20 +66,18 @@ def make_router(engine: Engine) -> APIRouter:
                 if echo:
                     for i in range(len(streams)):
                         yield sse(obj([choice(i, echo, (), None)]))
-                answers = []
+                answers = [Answer() for _ in streams]
                 async for i, ev in merged(streams):
+                    answers[i].add(ev)
                     if isinstance(ev, TextDelta):
                         yield sse(obj([choice(i, ev.text, ev.logprobs, None, offsets[i])]))
                         offsets[i] += len(ev.text)
                     elif isinstance(ev, Error):
                         yield sse({"error": {"message": ev.message, "type": "server_error"}})
                     elif isinstance(ev, Done):
-                        answers.append(ev)
                         yield sse(obj([choice(i, "", (), finish(ev.usage))]))
                 if body.stream_options is not None and body.stream_options.include_usage:
-                    p = max((d.usage.get("prompt_tokens", 0) for d in answers), default=0)
-                    c = sum(d.usage.get("completion_tokens", 0) for d in answers)
-                    yield sse(obj([], {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}))
+                    yield sse(obj([], usage_of(answers)))
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream",

@@ -221,6 +221,9 @@ def test_completions_and_models(server, client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny", prompt="def add(a, b):", max_tokens=8, temperature=0, stream=True) if c.choices)
     assert streamed == text
+    chunks = list(client.completions.create(model="tiny", prompt="def add(a, b):", max_tokens=6, n=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert not chunks[-1].choices and 2 <= chunks[-1].usage.completion_tokens <= 12  # (both choices counted)
     with pytest.raises(openai.BadRequestError, match="suffix"):  # the tiny tokenizer has no FIM tokens
         client.completions.create(model="tiny", prompt="def f(", suffix="\n", max_tokens=4)
     assert client.models.retrieve("tiny").id == "tiny"

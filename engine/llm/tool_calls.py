@@ -133,7 +133,7 @@ def opener(tokenizer) -> int:
     return tokenizer(OPEN, add_special_tokens=False).input_ids[0]
 
 
-def written_call(steps, tok, stop_ids, tools: dict) -> str | None:
+def written_call(steps, tok, stop_ids, open_id: int, tools: dict) -> str | None:
     """The tool the model calls when let write freely (greedy), or None when it answers; the
     cache is rewound to where it was (see the module's note)."""
     from engine.llm.decoding import Detokenizer
@@ -144,7 +144,7 @@ def written_call(steps, tok, stop_ids, tools: dict) -> str | None:
             token = int(steps.logits.argmax(-1))
             if token in stop_ids:
                 return None
-            opened = opened or token == opener(tok)
+            opened = opened or token == open_id
             text += detok.push(token)
             head = text.lstrip()
             if not opened and head and not any(head.startswith(c) or c.startswith(head) for c in CALL_STARTS):
@@ -171,20 +171,20 @@ def tool_turn(backend, messages: Sequence[dict], prompt: list[int], params, canc
     tools = {t["function"]["name"]: t["function"] for t in params.tools}
     ids = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
     usage = {"prompt_tokens": len(prompt), "completion_tokens": 0, "finish_reason": "tool_calls", "tool_calls": 0}
-    budget = params.max_new_tokens
+    budget, open_id = params.max_new_tokens, opener(tok)
     with torch.inference_mode():
         steps = backend.steps(prompt)
         try:
             choice = params.tool_choice
-            if choice == "auto" and int(steps.logits.argmax(-1)) != opener(tok):
+            if choice == "auto" and int(steps.logits.argmax(-1)) != open_id:
                 last = messages[-1] if messages else {}
                 if last.get("role") != "user" or _text(last.get("content")).lstrip().startswith(RESULT):
                     return None  # a tool's result: the model answers from it
-                choice = written_call(steps, tok, backend.stop_ids, tools)
+                choice = written_call(steps, tok, backend.stop_ids, open_id, tools)
                 if choice is None:
                     return None
             for index in range(MAX_CALLS if params.parallel_tool_calls else 1):
-                if index and not _opens_another(steps, ids, backend.stop_ids, opener(tok)):
+                if index and not _opens_another(steps, ids, backend.stop_ids, open_id):
                     break
                 name = _name(steps, ids, tools, choice if index == 0 else "auto")
                 spent = _push(steps, ids(f'{OPEN}{{"name": "') + ids(f'{name}", "arguments": '))
