@@ -28,6 +28,8 @@ class Engine:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = Store(config.data_path)
+        self._llms: dict[str, Role] = {}  # other installed LLMs a conversation picked (llm_choices)
+        self._llm_lock = threading.Lock()
         self.roles: dict[str, Role] = build_roles(config)
         # one model, one turn at a time, served in arrival order; beyond max_queue waiting, refused
         self.model_lock = FairLock(config.max_queue)
@@ -62,8 +64,30 @@ class Engine:
             old, self.roles["tts"] = self.roles["tts"], build_roles(config, keep=kept)["tts"]
             old.close()
 
-    def llm(self) -> LLMBackend:
-        return self.roles["llm"].get()
+    def llm(self, model: str = "") -> LLMBackend:
+        """The configured language model, or another installed one by name (llm_choices)."""
+        return self._llm_role(model).get()
+
+    def llm_choices(self) -> list[str]:
+        """The language models a conversation can pick: the configured one, then the packaged ones."""
+        from engine.packaged import names
+
+        return list(dict.fromkeys([self.config.llm.model, *names("llm")]))
+
+    def _llm_role(self, model: str = ""):
+        """The configured LLM's role, or another installed model's, made on first use and kept
+        (one role per name: the choices are a short fixed list, so what is resident is bounded)."""
+        if not model or model == self.config.llm.model:
+            return self.roles["llm"]
+        if model not in self.llm_choices():
+            raise ValueError(f"no language model {model!r} here; the choices: {', '.join(self.llm_choices())}")
+        with self._llm_lock:
+            if model not in self._llms:
+                # (its own file, no hash pin; the talker voice speaks through the configured model only)
+                config = replace(self.config, llm=replace(self.config.llm, model=model, sha256=""),
+                                 tts=replace(self.config.tts, backend="piper"))
+                self._llms[model] = build_roles(config)["llm"]
+            return self._llms[model]
 
     def _scheduler(self):
         llm = self.roles["llm"].loaded
@@ -80,9 +104,9 @@ class Engine:
         lock, unless the LLM schedules its own uses (each is then a sequence of its batch)."""
         return contextlib.nullcontext() if self._scheduler() is not None else self.model_lock
 
-    def llm_state(self) -> tuple[str, str]:
-        state, detail = self.roles["llm"].state()
-        return state, detail or self.config.llm.model
+    def llm_state(self, model: str = "") -> tuple[str, str]:
+        state, detail = self._llm_role(model).state()
+        return state, detail or model or self.config.llm.model
 
     def start_loading(self) -> threading.Thread:
         """Load every role in the background, the language model first (every answer waits on
@@ -130,11 +154,12 @@ class Engine:
         records; an omni backbone looks at the images / video itself (the others ignore them)."""
         started = time.monotonic()
         usage: dict = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "error"}
-        if self.llm_state()[0] == "loading":
+        state = self.llm_state(params.model)[0]
+        if state == "loading" or (params.model and state == "not loaded"):
             yield Notice("The language model is still loading (the first start converts its weights once); "
                          "the answer starts as soon as it is ready.")
         try:
-            llm = self.llm()
+            llm = self.llm(params.model)
         except Unavailable as exc:
             yield Error(f"The language model is {exc}", recoverable=True)
             return "", usage, {}
@@ -208,7 +233,7 @@ class Engine:
 
     def close(self) -> None:
         self.generators.close()
-        for role in self.roles.values():
+        for role in [*self.roles.values(), *self._llms.values()]:
             role.close()
         self.store.close()
 

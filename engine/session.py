@@ -7,6 +7,12 @@ One conversation. A turn is three short steps:
   every token; spoken sentence by sentence while it is written, when asked;
 - commit: store the user turn (at once when it is certain) and the answer
   (complete / interrupted / error, with its audio) -> Done.
+
+A conversation is a tree (engine/store.py): a turn goes after the shown leaf, or
+after `parent` (an edited message: a sibling of the one it replaces, the model
+reading only the branch up to it); `regenerate` answers a stored message again
+beside its earlier answers. The conversation's own settings (instructions, model,
+temperature: `store.settings`) apply to each answer.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from engine.errors import InputError
 from engine.events import CancelToken, Done, Error, Event, Notice, Returning, RouterStats, TextDelta, ToolCallDelta
 from engine.llm.base import Message
 from engine.speech.speaker import Speaker, speaker_for
+from engine.store import HEAD
 from engine.perception.understand import Understood, understand, unreadable_note, user_message, with_facts
 from generators.base import Cancelled, RequestError
 
@@ -35,6 +42,7 @@ class Turn:
     speak: bool = False  # answer aloud too (AudioChunk events; the audio is stored with the answer)
     max_new_tokens: int | None = None
     temperature: float | None = None
+    seed: int | None = None
 
 
 class Gate:
@@ -69,6 +77,8 @@ class Prepared:
     history: list[Message]  # the conversation before this turn, as the LLM reads it
     plan: tool_plan.ToolPlan | None = None
     refusal: str = ""  # why the tool call it asks for cannot be made
+    parent: object = HEAD  # the stored turn this one follows (HEAD: the shown leaf; None: a first message)
+    user_id: int | None = None  # the user's turn, once stored (a regenerated answer: the stored one)
 
 
 @dataclass
@@ -93,20 +103,32 @@ class Session:
         if conversation_id and engine.store.get_conversation(conversation_id) is None:
             raise InputError(f"no conversation {conversation_id!r}")
 
-    def history(self, before: int | None = None) -> list[Message]:
-        """The stored turns as the LLM reads them (context.as_message; errors and empty
-        answers left out); with `before`, only the turns stored before the turn of that id."""
+    def history(self, upto: int | None = None) -> list[Message]:
+        """The shown branch as the LLM reads it (context.as_message; errors and empty answers
+        left out); with `upto`, the branch from the first message to that turn."""
         if not self.id:
             return []
-        return [as_message(t) for t in self.engine.store.turns(self.id)
-                if t.content and t.status != "error" and (before is None or t.id < before)]
+        turns = self.engine.store.turns(self.id) if upto is None else self.engine.store.turns(self.id, upto)
+        return [as_message(t) for t in turns if t.content and t.status != "error"]
 
-    def submit(self, turn: Turn, cancel: CancelToken | None = None, gate: Gate | None = None) -> Iterator[Event]:
+    def settings(self) -> dict:
+        """This conversation's own instructions, model and temperature ({} for the defaults)."""
+        return self.engine.store.settings(self.id) if self.id else {}
+
+    def submit(self, turn: Turn, cancel: CancelToken | None = None, gate: Gate | None = None,
+               parent: int | None = None) -> Iterator[Event]:
         """Run one turn: prepare -> answer -> commit. With a `gate` (a voice answer prepared
         while the user may still go on), the answer is made meanwhile and the commit waits for
-        the gate: opened, the turn is stored; closed, nothing is."""
+        the gate: opened, the turn is stored; closed, nothing is. With `parent`, the turn goes
+        after that stored turn instead of the shown leaf (0: as a new first message): an edit."""
         cancel = cancel or CancelToken()
-        prepared = yield from self._prepare(turn, cancel)
+        if parent is None:  # after whatever is shown when it is stored (a voice turn and a typed one alike)
+            parent = HEAD
+        elif self.id is None or (parent and self.engine.store.turn(self.id, parent) is None):
+            yield Error(f"There is no turn {parent} in this conversation to branch from.", recoverable=True)
+            yield Done(conversation_id=self.id or "")
+            return
+        prepared = yield from self._prepare(turn, cancel, parent or None)
         if prepared is None:  # refused, or nothing heard: said so, nothing stored
             yield Done(conversation_id=self.id or "")
             return
@@ -121,9 +143,37 @@ class Session:
                 yield Done(answered.usage, answered.timings, True, self.id or "")  # the user went on: never was
                 return
             self._store_user(prepared)
-        yield self._commit(answered, cancel)
+        yield self._commit(answered, cancel, prepared.user_id)
 
-    def _prepare(self, turn: Turn, cancel: CancelToken) -> Generator[Event, None, Prepared | None]:
+    def regenerate(self, answer_id: int, cancel: CancelToken | None = None) -> Iterator[Event]:
+        """Answer the message that stored answer `answer_id` answered once more: a new answer
+        beside it (its sibling, shown), sampled (at least at temperature 0.7 with a fresh seed:
+        asking again means wanting another answer). Its media and what was found in them are
+        the stored ones; a tool request is planned and run again."""
+        import random
+
+        cancel = cancel or CancelToken()
+        store = self.engine.store
+        answer = store.turn(self.id, answer_id) if self.id else None
+        asked = store.turn(self.id, answer.parent_id) if answer is not None and answer.parent_id else None
+        if answer is None or answer.role != "assistant" or asked is None:
+            yield Error(f"There is no answer {answer_id} in this conversation to answer again.", recoverable=True)
+            yield Done(conversation_id=self.id or "")
+            return
+        from engine.perception.understand import Understood
+
+        names = {r.name: r.sha256 for r in asked.media}
+        got = Understood(heard={names[n]: h for n, h in asked.meta.get("transcripts", {}).items() if n in names},
+                         facts=asked.meta.get("perception", {}), overlays=asked.meta.get("overlays", {}))
+        temperature = max(self.settings().get("temperature", self.engine.config.llm.temperature), 0.7)
+        turn = Turn(asked.content, temperature=temperature, seed=random.randrange(2**31))
+        prepared = Prepared(turn, asked.content, asked.media, got, self.history(asked.parent_id) if asked.parent_id
+                            else [], parent=asked.parent_id, user_id=asked.id)
+        self._plan(prepared, cancel)
+        answered = yield from self._answer(prepared, False, cancel)
+        yield self._commit(answered, cancel, asked.id)
+
+    def _prepare(self, turn: Turn, cancel: CancelToken, parent) -> Generator[Event, None, Prepared | None]:
         """Validate and store the attachments, transcribe and perceive them, plan a tool call."""
         text = turn.text.strip()
         try:
@@ -136,17 +186,23 @@ class Session:
         if turn.spoken and not text:
             yield Notice("I didn't catch any words in that.")
             return None
-        prepared = Prepared(turn, text, records, got, self.history())
-        if text:
-            try:
-                earlier = tool_plan.conversation_media(self.engine.store, self.id)
-                prepared.plan = tool_plan.plan(self.engine, text, earlier, records, cancel)
-            except RequestError as exc:  # e.g. nothing to edit: said as an error, stored as one
-                prepared.refusal = str(exc)
-            except Cancelled:  # stopped while the LLM chose: the answer stops at once too
-                if not cancel.cancelled:
-                    raise
+        history = self.history() if parent is HEAD else self.history(parent) if parent else []
+        prepared = Prepared(turn, text, records, got, history, parent=parent)
+        self._plan(prepared, cancel)
         return prepared
+
+    def _plan(self, prepared: Prepared, cancel: CancelToken) -> None:
+        """The tool call the message asks for, if any (or why it cannot be made)."""
+        if not prepared.text:
+            return
+        try:
+            earlier = tool_plan.conversation_media(self.engine.store, self.id, prepared.parent)
+            prepared.plan = tool_plan.plan(self.engine, prepared.text, earlier, prepared.records, cancel)
+        except RequestError as exc:  # e.g. nothing to edit: said as an error, stored as one
+            prepared.refusal = str(exc)
+        except Cancelled:  # stopped while the LLM chose: the answer stops at once too
+            if not cancel.cancelled:
+                raise
 
     def _answer(self, p: Prepared, speak: bool, cancel: CancelToken) -> Generator[Event, None, Answered]:
         """The answer: a refusal, a tool's result, or the LLM's words; spoken when asked."""
@@ -186,11 +242,17 @@ class Session:
         answered = Answered(prefix, usage={"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"},
                             speaker=speaker)
         if p.text:
-            messages = [{"role": "system", "content": engine.config.system_prompt}, *p.history,
-                        {"role": "user", "content": with_facts(p.text, p.got.facts)}]
+            own = self.settings()
+            messages = [{"role": "system", "content": own.get("instructions") or engine.config.system_prompt},
+                        *p.history, {"role": "user", "content": with_facts(p.text, p.got.facts)}]
             grounded = bool(p.got.facts) or (bool(p.got.heard) and not p.turn.spoken)  # facts or a file's transcript
-            params = replace(engine.params(p.turn.max_new_tokens, p.turn.temperature, facts=grounded),
+            # (the conversation's temperature stands in for llm.temperature; grounded turns keep theirs)
+            temperature = p.turn.temperature if p.turn.temperature is not None else \
+                None if grounded else own.get("temperature")
+            params = replace(engine.params(p.turn.max_new_tokens, temperature, seed=p.turn.seed, facts=grounded),
+                             model=own.get("model", ""),
                              trace=speaker.trace if speaker is not None else None)  # (the talker's states)
+            answered.meta["model"] = params.model or engine.config.llm.model
             errors, calls = [], {}
             for event in (stream := Returning(engine.answer(messages, params, cancel, p.records))):
                 if isinstance(event, Error):
@@ -223,18 +285,19 @@ class Session:
         if self.id is None:
             self.id = store.create_conversation()
         heard = p.got.heard
-        store.add_turn(self.id, "user", p.text, media=p.records,
+        p.user_id = store.add_turn(self.id, "user", p.text, parent=p.parent, media=p.records,
                        meta={"transcripts": {r.name: heard[r.sha256] for r in p.records if r.sha256 in heard},
                              **({"perception": p.got.facts, "overlays": p.got.overlays} if p.got.facts else {})})
         if not store.get_conversation(self.id)["title"]:
             store.rename_conversation(self.id, _title(p.text, p.records))
 
-    def _commit(self, answered: Answered, cancel: CancelToken) -> Done:
-        """Store the answer (with its spoken audio) and say the turn is done."""
+    def _commit(self, answered: Answered, cancel: CancelToken, asked: int | None) -> Done:
+        """Store the answer (after the user's turn `asked`, with its spoken audio) and say the
+        turn is done."""
         audio = answered.speaker.store(self.engine) if answered.speaker is not None else None
         meta = {**answered.meta, **({"speech": answered.speaker.timings()} if answered.speaker is not None else {})}
         status = answered.status or ("interrupted" if cancel.cancelled else "error" if "error" in meta else "complete")
-        turn_id = self.engine.store.add_turn(self.id, "assistant", answered.text, status=status,
+        turn_id = self.engine.store.add_turn(self.id, "assistant", answered.text, status=status, parent=asked,
                                              media=(*answered.media, *((audio,) if audio else ())), meta=meta)
         return Done(answered.usage, answered.timings, cancel.cancelled, self.id, turn_id)
 

@@ -3,6 +3,12 @@
 Each completed turn is committed on its own transaction, so killing the
 process (even SIGKILL) loses nothing already answered, and a crash mid-write
 leaves the database consistent. Media files live beside it by content hash.
+
+A conversation is a tree of turns: each turn names its parent (the turn it
+follows; NULL for a first message), so a regenerated answer is a sibling of the
+one it replaces and an edited message a sibling of the original. The
+conversation's `head_id` is the leaf shown; `turns(cid)` is the branch from the
+root to it, which is all the model and the page read.
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     title TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    head_id INTEGER,
+    settings TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS turns (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -31,7 +39,8 @@ CREATE TABLE IF NOT EXISTS turns (
     content TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'complete',
     meta TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    parent_id INTEGER REFERENCES turns(id) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS turns_by_conversation ON turns(conversation_id, id);
 CREATE TABLE IF NOT EXISTS responses (
@@ -63,6 +72,25 @@ SPOKEN_COLUMN = """
 ALTER TABLE turn_media ADD COLUMN spoken INTEGER NOT NULL DEFAULT 0;
 UPDATE turn_media SET spoken = 1 WHERE name IN ('answer.wav', 'voice message.wav');
 """
+# a database made before conversations were trees: each turn follows the one stored before it in
+# its conversation, and the last one is shown
+TREE_COLUMNS = """
+BEGIN IMMEDIATE;
+ALTER TABLE turns ADD COLUMN parent_id INTEGER REFERENCES turns(id) ON DELETE CASCADE;
+ALTER TABLE conversations ADD COLUMN head_id INTEGER;
+ALTER TABLE conversations ADD COLUMN settings TEXT NOT NULL DEFAULT '{}';
+UPDATE turns SET parent_id = (SELECT MAX(p.id) FROM turns p
+                              WHERE p.conversation_id = turns.conversation_id AND p.id < turns.id);
+UPDATE conversations SET head_id = (SELECT MAX(t.id) FROM turns t WHERE t.conversation_id = conversations.id);
+COMMIT;
+"""
+INDEXES = "CREATE INDEX IF NOT EXISTS turns_by_parent ON turns(parent_id);"
+# the branch from the root to a turn (ids grow down a branch: a turn is stored after its parent)
+BRANCH = """
+WITH RECURSIVE branch(id) AS (SELECT ? UNION ALL SELECT t.parent_id FROM turns t JOIN branch b ON t.id = b.id
+                              WHERE t.parent_id IS NOT NULL)
+"""
+HEAD = object()  # add_turn's default parent: the conversation's shown leaf
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,7 @@ class StoredTurn:
     created_at: float
     media: tuple[MediaRecord, ...] = ()
     meta: dict = field(default_factory=dict)
+    parent_id: int | None = None
 
 
 class Store:
@@ -88,9 +117,16 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
         self._db.execute("PRAGMA foreign_keys=ON")
+        if "parent_id" not in self._columns("turns") and self._columns("turns"):
+            self._db.executescript(TREE_COLUMNS)
         self._db.executescript(SCHEMA)
-        if "spoken" not in {row["name"] for row in self._db.execute("PRAGMA table_info(turn_media)")}:
+        if "spoken" not in self._columns("turn_media"):
             self._db.executescript(SPOKEN_COLUMN)
+        self._db.executescript(INDEXES)
+        from engine.search import install; install(self._db)  # full-text search, kept current by triggers
+
+    def _columns(self, table: str) -> set[str]:
+        return {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
 
     def close(self) -> None:
         with self._lock:
@@ -118,7 +154,8 @@ class Store:
     # conversations
     def create_conversation(self, title: str = "") -> str:
         cid, now = uuid.uuid4().hex[:12], time.time()
-        self._tx("INSERT INTO conversations VALUES (?, ?, ?, ?)", (cid, title, now, now))
+        self._tx("INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                 (cid, title, now, now))
         return cid
 
     def get_conversation(self, cid: str) -> dict | None:
@@ -166,15 +203,28 @@ class Store:
         with self._transaction() as db:
             return db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount > 0
 
+    # per-conversation settings (the page's instructions, model and temperature)
+    def settings(self, cid: str) -> dict:
+        rows = self._query("SELECT settings FROM conversations WHERE id = ?", (cid,))
+        return json.loads(rows[0]["settings"]) if rows else {}
+
+    def set_settings(self, cid: str, settings: dict) -> None:
+        self._tx("UPDATE conversations SET settings = ? WHERE id = ?", (json.dumps(settings), cid))
+
     # turns and media
     def add_turn(self, cid: str, role: str, content: str, status: str = "complete",
-                 media: tuple[MediaRecord, ...] = (), meta: dict | None = None) -> int:
+                 media: tuple[MediaRecord, ...] = (), meta: dict | None = None, parent=HEAD) -> int:
+        """Store a turn after `parent` (by default the shown leaf; None: a first message) and show
+        the branch it ends."""
         now = time.time()
         with self._transaction() as db:
+            if parent is HEAD:
+                parent = db.execute("SELECT head_id FROM conversations WHERE id = ?", (cid,)).fetchone()[0]
             turn_id = db.execute(
-                "INSERT INTO turns (conversation_id, role, content, status, meta, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (cid, role, content, status, json.dumps(meta or {}), now)).lastrowid
-            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
+                "INSERT INTO turns (conversation_id, role, content, status, meta, created_at, parent_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (cid, role, content, status, json.dumps(meta or {}), now, parent)).lastrowid
+            db.execute("UPDATE conversations SET updated_at = ?, head_id = ? WHERE id = ?", (now, turn_id, cid))
             for pos, rec in enumerate(media):
                 db.execute("INSERT OR IGNORE INTO media VALUES (?, ?, ?, ?, ?, ?)",
                            (rec.sha256, rec.kind, rec.mime, rec.path, rec.size, json.dumps(rec.meta)))
@@ -185,15 +235,66 @@ class Store:
     def set_status(self, turn_id: int, status: str) -> None:
         self._tx("UPDATE turns SET status = ? WHERE id = ?", (status, turn_id))
 
-    def turns(self, cid: str) -> list[StoredTurn]:
-        rows = self._query("SELECT * FROM turns WHERE conversation_id = ? ORDER BY id", (cid,))
-        media = self._query(
-            "SELECT tm.turn_id, tm.name, tm.spoken, m.* FROM turn_media tm JOIN media m ON m.sha256 = tm.sha256 "
-            "JOIN turns t ON t.id = tm.turn_id WHERE t.conversation_id = ? ORDER BY tm.turn_id, tm.position", (cid,))
+    def head(self, cid: str) -> int | None:
+        rows = self._query("SELECT head_id FROM conversations WHERE id = ?", (cid,))
+        return rows[0]["head_id"] if rows else None
+
+    def turns(self, cid: str, upto=HEAD) -> list[StoredTurn]:
+        """The branch shown: root to the head; with `upto`, root to that turn (None: nothing)."""
+        if upto is HEAD:
+            upto = self.head(cid)
+        if upto is None:
+            return []
+        return self._read(BRANCH + "SELECT t.* FROM turns t JOIN branch b ON t.id = b.id "
+                          "WHERE t.conversation_id = ? ORDER BY t.id", (upto, cid))
+
+    def tree(self, cid: str) -> list[StoredTurn]:
+        """Every turn of the conversation, every branch, oldest first."""
+        return self._read("SELECT * FROM turns WHERE conversation_id = ? ORDER BY id", (cid,))
+
+    def turn(self, cid: str, turn_id: int) -> StoredTurn | None:
+        found = self._read("SELECT * FROM turns WHERE conversation_id = ? AND id = ?", (cid, turn_id))
+        return found[0] if found else None
+
+    def alternatives(self, cid: str) -> dict[int, list[int]]:
+        """For each turn of the shown branch, its siblings (the turns that follow the same parent,
+        itself included, oldest first): more than one where an answer was regenerated or a
+        message edited."""
+        head = self.head(cid)
+        if head is None:
+            return {}
+        rows = self._query(BRANCH + "SELECT b.id AS shown, s.id AS sibling FROM branch b JOIN turns t ON t.id = b.id "
+                           "JOIN turns s ON s.conversation_id = t.conversation_id AND s.parent_id IS t.parent_id "
+                           "WHERE t.conversation_id = ? ORDER BY s.id", (head, cid))
+        out: dict[int, list[int]] = {}
+        for r in rows:
+            out.setdefault(r["shown"], []).append(r["sibling"])
+        return out
+
+    def show(self, cid: str, turn_id: int) -> None:
+        """Show the branch through `turn_id`: down to the newest turn below it (where the user
+        last was on that branch)."""
+        with self._transaction() as db:
+            leaf = db.execute(
+                "WITH RECURSIVE below(id) AS (SELECT id FROM turns WHERE id = ? AND conversation_id = ? "
+                "UNION ALL SELECT t.id FROM turns t JOIN below b ON t.parent_id = b.id) SELECT MAX(id) FROM below",
+                (turn_id, cid)).fetchone()[0]
+            if leaf is None:
+                raise KeyError(f"no turn {turn_id} in conversation {cid}")
+            db.execute("UPDATE conversations SET head_id = ? WHERE id = ?", (leaf, cid))
+
+    def _read(self, sql: str, params: tuple) -> list[StoredTurn]:
+        rows = self._query(sql, params)
+        ids = [r["id"] for r in rows]
         by_turn: dict[int, list[MediaRecord]] = {}
-        for m in media:
-            by_turn.setdefault(m["turn_id"], []).append(
-                MediaRecord(m["sha256"], m["kind"], m["mime"], m["path"], m["size"], m["name"], json.loads(m["meta"]),
-                            bool(m["spoken"])))
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk:chunk + 500]
+            media = self._query(
+                "SELECT tm.turn_id, tm.name, tm.spoken, m.* FROM turn_media tm JOIN media m ON m.sha256 = tm.sha256 "
+                f"WHERE tm.turn_id IN ({','.join('?' * len(part))}) ORDER BY tm.turn_id, tm.position", tuple(part))
+            for m in media:
+                by_turn.setdefault(m["turn_id"], []).append(
+                    MediaRecord(m["sha256"], m["kind"], m["mime"], m["path"], m["size"], m["name"],
+                                json.loads(m["meta"]), bool(m["spoken"])))
         return [StoredTurn(r["id"], r["role"], r["content"], r["status"], r["created_at"],
-                           tuple(by_turn.get(r["id"], ())), json.loads(r["meta"])) for r in rows]
+                           tuple(by_turn.get(r["id"], ())), json.loads(r["meta"]), r["parent_id"]) for r in rows]

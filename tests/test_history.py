@@ -49,7 +49,7 @@ def _fresh_answers(config, cid):
         for turn in fresh.store.turns(cid):
             if turn.role != "assistant" or "tool" in turn.meta or turn.status != "complete":
                 continue
-            messages = [{"role": "system", "content": config.system_prompt}, *session.history(before=turn.id)]
+            messages = [{"role": "system", "content": config.system_prompt}, *session.history(turn.parent_id)]
             fresh.llm().forget()
             text, _, _ = _drain(fresh.answer(messages, fresh.params(), CancelToken()))
             pairs.append((turn.content, text))
@@ -122,7 +122,7 @@ def test_history_before_a_turn_leaves_it_and_later_turns_out(engine):
     _say(session, "first")
     _say(session, "second")
     turns = engine.store.turns(session.id)
-    assert [m["content"] for m in session.history(before=turns[2].id)] == ["first", turns[1].content]
+    assert [m["content"] for m in session.history(turns[1].id)] == ["first", turns[1].content]
     assert len(session.history()) == 4
 
 

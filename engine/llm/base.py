@@ -34,6 +34,8 @@ class GenParams:
     seed: int = 0
     #: who waits first when the model is busy (engine/llm/scheduler.py): 0 the page and voice, 1 the API
     priority: int = 0
+    #: which installed LLM answers (Engine.llm_choices; "": the configured one)
+    model: str = ""
     #: a list the backend appends the thinker's trace to (hidden states for an omni talker)
     trace: list | None = field(default=None, compare=False)
     #: OpenAI's sampling extras (`LLMBackend.features` says which a backend honours):

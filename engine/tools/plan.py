@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from engine.errors import Unavailable
+from engine.store import HEAD
 from generators.base import RequestError, validate
 from generators.tools import TOOLS
 
@@ -119,12 +120,13 @@ def llm_choice(llm, text: str, kinds: set[str]) -> str:
 
 # --- references to earlier media ---
 
-def conversation_media(store, cid: str | None) -> list:
-    """Every media file of the conversation, oldest first, as (role, record); spoken
-    voice messages and spoken answers are left out (they are not what "it" means)."""
-    if not cid:
+def conversation_media(store, cid: str | None, upto=HEAD) -> list:
+    """Every media file of the shown branch (with `upto`, of the branch up to that turn), oldest
+    first, as (role, record); spoken voice messages and spoken answers are left out (they are
+    not what "it" means)."""
+    if not cid or upto is None:
         return []
-    return [(t.role, m) for t in store.turns(cid) for m in t.media if not m.spoken]
+    return [(t.role, m) for t in store.turns(cid, upto) for m in t.media if not m.spoken]
 
 
 def resolve(ref: str, kind: str, media: list, text: str = ""):
