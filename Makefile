@@ -59,11 +59,18 @@ $(DEV_STAMP): $(STAMP) pyproject.toml Makefile
 	$(ONE_CV2)
 	touch $@
 
-# Debian chromium for the real-browser tests (playwright's own download cannot work offline).
-browser:
+# Debian chromium for the real-browser tests (playwright's own download cannot work offline),
+# and axe-core (the accessibility checker tests/test_browser_page.py runs in it) from npm into
+# the ignored .cache/, once.
+AXE := .cache/axe/node_modules/axe-core/axe.min.js
+browser: $(AXE)
 	@command -v chromium >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+$(AXE):
+	@command -v npm >/dev/null || { echo "npm not found: the accessibility test will be skipped (install nodejs and npm)"; exit 0; }; \
+	  npm install --prefix .cache/axe --no-audit --no-fund --silent axe-core@4.x
 
 # text.py compares against llama.cpp in the same run: `llamacpp` compiles it once (~10 minutes on
 # 2 cores; pip keeps the built wheel in its cache, so later installs take seconds)

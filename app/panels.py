@@ -6,10 +6,13 @@ engine's last result, so the panels always show the open conversation's own
 """
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import gradio as gr
 from gradio.data_classes import FileData, ListFiles
+
+from engine.store import HEAD
 
 INTERRUPTED = "\n\n*(interrupted)*"
 ORDER = ("text", "image", "video", "audio", "other")
@@ -35,22 +38,64 @@ def named_files(**kwargs) -> gr.File:
     return files
 
 
-def render(engine, cid: str | None) -> list[dict]:
-    """Stored turns -> Chatbot messages (media first, then the text)."""
-    if not cid:
-        return []
+def render(engine, cid: str | None, upto=HEAD) -> list[dict]:
+    """Stored turns of the shown branch (with `upto`, of the branch up to that turn) -> Chatbot
+    messages: media first, then the text."""
+    return rendered(engine, cid, upto)[0]
+
+
+def message_turns(engine, cid: str | None) -> list[int]:
+    """The stored turn each message of `render(engine, cid)` shows, by message index."""
+    return rendered(engine, cid)[1]
+
+
+def rendered(engine, cid: str | None, upto=HEAD) -> tuple[list[dict], list[int]]:
+    if not cid or upto is None:
+        return [], []
+    store = engine.store
     out: list[dict] = []
-    for turn in engine.store.turns(cid):
+    ids: list[int] = []
+    siblings = store.alternatives(cid)
+    for turn in store.turns(cid, upto):
         for rec in turn.media:
             out.append({"role": turn.role, "content": media_content(rec.path, rec.kind, rec.mime, rec.name)})
+            ids.append(turn.id)
         text = turn.content
         if turn.status == "interrupted":
             text += INTERRUPTED
         if turn.meta.get("error") and turn.meta["error"] not in text:
             text += f"\n\n⚠️ {turn.meta['error']}"
-        if text or not turn.media:
-            out.append({"role": turn.role, "content": text})
-    return out
+        marks = turn_marks(turn, siblings.get(turn.id, [turn.id]))
+        if text or not turn.media or marks:
+            out.append({"role": turn.role, "content": text + marks})
+            ids.append(turn.id)
+    return out, ids
+
+
+def turn_marks(turn, siblings: list[int]) -> str:
+    """The line closing a message: the model that wrote an answer, and "‹ 2/3 ›" where the
+    message was edited or the answer asked for again (links assets/chat.js follows). It sits
+    in a span of its own (class turn-meta), which read aloud and copy leave out."""
+    model = turn.meta.get("model") if turn.role == "assistant" else None
+    bits = [html.escape(model_title(model))] if model else []
+    if len(siblings) > 1:  # (the sanitizer drops aria-* attributes: hidden words name the links)
+        at, what = siblings.index(turn.id), "answer" if turn.role == "assistant" else "version"
+        link = lambda to, sign, word: (  # noqa: E731
+            f'<a href="#turn-{to}" class="branch">{sign}<span class="sr-only"> {word} {what}</span></a>' if to
+            else f'<span class="branch-end">{sign}</span>')
+        bits.append(f"{link(siblings[at - 1] if at else 0, '‹', 'previous')} "
+                    f'<span class="sr-only">{what} </span>{at + 1}/{len(siblings)} '
+                    f"{link(siblings[at + 1] if at + 1 < len(siblings) else 0, '›', 'next')}")
+    return f'\n\n<span class="turn-meta">{" · ".join(bits)}</span>' if bits else ""
+
+
+def model_title(name: str) -> str:
+    """How the page names an LLM: its manifest title without the file format, else its name."""
+    from engine.packaged import manifest
+
+    entry = manifest().get("llm", {}).get(name) or {}
+    title = entry.get("title", "") or name.rstrip("/").rsplit("/", 1)[-1]
+    return title.split(" (")[0]
 
 
 def media_content(path: str, kind: str, mime: str = "", name: str = ""):

@@ -22,6 +22,7 @@ def build_app(engine: Engine):
     from app.audio_api import make_audio_router
     from app.images_api import make_image_router
     from app.realtime import make_realtime_router
+    from app.read_aloud import make_read_aloud_router
     from app.security import Edge, gradio_session
     from app.ui import ASSETS, build_ui
     from app.voice import make_voice_router
@@ -35,6 +36,7 @@ def build_app(engine: Engine):
     api.include_router(make_audio_router(engine))
     api.include_router(make_realtime_router(engine))
     api.include_router(make_voice_router(engine))
+    api.include_router(make_read_aloud_router(engine))
     demo = build_ui(engine)
     token = engine.config.auth_token
     auth = (lambda user, password: hmac.compare_digest(str(password).encode(), token.encode())) if token else None

@@ -16,109 +16,19 @@ the browser.
 """
 from __future__ import annotations
 
-import queue
-import threading
-import time
-from contextlib import closing
 from pathlib import Path
-from typing import Callable, Iterator
 
 import gradio as gr
 
-from app.panels import NO_PERCEPTION, media_content, named_files, panels, render
-from engine.events import CancelToken, Done, Error, MediaResult, Notice, Perceived, Progress, TextDelta, ToolCall
+from app.panels import NO_PERCEPTION, media_content, message_turns, model_title, named_files, panels, render
+from app.ui_library import Library
+from app.ui_page import SHORTCUTS, math_chat
+from app.ui_chat import ActiveTurns, Drawn, model_choices, stream, turn_footer
 from engine.engine import Engine
 from engine.session import Session, Turn
 from engine.status import status, status_markdown
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-FRAME_S = 0.1  # at most one redraw of a streaming answer per frame
-JOIN_S = 10.0  # how long a closed page waits for its cancelled turn to wind down
-
-
-class ActiveTurns:
-    """CancelTokens of running turns, keyed by browser session."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._tokens: dict[str, CancelToken] = {}
-
-    def start(self, key: str) -> CancelToken:
-        token = CancelToken()
-        with self._lock:
-            self._tokens[key] = token
-        return token
-
-    def stop(self, key: str) -> bool:
-        with self._lock:
-            token = self._tokens.get(key)
-        if token is None:
-            return False
-        token.cancel("stopped by the user")
-        return True
-
-    def finish(self, key: str, token: CancelToken) -> None:
-        with self._lock:
-            if self._tokens.get(key) is token:
-                del self._tokens[key]
-
-
-class _Failed:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-def batched(run: Callable[[], Iterator], cancel: CancelToken, frame_s: float = FRAME_S) -> Iterator[list]:
-    """The events of `run()` in order, in lists handed out at most once per `frame_s`.
-
-    `run()` is iterated on a thread of its own: a redraw of the whole chat per token held a
-    135M model to a quarter of its speed. The first event of a quiet spell goes out at once
-    (the first token is not held back). An exception in the turn is raised here, after the
-    events before it. Closed early (the page went away, Gradio closes the handler), the turn
-    is cancelled and waited for, boundedly: decoding stops within one token. Only text and
-    progress are merged: a batch ends at any other event (a tool starting, a result, an
-    error), so each change of state is drawn, however fast the next one follows.
-    """
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    end = object()
-
-    def more(batch: list) -> bool:
-        return isinstance(batch[-1], (TextDelta, Progress))
-
-    def work() -> None:
-        try:
-            for event in run():
-                events.put(event)
-        except BaseException as exc:  # (raised again on the handler's thread)
-            events.put(_Failed(exc))
-        finally:
-            events.put(end)
-
-    worker = threading.Thread(target=work, name="ui-turn", daemon=True)
-    worker.start()
-    finished, due = False, 0.0
-    try:
-        while not finished:
-            batch = [events.get()]
-            while more(batch) and (left := due - time.monotonic()) > 0:
-                try:
-                    batch.append(events.get(timeout=left))
-                except queue.Empty:
-                    break
-            while more(batch) and not events.empty():
-                batch.append(events.get())
-            finished = batch[-1] is end
-            failed = next((b for b in batch if isinstance(b, _Failed)), None)
-            batch = [b for b in batch if b is not end and not isinstance(b, _Failed)]
-            if batch:
-                due = time.monotonic() + frame_s
-                yield batch
-            if failed is not None:
-                raise failed.exc
-    finally:
-        if not finished:
-            cancel.cancel("the page went away")
-        worker.join(JOIN_S)
 
 
 def voice_names() -> list[str]:
@@ -142,20 +52,6 @@ def conversation_choices(engine: Engine) -> list[tuple[str, str]]:
     return [(c["title"] or "New chat", c["id"]) for c in engine.store.list_conversations()]
 
 
-def turn_footer(done: Done, notices=()) -> str:
-    """The line under an answer: the notices, then tokens and speed when tokens were decoded
-    (a media reply decodes none: it says what it made in its text)."""
-    n, t = done.usage.get("completion_tokens", 0), done.timings
-    bits = [f"{n} tokens"] if n else []
-    if n and t.get("decode_tok_s"):
-        bits.append(f"{t['decode_tok_s']:.1f} tok/s")
-    if n and t.get("ttft_ms") is not None:
-        bits.append(f"first token {t['ttft_ms']:.0f} ms")
-    if done.interrupted:
-        bits.append("stopped")
-    return " ".join([*notices, *(["<small>" + " · ".join(bits) + "</small>"] if bits else [])])
-
-
 def build_ui(engine: Engine) -> gr.Blocks:
     active = ActiveTurns()
 
@@ -167,59 +63,101 @@ def build_ui(engine: Engine) -> gr.Blocks:
         shown += [{"role": "user", "content": {"path": p}} for p in paths]
         if text.strip():
             shown.append({"role": "user", "content": text})
-        answer = {"role": "assistant", "content": ""}
-        shown.append(answer)
-        yield shown, gr.MultimodalTextbox(value=None), cid, gr.update(), "", gr.update()
-
-        key = request.session_hash or "cli"
-        cancel = active.start(key)
+        drawn = Drawn(shown)
+        yield drawn.shown, gr.MultimodalTextbox(value=None), cid, gr.update(), "", gr.update()
         session = Session(engine, cid)
-        notices, errors = [], []
-        done = working = None
-
-        def show(ev) -> None:
-            """One event into the chat being drawn."""
-            nonlocal done, working
-            if isinstance(ev, ToolCall):
-                working = ev.name.replace("_", " ")
-                answer["content"] = f"🛠️ {working}…"
-            elif isinstance(ev, Progress):
-                answer["content"] = f"🛠️ {working} · {ev.stage} {ev.fraction:.0%}"
-            elif isinstance(ev, Perceived):
-                answer["content"] = f"👀 looked at {ev.name}…"
-                working = "perception"
-            elif isinstance(ev, MediaResult):
-                shown.insert(len(shown) - 1, {"role": "assistant",
-                                              "content": media_content(ev.path, ev.kind, name=ev.meta.get("name", ""))})
-            elif isinstance(ev, TextDelta):
-                if working:
-                    answer["content"], working = "", None
-                answer["content"] += ev.text
-            elif isinstance(ev, Notice):
-                notices.append(ev.message)
-                gr.Info(ev.message)
-            elif isinstance(ev, Error):
-                errors.append(ev.message)
-                answer["content"] += f"\n\n⚠️ {ev.message}"
-            elif isinstance(ev, Done):
-                done = ev
-
         turn = Turn(text, tuple(paths))
-        try:
-            with closing(batched(lambda: session.submit(turn, cancel), cancel)) as batches:
-                for batch in batches:
-                    for ev in batch:
-                        show(ev)
-                    if not all(isinstance(ev, Done) for ev in batch):
-                        yield shown, gr.update(), session.id, gr.update(), " ".join(notices), gr.update()
-        finally:
-            active.finish(key, cancel)
-        if done is None or not done.turn_id:  # rejected before anything was stored: give the input back
-            yield shown, gr.MultimodalTextbox(value=message), session.id, gr.update(), " ".join(errors), gr.update()
+        for _ in stream(active, request.session_hash or "cli", lambda cancel: session.submit(turn, cancel), drawn):
+            yield drawn.shown, gr.update(), session.id, gr.update(), " ".join(drawn.notices), gr.update()
+        if not drawn.stored:  # rejected before anything was stored: give the input back
+            yield (drawn.shown, gr.MultimodalTextbox(value=message), session.id, gr.update(), " ".join(drawn.errors),
+                   gr.update())
             return
-        yield (render(engine, session.id), gr.update(), session.id,
-               gr.Radio(choices=conversation_choices(engine), value=session.id), turn_footer(done, notices),
-               title_of(session.id))
+        chat, c, conversations, footer, title = finished(session.id, drawn)
+        yield chat, gr.update(), c, conversations, footer, title
+
+    def finished(c: str, drawn: Drawn) -> tuple:
+        """The chat as stored once a turn is done: (chat, cid, list, footer, title)."""
+        return render(engine, c), c, listing(c), turn_footer(drawn.done, drawn.notices), title_of(c)
+
+    def again(cid: str | None, request: gr.Request):
+        """The last answer answered again (Gradio's retry button): a sibling of it, shown."""
+        turns = engine.store.turns(cid) if cid and not gone(cid) else []
+        if not turns or turns[-1].role != "assistant":
+            gr.Warning("There is no answer here to answer again.")
+            yield (gr.skip(),) * 5
+            return
+        shown = render(engine, cid, upto=turns[-1].parent_id)
+        yield from run_branch(cid, shown, lambda session, cancel: session.regenerate(turns[-1].id, cancel), request)
+
+    def edit(cid: str | None, edited: gr.EditData, request: gr.Request):
+        """A sent message edited and sent again: a sibling of it, answered; the old branch kept."""
+        if not cid or gone(cid):
+            yield (gr.skip(),) * 5
+            return
+        at = message_turns(engine, cid)
+        turn = engine.store.turn(cid, at[edited.index]) if 0 <= edited.index < len(at) else None
+        text = edited.value if isinstance(edited.value, str) else ""
+        if turn is None or turn.role != "user" or not text.strip():
+            gr.Warning("Only the text of a message you sent can be edited (type the new text, then send).")
+            yield render(engine, cid), *(gr.skip(),) * 4
+            return
+        files = [m for m in turn.media if not m.spoken]
+        shown = render(engine, cid, upto=turn.parent_id) if turn.parent_id else []
+        shown += [{"role": "user", "content": media_content(m.path, m.kind, m.mime, m.name)} for m in files]
+        shown.append({"role": "user", "content": text})
+        resend = Turn(text, tuple(m.path for m in files), tuple(m.name for m in files))
+        yield from run_branch(cid, shown, lambda session, cancel: session.submit(resend, cancel,
+                                                                                 parent=turn.parent_id or 0), request)
+
+    def run_branch(cid: str, shown: list, run, request: gr.Request):
+        """Stream a turn that branches the conversation: (chat, cid, list, footer, title)."""
+        drawn = Drawn(shown)
+        session = Session(engine, cid)
+        yield drawn.shown, cid, gr.skip(), "", gr.skip()
+        for _ in stream(active, request.session_hash or "cli", lambda cancel: run(session, cancel), drawn):
+            yield drawn.shown, cid, gr.skip(), " ".join(drawn.notices), gr.skip()
+        if not drawn.stored:
+            yield render(engine, cid), cid, gr.skip(), " ".join(drawn.errors), gr.skip()
+            return
+        yield finished(cid, drawn)
+
+    def switch(cid: str | None, target: str):
+        """A "‹ ›" link: show the branch through turn `target` (ends at its newest turn)."""
+        if not cid or gone(cid):
+            return gr.skip(), gr.skip()
+        try:
+            engine.store.show(cid, int(target))
+        except (KeyError, ValueError):
+            gr.Warning("That version of the conversation is gone.")
+        return render(engine, cid), ""
+
+    def load_settings(c: str | None):
+        own = engine.store.settings(c) if c else {}
+        return (own.get("instructions", ""), own.get("model") or engine.config.llm.model,
+                own.get("temperature", engine.config.llm.temperature))
+
+    def save_settings(c: str | None, instructions: str, model: str, temperature: float):
+        """This conversation's instructions, model and temperature (a new chat is made for them)."""
+        instructions = (instructions or "").strip()
+        if len(instructions) > engine.config.max_prompt_chars:
+            gr.Warning(f"The instructions are {len(instructions):,} characters; the limit is "
+                       f"{engine.config.max_prompt_chars:,}.")
+            return gr.skip(), gr.skip()
+        if model not in engine.llm_choices():
+            gr.Warning(f"There is no model {model!r} here.")
+            return gr.skip(), gr.skip()
+        if c and gone(c):
+            return gr.skip(), gr.skip()
+        c = c or engine.store.create_conversation("New chat")
+        own = {"instructions": instructions, "temperature": round(float(temperature), 2),
+               **({"model": model} if model != engine.config.llm.model else {})}
+        engine.store.set_settings(c, {k: v for k, v in own.items() if v != ""})
+        gr.Info(f"This conversation now answers with {model_title(model)} at temperature {own['temperature']}"
+                + (" and your instructions." if instructions else " and the default instructions."))
+        if engine.llm_state(model)[0] == "not loaded":
+            engine.load_llm(model)  # in the background: ready by the next message, or soon after
+        return c, listing(c)
 
     def stop(request: gr.Request) -> None:
         active.stop(request.session_hash or "cli")
@@ -297,6 +235,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
         cid = gr.State(None)
         with gr.Sidebar(label="Conversations", open=True, elem_id="sidebar"):
             new_btn = gr.Button("+ New chat", variant="primary", elem_id="new-chat")
+            library = Library(engine)
+            library.search_controls()  # above the list: typing filters it
             conversations = gr.Radio(choices=[], value=None, show_label=False,  # filled by demo.load
                                      elem_id="conversations", container=False)
             title_box = gr.Textbox(label="Title", placeholder="Rename this conversation", elem_id="title")
@@ -304,11 +244,15 @@ def build_ui(engine: Engine) -> gr.Blocks:
                 rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
                 delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
             confirmed = gr.Checkbox(True, visible="hidden", elem_id="delete-confirmed")  # the browser's answer
+            library.transfer_controls()  # export the open conversation, import one
+            gr.Markdown(SHORTCUTS, elem_id="shortcuts")
         gr.Markdown("## Omni assistant\nRuns on this machine. Type or talk; attach images, audio or video; "
                     "ask it to draw, edit, animate or model something (\"crop it to a square\", \"a 3D snowman\").")
-        chatbot = gr.Chatbot(elem_id="chat", height=520, buttons=["copy"], feedback_options=None,
-                             placeholder="Ask me anything.")
+        chatbot = math_chat(gr.Chatbot(elem_id="chat", height=520, buttons=["copy"], feedback_options=None,
+                                       placeholder="Ask me anything.", editable="user"))
         footer = gr.Markdown(elem_id="turn-info")
+        branch_to = gr.Textbox(elem_id="branch-to", visible="hidden")  # the turn a "‹ ›" link shows (chat.js)
+        branch_go = gr.Button("show", elem_id="branch-go", visible="hidden")
         with gr.Row(equal_height=True, elem_id="input-row"):
             box = gr.MultimodalTextbox(placeholder="Message the assistant...", file_count="multiple",
                                        file_types=["image", "audio", "video", ".glb"], show_label=False,
@@ -320,6 +264,16 @@ def build_ui(engine: Engine) -> gr.Blocks:
                     'talk over the answer to interrupt.</div><div id="voice-captions"></div>', scale=6)
         voice_cid = gr.Textbox(elem_id="voice-cid", visible="hidden")
         voice_refresh = gr.Button("refresh", elem_id="voice-refresh", visible="hidden")
+        with gr.Accordion("This conversation: instructions and model", open=False, elem_id="chat-settings"):
+            instructions = gr.Textbox(label="Instructions (what the assistant is told before this conversation)",
+                                      placeholder=engine.config.system_prompt, lines=3, max_lines=12,
+                                      elem_id="instructions")
+            with gr.Row():
+                model_pick = gr.Dropdown(choices=model_choices(engine), value=engine.config.llm.model,
+                                         label="Model", elem_id="model-pick")
+                temperature = gr.Slider(0.0, 2.0, value=engine.config.llm.temperature, step=0.05,
+                                        label="Temperature", elem_id="temperature")
+            save_settings_btn = gr.Button("Save for this conversation", size="sm", elem_id="settings-save")
         with gr.Accordion("Voice settings", open=False, elem_id="voice-settings"):
             with gr.Row():
                 voice_pick = gr.Dropdown(choices=voice_names(), value=engine.config.tts.voice, allow_custom_value=True,
@@ -348,17 +302,28 @@ def build_ui(engine: Engine) -> gr.Blocks:
             gr.Timer(5.0).tick(refresh_status, None, status_md, show_progress="hidden", queue=False)
 
         def show_panels(c):
-            """The open conversation's panels, and its id for voice mode (voice.js reads #voice-cid)."""
-            return (*panels(engine, c), c or "")
+            """The open conversation's panels, its settings, and its id for voice mode (voice.js reads
+            #voice-cid)."""
+            return (*panels(engine, c), *load_settings(c), c or "")
 
         # Every change of the open conversation ends here (a State's .change does not fire for all of them).
         after = dict(fn=show_panels, inputs=cid, queue=False, show_progress="hidden", api_visibility="undocumented",
-                     outputs=[gallery, model3d, files, seen_gallery, seen_facts, router_image, router_line, voice_cid])
+                     outputs=[gallery, model3d, files, seen_gallery, seen_facts, router_image, router_line,
+                              instructions, model_pick, temperature, voice_cid])
+        branched = [chatbot, cid, conversations, footer, title_box]
         sidebar = [chatbot, cid, conversations, title_box, footer]
         close_on_phone = "(...args) => { window.omniUI && window.omniUI.closeSidebarOnPhone(); return args; }"
 
         box.submit(respond, [box, cid], [chatbot, box, cid, conversations, footer, title_box],
                    concurrency_id="model", concurrency_limit=1, show_progress="hidden").then(**after)
+        chatbot.retry(again, cid, branched, concurrency_id="model", concurrency_limit=1,
+                      show_progress="hidden").then(**after)
+        chatbot.edit(edit, cid, branched, concurrency_id="model", concurrency_limit=1,
+                     show_progress="hidden").then(**after)
+        branch_go.click(switch, [cid, branch_to], [chatbot, branch_to], queue=False, show_progress="hidden",
+                        js="(c, t) => [c, window.omniChat ? window.omniChat.target : t]").then(**after)
+        save_settings_btn.click(save_settings, [cid, instructions, model_pick, temperature], [cid, conversations],
+                                concurrency_limit=None, show_progress="hidden").then(**after)
         stop_btn.click(stop, None, None, concurrency_limit=None, show_progress="hidden", queue=False,
                        js="() => { window.omniVoice && window.omniVoice.interrupt(); }")
         voice_btn.click(None, None, None, js="() => { window.omniVoice.toggle(); }")
@@ -368,11 +333,14 @@ def build_ui(engine: Engine) -> gr.Blocks:
         conversations.input(open_conversation, conversations, [chatbot, cid, title_box, footer], queue=False,
                             js="(c) => { window.omniUI && window.omniUI.closeSidebarOnPhone(); return c; }"
                             ).then(**after)
+        library.wire(conversations=conversations, cid=cid, open_fn=open_conversation,
+                     open_outputs=[chatbot, cid, title_box, footer], after=after)
         new_btn.click(new_chat, None, sidebar, queue=False, js=close_on_phone).then(**after)
         chatbot.clear(new_chat, None, sidebar, queue=False).then(**after)
         rename_btn.click(rename, [cid, title_box], conversations, concurrency_limit=None, show_progress="hidden")
         delete_btn.click(delete, [cid, confirmed], sidebar, concurrency_limit=None, show_progress="hidden",
                          js="(c, ok) => [c, window.omniUI ? window.omniUI.confirmDelete() : true]").then(**after)
         demo.load(page_load, None, [conversations, status_md], queue=False,
-                  js=(ASSETS / "ui.js").read_text()).then(**after)
+                  js="() => { for (const run of [" + ",".join((ASSETS / name).read_text() for name in (
+                      "ui.js", "read_aloud.js", "page.js", "chat.js")) + "]) run(); }").then(**after)
     return demo

@@ -74,6 +74,10 @@ class Engine:
 
         return list(dict.fromkeys([self.config.llm.model, *names("llm")]))
 
+    def load_llm(self, model: str = "") -> threading.Thread:
+        """Load an installed LLM in the background (a conversation just picked it)."""
+        return self._llm_role(model).start()
+
     def _llm_role(self, model: str = ""):
         """The configured LLM's role, or another installed model's, made on first use and kept
         (one role per name: the choices are a short fixed list, so what is resident is bounded)."""

@@ -83,7 +83,7 @@ def _turn_threads() -> list[threading.Thread]:
 def test_turn_events_come_in_order_batched_and_a_failure_still_surfaces():
     """Every event of the turn, in order, in at most one batch per frame after the first (here a
     frame outlasts the turn); the turn's exception is raised after the events before it."""
-    from app.ui import batched
+    from app.ui_chat import batched
     from engine.events import CancelToken, TextDelta
 
     def run():
@@ -101,7 +101,7 @@ def test_turn_events_come_in_order_batched_and_a_failure_still_surfaces():
 def test_each_change_of_state_gets_its_own_redraw():
     """Text is merged into frames; a tool starting ends its batch, so the page shows it even
     when the tool finishes within the same frame."""
-    from app.ui import batched
+    from app.ui_chat import batched
     from engine.events import CancelToken, TextDelta, ToolCall
 
     call = ToolCall("edit_image", {})
@@ -114,7 +114,7 @@ def test_each_change_of_state_gets_its_own_redraw():
 def test_a_page_that_goes_away_cancels_its_turn(long_server, answers):
     """The page's handler closed mid-answer (the client went away): the turn is cancelled,
     stored as interrupted and its thread is gone, as Stop would have it."""
-    from app.ui import batched
+    from app.ui_chat import batched
     from engine.events import CancelToken, TextDelta
 
     cancel = CancelToken()
@@ -284,7 +284,7 @@ def test_voice_settings_refuse_a_voice_that_does_not_exist(server):
 
 
 def test_media_replies_show_no_token_count():
-    from app.ui import turn_footer
+    from app.ui_chat import turn_footer
     from engine.events import Done
 
     assert "tokens" not in turn_footer(Done({}, {}))
