@@ -8,8 +8,10 @@
   read, and while streaming when the header lies or is absent.
 - Token (when one is set): our own routes (/v1, including its docs, and /voice) take the bearer
   token, `?token=` on the socket, or the session cookie of a login on the page; compared in
-  constant time, with a back-off per client after repeated wrong guesses. Gradio's own routes
-  stay behind Gradio's login, whose wrong guesses count against the same back-off.
+  constant time. Wrong guesses back off per client (behind a `--trusted-proxy`, the client it
+  names in X-Forwarded-For); the right token, cookie or password is served at once whatever
+  came before from that address, so nobody sharing it can lock the owner out. Gradio's own
+  routes stay behind Gradio's login, whose wrong guesses count against the same back-off.
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ WILDCARD_HOSTS = ("0.0.0.0", "::")
 
 
 class Lockout:
-    """Wrong-token guesses per client address: FREE_TRIES are free, then each further one locks
-    the address out for twice as long as the last (1 s, 2 s, 4 s ... up to MAX_S). Bounded."""
+    """Wrong-token guesses per client address: FREE_TRIES are free, then each further one makes
+    the address's next wrong guess wait twice as long as the last (1 s, 2 s, 4 s ... up to MAX_S);
+    forgotten after MAX_S without one. Only wrong guesses wait (the Edge serves a right token at
+    once), so a success does not reset it: whoever else shares the address keeps backing off."""
 
     FREE_TRIES = 5
     MAX_S = 300.0
@@ -52,16 +56,12 @@ class Lockout:
 
     def failed(self, ip: str) -> None:
         with self._lock:
-            n, _ = self._fails.pop(ip, (0, 0.0))
-            n += 1
+            n, until = self._fails.pop(ip, (0, 0.0))
+            n = 1 if n and self._clock() > until + self.MAX_S else n + 1
             wait = min(self.MAX_S, 2.0 ** (n - self.FREE_TRIES - 1)) if n > self.FREE_TRIES else 0.0
             self._fails[ip] = (n, self._clock() + wait)
             while len(self._fails) > self.MAX_CLIENTS:
                 self._fails.popitem(last=False)
-
-    def succeeded(self, ip: str) -> None:
-        with self._lock:
-            self._fails.pop(ip, None)
 
 
 def _split_host(value: str) -> tuple[str, str]:
@@ -86,6 +86,18 @@ class Edge:
         self.hosts = {*LOOPBACK, config.host.lower(), *(h.lower() for h in config.allowed_hosts)}
         self.any_host = config.host in WILDCARD_HOSTS and not config.allowed_hosts
         self.origins = {o.rstrip("/").lower() for o in config.allowed_origins}
+        self.proxies = set(config.trusted_proxies)
+
+    def client(self, peer: str, forwarded: str) -> str:
+        """Who is asking: the peer, or behind a trusted proxy the nearest address in
+        X-Forwarded-For that is not one of the trusted proxies (what a client writes there
+        itself is further left, and not believed)."""
+        if peer not in self.proxies or not forwarded:
+            return peer
+        for hop in reversed([h.strip() for h in forwarded.split(",")[-32:]]):
+            if hop and hop not in self.proxies:
+                return hop[:64]
+        return peer
 
     # --- the checks, each a plain function of headers so they read (and test) on their own ---
 
@@ -112,16 +124,19 @@ class Edge:
             return self.config.max_upload_mb * 1_000_000 + 1_000_000
         return self.config.max_request_mb * 1_000_000
 
-    def token_ok(self, headers: dict[str, str], query: str, websocket: bool) -> bool:
+    def token_ok(self, headers: dict[str, str], query: str, websocket: bool) -> bool | None:
+        """True: the token (or a page login's cookie) is right; False: a wrong one was given;
+        None: none was (not a guess)."""
         token = self.config.auth_token.encode()
         auth = headers.get("authorization", "")
-        if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), token):
-            return True
+        given = [auth[7:].strip()] if auth[:7].lower() == "bearer " else []
         if websocket:
-            for given in parse_qs(query).get("token", []):
-                if hmac.compare_digest(given.encode(), token):
-                    return True
-        return self.session_ok(_cookies(headers.get("cookie", "")))
+            given += parse_qs(query).get("token", [])
+        if any(hmac.compare_digest(g.encode(), token) for g in given):
+            return True
+        if self.session_ok(_cookies(headers.get("cookie", ""))):
+            return True
+        return False if given else None
 
     # --- ASGI ---
 
@@ -130,8 +145,8 @@ class Edge:
         if kind not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        path, ip = scope.get("path", ""), (scope.get("client") or ("?", 0))[0]
-        host, origin = headers.get("host", ""), headers.get("origin")
+        path, host, origin = scope.get("path", ""), headers.get("host", ""), headers.get("origin")
+        ip = self.client((scope.get("client") or ("?", 0))[0], headers.get("x-forwarded-for", ""))
         if not self.host_ok(host):
             return await _refuse(kind, send, 421, f"this server does not answer to the host {host[:80]!r}; "
                                                   "add it with --allowed-hosts if it is yours")
@@ -141,15 +156,17 @@ class Edge:
         if (kind == "http" and scope.get("method") not in ("GET", "HEAD", "OPTIONS")
                 and headers.get("sec-fetch-site") == "cross-site"):
             return await _refuse(kind, send, 403, "cross-site requests are refused")
-        guarded = self.config.auth_token and (path.startswith(PROTECTED) or path.rstrip("/") == "/login")
-        if guarded and (wait := self.lockout.retry_after(ip)):
-            return await _refuse(kind, send, 429, f"too many wrong tokens; try again in {math.ceil(wait)} s",
-                                 {"retry-after": str(math.ceil(wait))})
+        login = bool(self.config.auth_token) and path.rstrip("/") == "/login"
         if self.config.auth_token and path.startswith(PROTECTED):
-            if not self.token_ok(headers, scope.get("query_string", b"").decode("latin-1"), kind == "websocket"):
+            ok = self.token_ok(headers, scope.get("query_string", b"").decode("latin-1"), kind == "websocket")
+            if ok is None:
+                return await _refuse(kind, send, 401, "a bearer token is required")
+            if not ok:
+                if wait := self.lockout.retry_after(ip):  # (a guess while backing off is not counted again)
+                    return await _refuse(kind, send, 429, f"too many wrong tokens; try again in {math.ceil(wait)} s",
+                                         {"retry-after": str(math.ceil(wait))})
                 self.lockout.failed(ip)
-                return await _refuse(kind, send, 401, "missing or wrong bearer token")
-            self.lockout.succeeded(ip)
+                return await _refuse(kind, send, 401, "wrong bearer token")
         if kind == "websocket":
             return await self.app(scope, receive, send)
         limit = self.body_limit(path)
@@ -157,8 +174,30 @@ class Edge:
         if declared.isdigit() and int(declared) > limit:
             return await _refuse(kind, send, 413, f"the request body is {int(declared) / 1e6:.1f} MB; "
                                                   f"the limit here is {limit / 1e6:.0f} MB")
-        login = guarded and path.rstrip("/") == "/login"
+        if login and (wait := self.lockout.retry_after(ip)):
+            # backing off: only the right password gets through (read here, bounded, then replayed)
+            body = await _read_body(receive, LOGIN_BYTES)
+            if body is None or not self.password_ok(headers, body):
+                return await _refuse(kind, send, 429, f"too many wrong tokens; try again in {math.ceil(wait)} s",
+                                     {"retry-after": str(math.ceil(wait))})
+            receive = _replay(body, receive)
         await self._bounded(scope, receive, send, limit, ip if login else None)
+
+    def password_ok(self, headers: dict[str, str], body: bytes) -> bool:
+        """Whether a login form (urlencoded or multipart, as Gradio's page posts it) carries the token."""
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        kind = headers.get("content-type", "")
+        given: list[bytes] = []
+        if kind.startswith("application/x-www-form-urlencoded"):
+            given = [v.encode() for v in parse_qs(body.decode("latin-1")).get("password", [])]
+        elif kind.startswith("multipart/form-data"):
+            message = BytesParser(policy=HTTP).parsebytes(f"content-type: {kind}\r\n\r\n".encode("latin-1") + body)
+            given = [part.get_payload(decode=True) or b"" for part in message.iter_parts()
+                     if part.get_param("name", header="content-disposition") == "password"]
+        token = self.config.auth_token.encode()
+        return any(hmac.compare_digest(g, token) for g in given)
 
     async def _bounded(self, scope, receive, send, limit: int, login_ip: str | None) -> None:
         """Run the app with a body counter; past `limit` the app's own response is dropped and
@@ -179,10 +218,8 @@ class Edge:
                 return
             if message["type"] == "http.response.start":
                 state["started"] = True
-                if login_ip is not None:
-                    status = message["status"]
-                    self.lockout.failed(login_ip) if status in (400, 401) else \
-                        self.lockout.succeeded(login_ip) if status < 300 else None
+                if login_ip is not None and message["status"] in (400, 401):
+                    self.lockout.failed(login_ip)
             await send(message)
 
         try:
@@ -195,6 +232,38 @@ class Edge:
 
 class BodyTooLarge(Exception):
     """Raised into the app from `receive` when the body passes its limit."""
+
+
+LOGIN_BYTES = 64_000  # a login form read by the edge itself (while its address backs off)
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole request body, or None past `limit` bytes or when the client goes away."""
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        body += message.get("body", b"")
+        if len(body) > limit:
+            return None
+        if not message.get("more_body"):
+            return body
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands the app a body already read, then the server's own messages
+    (a disconnect)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 def _cookies(header: str) -> dict[str, str]:

@@ -158,6 +158,9 @@ class Config:
     # Host headers served besides loopback and `host` (DNS rebinding guard); origins whose pages may call us
     allowed_hosts: tuple = ()
     allowed_origins: tuple = ()
+    # reverse proxies in front of the server (their addresses): a request from one is counted by the
+    # client address it names in X-Forwarded-For (wrong-token back-off); from anyone else the header is ignored
+    trusted_proxies: tuple = ()
 
     @property
     def data_path(self) -> Path:
@@ -238,6 +241,7 @@ OVERRIDES: dict[str, str] = {
     "auth_token": "auth_token",
     "allowed_hosts": "allowed_hosts",
     "allowed_origins": "allowed_origins",
+    "trusted_proxy": "trusted_proxies",
     "max_queue": "max_queue",
     "max_parallel": "llm.max_parallel",
 }
@@ -262,6 +266,8 @@ _HELP = {
     "allowed_hosts": "comma-separated host names the server answers to besides loopback and --host "
                      "(e.g. a LAN name); other Host headers are refused",
     "allowed_origins": "comma-separated web origins (https://app.example) whose pages may call the server",
+    "trusted_proxy": "comma-separated addresses of reverse proxies in front of the server: requests from them "
+                     "are counted by the client in X-Forwarded-For (wrong-token back-off)",
     "max_queue": "requests that may wait for the model; more are refused with HTTP 429 (default 16)",
     "max_parallel": "sequences the model decodes at once, in one batch (continuous batching; default 8)",
 }

@@ -223,15 +223,66 @@ def test_tokens(tmp_path):
         # nothing user-specific in the page an unauthenticated visitor gets
         page = httpx.get(srv.url + "/").text + httpx.get(srv.url + "/config").text
         assert cid not in page and "private plans" not in page
-        # wrong guesses: a few are free, then the client waits (even with the right token)
+        # wrong guesses: a few are free, then the guesser waits; the right token never does
         codes = [httpx.get(srv.url + "/v1/models", headers={"authorization": f"Bearer guess{i}"}).status_code
                  for i in range(8)]
         assert codes[:5] == [401] * 5 and 429 in codes[5:]
-        r = httpx.get(srv.url + "/v1/models", headers=ok)
+        r = httpx.get(srv.url + "/v1/models", headers={"authorization": "Bearer guess-again"})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert httpx.get(srv.url + "/v1/models", headers=ok).status_code == 200
 
 
-def test_lockout_backs_off_and_forgets_on_success():
+def test_fifty_wrong_guesses_never_lock_out_the_right_credential(tmp_path):
+    """From the same address as the guesser: the API's token, the voice socket's token and the
+    page's password are each served at once after 50 wrong guesses on that surface."""
+    from websockets.sync.client import connect
+
+    token = "correct-horse-battery"
+    with running_server(tmp_path, auth_token=token) as srv:
+        ws_url = srv.url.replace("http", "ws") + "/voice/ws"
+        for i in range(50):
+            assert httpx.get(srv.url + "/v1/models", headers={"authorization": f"Bearer no{i}"}).status_code in (401, 429)
+        assert httpx.get(srv.url + "/v1/models", headers={"authorization": f"Bearer {token}"}).status_code == 200
+        for i in range(50):
+            with pytest.raises(Exception):
+                connect(f"{ws_url}?token=no{i}", open_timeout=10).close()
+        with connect(f"{ws_url}?token={token}", open_timeout=10) as ws:
+            ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            assert json.loads(ws.recv(timeout=30))["type"]
+        for i in range(50):
+            r = httpx.post(srv.url + "/login", data={"username": "me", "password": f"no{i}"})
+            assert r.status_code in (400, 401, 429)
+        assert r.status_code == 429  # the guesser is backing off
+        client = httpx.Client(base_url=srv.url)
+        assert client.post("/login", data={"username": "me", "password": token}).status_code == 200
+        assert client.get("/v1/status").status_code == 200  # its cookie works
+        # the page posts its login as multipart form data: read the same way
+        client = httpx.Client(base_url=srv.url)
+        r = client.post("/login", files={"username": (None, "me"), "password": (None, token)})
+        assert r.status_code == 200 and client.get("/v1/status").status_code == 200
+        r = httpx.post(srv.url + "/login", files={"username": (None, "me"), "password": (None, "wrong")})
+        assert r.status_code == 429
+
+
+def test_behind_a_trusted_proxy_each_client_backs_off_on_its_own(tmp_path):
+    token = "correct-horse-battery"
+    with running_server(tmp_path, auth_token=token, trusted_proxy="127.0.0.1") as srv:
+        def get(client: str, given: str) -> int:
+            headers = {"authorization": f"Bearer {given}", "x-forwarded-for": f"6.6.6.6, {client}"}
+            return httpx.get(srv.url + "/v1/models", headers=headers).status_code
+
+        assert 429 in [get("203.0.113.9", f"no{i}") for i in range(8)]
+        assert get("198.51.100.7", "wrong") == 401  # another client behind the proxy: its own count
+        assert get("203.0.113.9", token) == 200
+    from app.security import Edge
+    from engine.config import load_config
+
+    edge = Edge(None, load_config("tiny", overrides={"trusted_proxy": "10.0.0.1,10.0.0.2"}, env={}))
+    assert edge.client("10.0.0.1", "1.2.3.4, 5.6.7.8, 10.0.0.2") == "5.6.7.8"  # (1.2.3.4: the client's own claim)
+    assert edge.client("9.9.9.9", "5.6.7.8") == "9.9.9.9"  # not a trusted proxy: the header is not believed
+
+
+def test_lockout_backs_off_and_forgets_after_a_quiet_spell():
     from app.security import Lockout
 
     now = [0.0]
@@ -245,7 +296,7 @@ def test_lockout_backs_off_and_forgets_on_success():
     assert lock.retry_after("a") == 2
     now[0] += 2
     assert lock.retry_after("a") == 0
-    lock.succeeded("a")
+    now[0] += Lockout.MAX_S + 1  # a quiet spell: forgotten
     lock.failed("a")
     assert lock.retry_after("a") == 0
 
