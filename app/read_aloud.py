@@ -150,7 +150,7 @@ def make_read_aloud_router(engine) -> APIRouter:
     def release() -> None:
         streams["open"] -= 1
 
-    @router.post(ROUTE)
+    @router.post(ROUTE, include_in_schema=False)  # a route of the page, not of the OpenAI API
     async def read_aloud(request: Request):
         """Speak the given answer text (markup and code left out), streamed as it is synthesised."""
         from app.api import iterate_in_thread

@@ -237,8 +237,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
             new_btn = gr.Button("+ New chat", variant="primary", elem_id="new-chat")
             library = Library(engine)
             library.search_controls()  # above the list: typing filters it
-            conversations = gr.Radio(choices=[], value=None, show_label=False,  # filled by demo.load
-                                     elem_id="conversations", container=False)
+            conversations = gr.Radio(choices=[], value=None, label="Conversations", show_label=False,
+                                     elem_id="conversations", container=False)  # filled by demo.load
             title_box = gr.Textbox(label="Title", placeholder="Rename this conversation", elem_id="title")
             with gr.Row():
                 rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
@@ -246,17 +246,18 @@ def build_ui(engine: Engine) -> gr.Blocks:
             confirmed = gr.Checkbox(True, visible="hidden", elem_id="delete-confirmed")  # the browser's answer
             library.transfer_controls()  # export the open conversation, import one
             gr.Markdown(SHORTCUTS, elem_id="shortcuts")
-        gr.Markdown("## Omni assistant\nRuns on this machine. Type or talk; attach images, audio or video; "
+        gr.Markdown("# Omni assistant\nRuns on this machine. Type or talk; attach images, audio or video; "
                     "ask it to draw, edit, animate or model something (\"crop it to a square\", \"a 3D snowman\").")
         chatbot = math_chat(gr.Chatbot(elem_id="chat", height=520, buttons=["copy"], feedback_options=None,
-                                       placeholder="Ask me anything.", editable="user"))
+                                       placeholder="Ask me anything.", editable="user", label="Conversation",
+                                       show_label=False))
         footer = gr.Markdown(elem_id="turn-info")
         branch_to = gr.Textbox(elem_id="branch-to", visible="hidden")  # the turn a "‹ ›" link shows (chat.js)
         branch_go = gr.Button("show", elem_id="branch-go", visible="hidden")
         with gr.Row(equal_height=True, elem_id="input-row"):
             box = gr.MultimodalTextbox(placeholder="Message the assistant...", file_count="multiple",
                                        file_types=["image", "audio", "video", ".glb"], show_label=False,
-                                       elem_id="input", scale=8, autofocus=True)
+                                       label="Message", elem_id="input", scale=8, autofocus=True)
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, min_width=80)
         with gr.Row(equal_height=True, elem_id="voice-row"):
             voice_btn = gr.Button("🎤 Voice mode", elem_id="voice-btn", scale=1, min_width=160)

@@ -14,6 +14,7 @@ that says what is wrong, with nothing added.
 from __future__ import annotations
 
 import atexit
+import html
 import shutil
 import tempfile
 import threading
@@ -36,6 +37,19 @@ element.addEventListener('click', (event) => {
   if (hit) trigger('select', { index: Number(hit.dataset.index), value: hit.dataset.pick });
 });
 """
+# the results' look (scoped to the results by Gradio): one button a line, matches highlighted
+RESULTS_CSS = """
+.search-hits { list-style: none; margin: 0; padding: 0; }
+.search-hit { display: block; width: 100%; text-align: left; margin: 4px 0; padding: 6px 8px; cursor: pointer;
+  border: 1px solid var(--border-color-primary); border-radius: 6px; background: var(--background-fill-primary);
+  color: var(--body-text-color); font: inherit; font-size: var(--text-md); }
+.search-hit:hover, .search-hit:focus-visible { background: var(--background-fill-secondary);
+  outline: 2px solid var(--color-accent); }
+.hit-title { display: block; font-weight: 600; }
+.hit-snippet { display: block; font-size: 0.85em; opacity: 0.85; overflow-wrap: anywhere; }
+mark { background: #fde047; color: #111; border-radius: 2px; padding: 0 1px; }
+.search-count, .search-none { font-size: 0.85em; opacity: 0.8; margin: 2px 0; }
+"""
 # once the new export's link is in the sidebar, follow it: one click on Export is one download
 DOWNLOAD_JS = """() => {
   const started = Date.now();
@@ -50,20 +64,21 @@ DOWNLOAD_JS = """() => {
 
 def results_html(hits, query: str) -> str:
     """Search hits as a list of buttons: the title and a snippet, matches in <mark> (both
-    escaped by engine.search before marking)."""
+    escaped by engine.search before marking). The list says which query it answers."""
+    query = query.strip()
     if not hits:
-        import html
-
-        return f'<p class="search-none" role="status">No conversation matches \u201c{html.escape(query.strip())}\u201d.</p>'
-    items = []
-    for i, hit in enumerate(hits):
-        snippet = f'<span class="hit-snippet">{hit.snippet_html}</span>' if hit.snippet_html else ""
-        pick = f"{hit.conversation_id}:{hit.turn_id or ''}"
-        items.append(f'<li><button type="button" class="search-hit" data-index="{i}" data-pick="{pick}">'
-                     f'<span class="hit-title">{hit.title_html or "New chat"}</span>{snippet}</button></li>')
-    found = f"{len(hits)} conversation{'s' if len(hits) != 1 else ''} found"
-    return f'<p class="search-count" role="status">{found}</p><ul class="search-hits" aria-label="Search results">' \
-        + "".join(items) + "</ul>"
+        body = f'<p class="search-none" role="status">No conversation matches \u201c{html.escape(query)}\u201d.</p>'
+    else:
+        items = []
+        for i, hit in enumerate(hits):
+            snippet = f'<span class="hit-snippet">{hit.snippet_html}</span>' if hit.snippet_html else ""
+            pick = f"{hit.conversation_id}:{hit.turn_id or ''}"
+            items.append(f'<li><button type="button" class="search-hit" data-index="{i}" data-pick="{pick}">'
+                         f'<span class="hit-title">{hit.title_html or "New chat"}</span>{snippet}</button></li>')
+        found = f"{len(hits)} conversation{'s' if len(hits) != 1 else ''} found"
+        body = f'<p class="search-count" role="status">{found}</p>' \
+            f'<ul class="search-hits" aria-label="Search results">{"".join(items)}</ul>'
+    return f'<div data-query="{html.escape(query, quote=True)}">{body}</div>'
 
 
 class Library:
@@ -77,7 +92,8 @@ class Library:
     def search_controls(self) -> None:
         self.search = gr.Textbox(label="Search conversations", placeholder="Words from a title or a message",
                                  lines=1, max_lines=1, elem_id="search", container=True)
-        self.results = gr.HTML("", visible=False, elem_id="search-results", js_on_load=PICK_JS)
+        self.results = gr.HTML("", visible=False, elem_id="search-results", js_on_load=PICK_JS,
+                               css_template=RESULTS_CSS, apply_default_css=False)
 
     def transfer_controls(self) -> None:
         with gr.Row(elem_id="transfer-row"):
@@ -164,9 +180,10 @@ class Library:
 
         opens = [conversations, *open_outputs]
         quiet = dict(show_progress="hidden", concurrency_limit=None)
-        self.search.input(find, self.search, [self.results, conversations], trigger_mode="always_last", **quiet)
-        self.search.submit(open_first, self.search, opens, **quiet).then(**after)
-        self.results.select(open_hit, None, opens, **quiet).then(**after)
+        self.search.change(find, self.search, [self.results, conversations], trigger_mode="always_last", **quiet)
+        phone = "window.omniUI && window.omniUI.closeSidebarOnPhone();"  # (a phone's sidebar covers the chat)
+        self.search.submit(open_first, self.search, opens, js=f"(q) => {{ {phone} return q; }}", **quiet).then(**after)
+        self.results.select(open_hit, None, opens, js=f"() => {{ {phone} }}", **quiet).then(**after)
         hide = dict(fn=lambda: gr.File(value=None, visible=False), outputs=self.download, queue=False)
         for button, write in ((self.export_md, export_markdown), (self.export_json, export_json)):
             button.click(**hide).then(export(write), cid, self.download, **quiet).then(None, js=DOWNLOAD_JS)

@@ -8,7 +8,7 @@
     && !el.closest("#input");
   document.addEventListener("keydown", (e) => {
     if (e.key === "Escape" && !e.defaultPrevented && !typingElsewhere(e.target)
-        && !document.querySelector("dialog[open], .lightbox, .image-preview")) {
+        && !document.querySelector("dialog[open], #chat .image-preview")) {  // (Esc closes those)
       click("#stop");
     } else if ((e.ctrlKey || e.metaKey) && e.shiftKey && !e.altKey && e.code === "KeyO") {
       e.preventDefault();
@@ -18,6 +18,24 @@
       }
     }
   });
+
+  // The server writes an answer's `$x$` as `\(x\)` for the page's math renderer (app/ui_page.py);
+  // an answer's copy button gives the `$x$` back (code left as it is).
+  const dollars = (text) => text.split(/(```[\s\S]*?(?:```|$)|`+[^`\n]*`+)/).map((part, i) => i % 2 ? part
+    : part.replace(/\\\(((?:\\[^)]|[^\\\n])+?)\\\)/g, (_, math) => `$${math}$`)).join("");
+  let copying = 0;
+  const answerCopy = "#chat .message-buttons-left button[aria-label='Copy message']";
+  document.addEventListener("click", (e) => {
+    if (e.target.closest && e.target.closest(answerCopy)) copying = Date.now();
+  }, true);
+  if (navigator.clipboard && navigator.clipboard.writeText) {
+    const write = navigator.clipboard.writeText.bind(navigator.clipboard);
+    navigator.clipboard.writeText = (text) => {
+      const answer = Date.now() - copying < 1000;
+      copying = 0;
+      return write(answer && typeof text === "string" ? dollars(text) : text);
+    };
+  }
 
   // Names for controls Gradio leaves unnamed or names generically; redone whenever Gradio redraws.
   const names = {
@@ -35,6 +53,22 @@
     }
     // Gradio's empty-panel placeholder: an icon labelled "Empty value" on a div with no role
     for (const el of document.querySelectorAll("div.empty[aria-label]:not([role])")) el.setAttribute("role", "img");
+    // a file attached to the message box: a "listitem" beside the upload button, in no list
+    for (const el of document.querySelectorAll("#input .thumbnail-wrapper[role=listitem]")) {
+      el.setAttribute("role", "group");
+      el.setAttribute("aria-label", "Attached file");
+    }
+    // a toast's header is a role=button (it folds the toast) holding the Close button: only Close stays
+    for (const el of document.querySelectorAll(".toast-header[role=button]")) {
+      el.removeAttribute("role");
+      el.removeAttribute("tabindex");
+    }
+    // a picture in the chat is a button around an image with an empty alt
+    for (const el of document.querySelectorAll("#chat .image-container > button:not([aria-label])")) {
+      el.setAttribute("aria-label", "Picture");
+    }
+    // a table in an answer scrolls sideways on a phone (ui.css): reachable by keyboard too
+    for (const el of document.querySelectorAll("#chat .md table:not([tabindex])")) el.tabIndex = 0;
   };
   let queued = false;
   new MutationObserver(() => {

@@ -8,7 +8,7 @@
   // recording to the message; the server transcribes it when the message is sent.
   if (window.omniReadAloud) return;
   const ROUTE = "/voice/read-aloud";
-  const MAX_RECORD_S = 300;
+  const limits = { recordSeconds: 300 };  // a voice message stops (and is attached) at this length
   const SPEAKER = '<svg viewBox="0 0 24 24" width="100%" height="100%" fill="none" stroke="currentColor" ' +
     'stroke-width="2" stroke-linecap="round" stroke-linejoin="round" aria-hidden="true">' +
     '<polygon points="4 9 8 9 13 5 13 19 8 15 4 15" fill="currentColor"/><path d="M16.5 8.5a5 5 0 0 1 0 7"/>' +
@@ -56,7 +56,7 @@
     el.textContent = text;
     el.hidden = false;
     clearTimeout(toastTimer);
-    toastTimer = setTimeout(() => { el.hidden = true; }, 10000);
+    toastTimer = setTimeout(() => { el.hidden = true; }, 8000);
   }
 
   // --- read aloud ---------------------------------------------------------------------------
@@ -83,7 +83,6 @@
   function showButton(button, on) {
     if (!button) return;
     button.classList.toggle("omni-reading", on);
-    button.setAttribute("aria-pressed", on ? "true" : "false");
     const label = on ? "Stop reading aloud" : "Read aloud";
     button.setAttribute("aria-label", label);
     if (!button.dataset.unavailable) button.title = label;
@@ -215,12 +214,12 @@
     const on = !!rec.recorder;
     const s = on ? (performance.now() - rec.started) / 1000 : 0;
     btn.classList.toggle("omni-recording", on);
-    btn.setAttribute("aria-pressed", on ? "true" : "false");
-    btn.setAttribute("aria-label", on ? "Stop recording and attach the voice message" : "Record a voice message");
-    btn.title = on ? `Recording ${clock(s)} of at most ${clock(MAX_RECORD_S)}: click to attach it`
+    if (on) btn.removeAttribute("aria-label");  // named by its text: what it does, then the time shown
+    else btn.setAttribute("aria-label", "Record a voice message");
+    btn.title = on ? `Recording ${clock(s)} of at most ${clock(limits.recordSeconds)}: click to attach it`
                    : "Record a voice message (click again to attach it)";
-    btn.innerHTML = on ? `<span class="omni-dot" aria-hidden="true"></span><span aria-hidden="true">${clock(s)}</span>`
-                       : MIC;
+    btn.innerHTML = on ? '<span class="omni-sr-only">Stop recording and attach the voice message, recorded </span>' +
+                         `<span class="omni-dot"></span>${clock(s)}` : MIC;
   }
 
   function attach(file) {
@@ -233,6 +232,7 @@
   }
 
   async function startRecording() {
+    stopReading();  // the microphone would hear it
     const type = recordType();
     if (!type || !navigator.mediaDevices) { toast("This browser cannot record audio."); return; }
     let stream;
@@ -263,8 +263,8 @@
     rec.ticker = setInterval(showMic, 500);
     rec.limit = setTimeout(() => {
       stopRecording();
-      toast(`Voice messages stop at ${MAX_RECORD_S / 60} minutes; this one is attached.`);
-    }, MAX_RECORD_S * 1000);
+      toast(`Voice messages stop at ${clock(limits.recordSeconds)}; this one is attached.`);
+    }, limits.recordSeconds * 1000);
     showMic();
     live.textContent = "Recording. Press the button again to attach the voice message.";
   }
@@ -275,7 +275,13 @@
 
   function addMic() {
     const row = document.querySelector("#input .input-row");
-    if (!row || row.querySelector("#voice-message")) return;
+    if (!row) return;
+    const there = row.querySelector("#voice-message");
+    if (there) {  // Gradio redraws its upload button after an attachment is sent: keep the mic beside it
+      const clip = row.querySelector(":scope > .upload-button");
+      if (clip && there.previousElementSibling !== clip) clip.after(there);
+      return;
+    }
     const btn = document.createElement("button");
     btn.type = "button";
     btn.id = "voice-message";
@@ -302,12 +308,12 @@
   }).observe(document.body, { childList: true, subtree: true });
   scan();
   document.addEventListener("keydown", (e) => { if (e.key === "Escape" && stopReading()) e.preventDefault(); });
-  document.addEventListener("click", (e) => {  // the page's Stop stops the reading too
-    if (e.target.closest && e.target.closest("#stop")) stopReading();
+  document.addEventListener("click", (e) => {  // the page's Stop and voice mode stop the reading too
+    if (e.target.closest && e.target.closest("#stop, #voice-btn")) stopReading();
   }, true);
 
   window.omniReadAloud = {
-    stats, stop: stopReading,
+    stats, limits, stop: stopReading,
     playing: () => !!reading && reading.ctx.state === "running" && reading.sources.length > 0,
     level() {  // the loudness now playing (RMS of what reaches the speakers); 0 when silent
       if (!reading) return 0;

@@ -158,7 +158,11 @@ class Engine:
         records; an omni backbone looks at the images / video itself (the others ignore them)."""
         started = time.monotonic()
         usage: dict = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "error"}
-        state = self.llm_state(params.model)[0]
+        try:
+            state = self.llm_state(params.model)[0]
+        except ValueError as exc:  # a conversation's model that is no longer installed
+            yield Error(f"{exc}: pick one in the conversation's settings.", recoverable=True)
+            return "", usage, {}
         if state == "loading" or (params.model and state == "not loaded"):
             yield Notice("The language model is still loading (the first start converts its weights once); "
                          "the answer starts as soon as it is ready.")

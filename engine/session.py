@@ -181,7 +181,13 @@ class Session:
         except InputError as exc:
             yield Error(str(exc), recoverable=True)
             return None
-        got = yield from understand(self.engine, records, turn.spoken, cancel, text)
+        try:
+            got = yield from understand(self.engine, records, turn.spoken, cancel, text)
+        except Cancelled:  # stopped while the attachments were looked at: nothing stored, the page gives it back
+            if not cancel.cancelled:
+                raise
+            yield Notice("Stopped before the answer began: nothing was stored.")
+            return None
         text = user_message(text, records, got.heard, turn.spoken)
         if turn.spoken and not text:
             yield Notice("I didn't catch any words in that.")

@@ -104,19 +104,6 @@ def test_conversation_settings_change_what_the_model_is_told(engine, seen):
     assert engine.store.turns(session.id)[-1].meta["model"] == engine.config.llm.model
 
 
-def test_another_installed_model_answers_and_is_named_on_the_answer(engine):
-    other = next(m for m in engine.llm_choices() if m != engine.config.llm.model)
-    session = Session(engine)
-    _drain(session.submit(Turn("hello")))
-    engine.store.set_settings(session.id, {"model": other})
-    done = _drain(session.submit(Turn("hello again")))
-    answer = engine.store.turns(session.id)[-1]
-    assert answer.id == done.turn_id and answer.meta["model"] == other and answer.content
-    assert engine.llm(other) is not engine.llm() and engine.llm_state(other)[0] == "ready"
-    with pytest.raises(ValueError, match="no language model"):
-        engine.llm("not-a-model")
-
-
 def test_a_database_from_before_trees_keeps_its_conversations(tmp_path):
     db = sqlite3.connect(tmp_path / "conversations.sqlite3")
     db.executescript("""
@@ -147,3 +134,26 @@ def test_a_database_from_before_trees_keeps_its_conversations(tmp_path):
         assert [t.content for t in store.turns("a")] == ["q1", "a1", "q2", "a2", "q3"]
     finally:
         store.close()
+
+
+def test_a_model_no_longer_installed_is_a_clear_error(engine):
+    session = Session(engine)
+    _drain(session.submit(Turn("hello")))
+    engine.store.set_settings(session.id, {"model": "gone-model"})
+    events = list(session.submit(Turn("hello again")))
+    errors = [e.message for e in events if isinstance(e, Error)]
+    assert errors and "no language model 'gone-model'" in errors[0] and isinstance(events[-1], Done)
+    # (another installed model answering, named on its answer: tests/test_browser_chat.py)
+
+
+def test_stop_while_an_attachment_is_looked_at_stores_nothing_and_raises_nothing(engine, png):
+    from engine.events import CancelToken, Notice
+
+    assert engine.perceiver.enabled
+    cancel = CancelToken()
+    cancel.cancel("stopped by the user")
+    session = Session(engine)
+    events = list(session.submit(Turn("what is in this picture?", (str(png),)), cancel))
+    assert any(isinstance(e, Notice) and "nothing was stored" in e.message for e in events)
+    assert isinstance(events[-1], Done) and not events[-1].turn_id
+    assert engine.store.list_conversations() == []

@@ -11,6 +11,22 @@ from tests.test_browser import browser, playwright, pytestmark  # noqa: F401 - t
 
 
 @pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app without its models loaded: nothing here asks the model anything."""
+    from app.server import Server
+    from engine.config import load_config
+    from engine.engine import Engine
+    from tests.conftest import free_port
+
+    fields = {"data_dir": str(tmp_path_factory.mktemp("library")), "port": str(free_port())}
+    engine = Engine(load_config("tiny", overrides=fields, env={}))
+    srv = Server(engine).start()
+    yield srv
+    srv.close()
+    engine.close()
+
+
+@pytest.fixture(scope="module")
 def library(server, tmp_path_factory):
     """Three stored conversations (written to the store directly: no model needed): one whose
     old answer holds a rare word, one with a photo, one plain."""
@@ -22,8 +38,10 @@ def library(server, tmp_path_factory):
     sailing = store.create_conversation("Sailing notes")
     store.add_turn(sailing, "user", "Tell me about the old lighthouse.")
     store.add_turn(sailing, "assistant", "Its keeper polished the brass lantern every evening.")
-    store.add_turn(sailing, "user", "And in winter?")
-    store.add_turn(sailing, "assistant", "Storms kept him inside.")
+    winter = store.add_turn(sailing, "user", "And in winter?")
+    storms = store.add_turn(sailing, "assistant", "Storms kept him inside.")
+    store.add_turn(sailing, "assistant", "Foghorns sounded all night.", parent=winter)  # a regenerated answer
+    store.show(sailing, storms)  # ... not the one shown
     pictured = store.create_conversation("Harbour picture")
     rec = ingest(photo, store.media_dir, 10**7, "harbour.png")
     store.add_turn(pictured, "user", "What colour is the water here?", media=(rec,))
@@ -56,13 +74,25 @@ def _toast(page, text: str) -> str:
     return said
 
 
+def _answered(page, query: str) -> None:
+    """Wait for the results of `query` (those of the letters typed before it may show first)."""
+    page.wait_for_function("q => [...document.querySelectorAll('#search-results [data-query]')]"
+                           ".some(e => e.dataset.query === q)", arg=query, timeout=30_000)
+
+
+def _import(page, path) -> None:
+    with page.expect_file_chooser(timeout=30_000) as chooser:
+        page.locator("#import").click()
+    chooser.value.set_files(str(path))
+
+
 def test_search_finds_an_old_answer_and_opens_it(page, library, tmp_path):
     box = _search_box(page)
     assert page.get_by_label("Search conversations").count() == 1  # labelled
     box.click()
     box.press_sequentially("lante")  # a prefix of a word only in an old answer
+    _answered(page, "lante")
     hit = page.locator("#search-results .search-hit")
-    hit.first.wait_for(timeout=30_000)
     assert hit.count() == 1 and "Sailing notes" in hit.first.inner_text()
     assert page.locator("#search-results mark").first.inner_text().lower() == "lantern"
     assert not page.locator("#conversations").is_visible()  # the results stand in for the list
@@ -74,14 +104,23 @@ def test_search_finds_an_old_answer_and_opens_it(page, library, tmp_path):
     page.screenshot(path=str(tmp_path / "search-opened.png"))
 
     box.fill("")
+    box.press_sequentially("foghorn")  # in an answer on the branch not shown: opened on that branch
+    _answered(page, "foghorn")
+    page.locator("#search-results .search-hit").first.click()
+    page.locator("#chat").get_by_text("Foghorns sounded all night.").first.wait_for(timeout=30_000)
+    assert page.locator("#chat").get_by_text("Storms kept him inside.").count() == 0
+
+    box.fill("")
     box.press_sequentially("recipes")
-    page.locator("#search-results .search-hit").filter(has_text="Recipes").wait_for(timeout=30_000)
+    _answered(page, "recipes")
+    assert "Recipes" in page.locator("#search-results .search-hit").first.inner_text()
     box.press("Enter")  # Enter in the box opens the first result
     page.locator("#chat").get_by_text("boil pasta").first.wait_for(timeout=30_000)
 
     box.fill("")
     box.press_sequentially('zebra" AND (')  # FTS syntax is just text: nothing found, no error
-    page.locator("#search-results").get_by_text("No conversation matches").wait_for(timeout=30_000)
+    _answered(page, 'zebra" AND (')
+    assert "No conversation matches" in page.locator("#search-results").inner_text()
     box.fill("")
     box.press("Backspace")  # cleared: the full list again
     page.locator("#conversations").wait_for(state="visible", timeout=30_000)
@@ -113,11 +152,11 @@ def test_export_json_and_import_it_back_with_its_image(page, server, library, tm
     before = len(store.list_conversations())
     bad = tmp_path / "broken.json"
     bad.write_text(json.dumps({**doc, "turns": [{**doc["turns"][0], "parent": 12345}]}))
-    page.locator("#import input[type=file]").set_input_files(str(bad))
+    _import(page, bad)
     assert "parent" in _toast(page, "Not imported")
     assert len(store.list_conversations()) == before
 
-    page.locator("#import input[type=file]").set_input_files(str(exported))
+    _import(page, exported)
     _toast(page, "Imported")
     page.wait_for_function("() => [...document.querySelectorAll('#conversations label')]"
                            ".filter(l => l.innerText.includes('Harbour picture')).length === 2", timeout=30_000)

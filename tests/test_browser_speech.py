@@ -39,6 +39,8 @@ def page(say, speech_server, tmp_path_factory):
     cid = store.create_conversation("Read me")
     store.add_turn(cid, "user", "Tell me about Paris")
     store.add_turn(cid, "assistant", ANSWER + '\n\n<span class="turn-meta">42 tokens</span>')
+    store.add_turn(cid, "user", "And Lyon?")
+    store.add_turn(cid, "assistant", "Lyon is known for its food. It lies where two rivers meet.")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS + [
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
@@ -54,9 +56,9 @@ def page(say, speech_server, tmp_path_factory):
 
 
 def test_read_aloud_plays_the_answer_and_stops(page, tmp_path):
-    button = page.locator(READ).last
-    button.wait_for(timeout=30_000)
-    assert page.locator(READ).count() == 1  # the answer has one; the question none
+    button, other = page.locator(READ).first, page.locator(READ).last
+    other.wait_for(timeout=30_000)
+    assert page.locator(READ).count() == 2  # each answer has one; the questions none
     button.click()
     # the route's audio arrives and plays: the speakers get sound while the answer is still being made
     page.wait_for_function("() => window.omniReadAloud.stats.bytes > 0 && window.omniReadAloud.playing()",
@@ -74,11 +76,21 @@ def test_read_aloud_plays_the_answer_and_stops(page, tmp_path):
     assert page.evaluate("() => window.omniReadAloud.stats.state") == "stopped"
     assert button.get_attribute("aria-label") == "Read aloud"
 
-    button.click()  # and Esc stops it too
+    button.click()
     page.wait_for_function("() => window.omniReadAloud.playing()", timeout=30_000)
-    page.keyboard.press("Escape")
+    other.click()  # reading another answer stops the first
+    page.wait_for_function("() => window.omniReadAloud.stats.text.startsWith('Lyon')", timeout=10_000)
+    assert button.get_attribute("aria-label") == "Read aloud"
+    assert other.get_attribute("aria-label") == "Stop reading aloud"
+    page.wait_for_function("() => window.omniReadAloud.playing()", timeout=30_000)
+    page.keyboard.press("Escape")  # and Esc stops it too
     page.wait_for_function("() => !window.omniReadAloud.playing()", timeout=10_000)
-    assert page.evaluate("() => window.omniReadAloud.stats.requests") == 2
+    assert other.get_attribute("aria-label") == "Read aloud"
+    other.click()
+    page.wait_for_function("() => window.omniReadAloud.playing()", timeout=30_000)
+    page.locator("#stop").click()  # and so does the page's Stop
+    page.wait_for_function("() => !window.omniReadAloud.playing()", timeout=10_000)
+    assert page.evaluate("() => window.omniReadAloud.stats.requests") == 4
     assert not page.errors, page.errors
 
 
@@ -101,13 +113,21 @@ def test_voice_message_is_recorded_attached_sent_and_heard(page, speech_server, 
     page.locator("#new-chat").click()
     page.locator("#chat").get_by_text("capital of France").wait_for(state="detached", timeout=30_000)
     mic = page.get_by_role("button", name="Record a voice message")
+    page.evaluate("() => { window.omniReadAloud.limits.recordSeconds = 1; }")  # past its limit it stops by itself
+    mic.click()
+    page.locator("#omni-toast").filter(has_text="Voice messages stop at 0:01").wait_for(timeout=10_000)
+    page.locator("#input .thumbnail-item").wait_for(timeout=30_000)
+    page.get_by_role("button", name="Remove file").click()
+    page.locator("#input .thumbnail-item").wait_for(state="detached", timeout=10_000)
+
+    page.evaluate("() => { window.omniReadAloud.limits.recordSeconds = 300; }")
     mic.click()
     page.wait_for_function("() => window.omniReadAloud.recording()", timeout=10_000)
-    assert page.locator("#voice-message").get_attribute("aria-pressed") == "true"
+    stop = page.get_by_role("button", name="Stop recording and attach the voice message")  # the same button
     page.wait_for_function("() => window.omniReadAloud.recordedSeconds() > 3.5", timeout=20_000)
     page.screenshot(path=str(tmp_path / "recording.png"))
     assert "0:0" in page.locator("#voice-message").inner_text()  # how long, on the button
-    page.get_by_role("button", name="Stop recording and attach the voice message").click()
+    stop.click()
     page.locator("#input .thumbnail-item").wait_for(timeout=30_000)  # in the message box, not sent yet
     assert not page.evaluate("() => window.omniReadAloud.recording()")
     page.screenshot(path=str(tmp_path / "attached.png"))
@@ -119,9 +139,9 @@ def test_voice_message_is_recorded_attached_sent_and_heard(page, speech_server, 
     store = speech_server.engine.store
     cid = next(c["id"] for c in store.list_conversations() if c["title"] != "Read me")
     user = store.turns(cid)[0]
-    assert user.content.startswith("Answer in one line") and "transcribed:" in user.content  # the model reads it
     assert [m.kind for m in user.media] == ["audio"] and user.media[0].mime == "audio/webm"
-    heard = " ".join(user.meta["transcripts"].values()).lower()
+    assert user.content.startswith("Answer in one line")  # typed alongside it; then what the model reads of it:
+    heard = user.content.partition(f"[{user.media[0].name}, transcribed:")[2].lower()
     assert "weather" in heard and "paris" in heard, heard
     page.screenshot(path=str(tmp_path / "voice-message-sent.png"), full_page=True)
     assert not page.errors, page.errors
