@@ -99,6 +99,23 @@ def answers(monkeypatch):
 
 
 @pytest.fixture
+def prompts(monkeypatch):
+    """prompts(engine) -> a list that gets each prompt `engine.answer` is given, as
+    (messages, params): what the model was told, seen from outside."""
+    def watch(engine) -> list[tuple]:
+        asked, real = [], engine.answer
+
+        def answer(messages, params, *args, **kwargs):
+            asked.append((list(messages), params))
+            return (yield from real(messages, params, *args, **kwargs))
+
+        monkeypatch.setattr(engine, "answer", answer)
+        return asked
+
+    return watch
+
+
+@pytest.fixture
 def png(tmp_path):
     from PIL import Image
 

@@ -20,16 +20,9 @@ def _drain(events) -> Done:
 
 
 @pytest.fixture
-def seen(engine, monkeypatch):
+def seen(engine, prompts):
     """What the model was asked each time: (messages, params)."""
-    asked, real = [], engine.answer
-
-    def answer(messages, params, *args, **kwargs):
-        asked.append((list(messages), params))
-        return (yield from real(messages, params, *args, **kwargs))
-
-    monkeypatch.setattr(engine, "answer", answer)
-    return asked
+    return prompts(engine)
 
 
 def _contents(session) -> list[str]:

@@ -24,18 +24,6 @@ def chromium():
         b.close()
 
 
-def _asked(engine, monkeypatch) -> list:
-    """Each prompt the model is given on the server, as (messages, params)."""
-    asked, real = [], engine.answer
-
-    def answer(messages, params, *args, **kwargs):
-        asked.append((list(messages), params))
-        return (yield from real(messages, params, *args, **kwargs))
-
-    monkeypatch.setattr(engine, "answer", answer)
-    return asked
-
-
 def _send(page, text: str, answers: int) -> None:
     box = page.locator("#input textarea")
     box.fill(text)
@@ -59,12 +47,12 @@ def _metas(page) -> list[str]:
     return [" ".join(t.split()) for t in page.locator("#chat .turn-meta").all_inner_texts()]
 
 
-def test_regenerate_edit_settings_and_restart(chromium, tmp_path, monkeypatch):
+def test_regenerate_edit_settings_and_restart(chromium, tmp_path, prompts):
     from tests.conftest import running_server
 
     data = tmp_path / "data"
     with running_server(data, max_new_tokens="16", context_tokens="4096") as srv:
-        asked = _asked(srv.engine, monkeypatch)
+        asked = prompts(srv.engine)
         page = chromium.new_page(viewport={"width": 1280, "height": 800})
         page.goto(srv.url + "/", wait_until="load")
         page.locator("#input textarea").wait_for(timeout=30_000)
