@@ -34,7 +34,7 @@ MAX_STREAMS = 4  # answers read at once by this server (a page reads one at a ti
 LEAD_S = 8.0  # audio synthesised ahead of real time at most
 MAX_S = 30 * 60  # one stream's wall-clock limit
 
-_META = re.compile(r'<span\s+class="turn-meta"[^>]*>.*?</span>', re.S | re.I)
+_META = re.compile(r'<span\s+class="turn-meta"[^>]*>.*\Z', re.S | re.I)  # (the closing line, spans inside it)
 _FENCE = re.compile(r"^[ \t]*(```|~~~).*?(?:^[ \t]*\1[^\n]*$|\Z)", re.S | re.M)
 _IMAGE = re.compile(r"!\[([^\]\n]*)\]\([^)\n]*\)")
 _LINK = re.compile(r"\[([^\]\n]*)\]\([^)\n]*\)")

@@ -22,6 +22,11 @@ def test_speakable_leaves_out_code_meta_and_markup():
     assert "https" not in said and "<" not in said.replace("x < y", "")
     assert "capital" in said and "France" in said and "museums & cafés: x < y" in said and "hidden tags" in said
     assert speakable("```\nonly code, never closed") == ""
+    from app.panels import turn_marks
+    from engine.store import StoredTurn
+
+    reply = StoredTurn(7, "assistant", "Hello there.", "complete", 0.0, meta={"model": "smollm2-135m"})
+    assert speakable("Hello there." + turn_marks(reply, [5, 7])) == "Hello there."  # (spans inside the line)
     assert list(sentences(speakable(answer), 8))[:2] == ["Paris", "Paris is the capital of France."]
 
 
