@@ -100,7 +100,7 @@ class Library:
             self.export_md = gr.Button("Export .md", size="sm", elem_id="export-md", min_width=60)
             self.export_json = gr.Button("Export .json", size="sm", elem_id="export-json", min_width=60)
             self.upload = gr.UploadButton("Import .json", file_types=[".json"], file_count="single", size="sm",
-                                          elem_id="import", min_width=60)
+                                          elem_id="import", min_width=60, type="filepath")
         self.download = gr.File(label="Exported", visible=False, interactive=False, elem_id="export-file")
 
     # --- wiring ---
@@ -166,7 +166,7 @@ class Library:
         def import_file(upload):
             if upload is None:
                 return nothing
-            path = upload if isinstance(upload, str) else getattr(upload, "name", None) or upload.get("path")
+            path = str(upload)  # (type="filepath": the upload's path on this server)
             try:
                 done = import_json(store, path, self.engine.config.max_upload_mb * 1_000_000,
                                    models=self.engine.llm_choices(), name=Path(path).name)
