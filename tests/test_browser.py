@@ -68,8 +68,9 @@ def test_voice_mode_question_answer_and_interrupt(playwright, say, tmp_path):
     from tests.conftest import running_server
 
     gap = np.zeros(16000 * 4, np.float32)
-    mic = np.concatenate([np.zeros(8000, np.float32), say("What is the capital of France?"), gap,
-                          say("Please stop talking and tell me about Berlin."), gap])
+    # (7 s before talking over the answer: on a loaded 2-core machine its first sentence can take 4 s to sound)
+    mic = np.concatenate([np.zeros(8000, np.float32), say("What is the capital of France?"),
+                          np.zeros(16000 * 7, np.float32), say("Please stop talking and tell me about Berlin."), gap])
     wav = write_wav(tmp_path / "mic.wav", mic, 16000)
     args = ARGS + ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                    f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"]
