@@ -153,6 +153,9 @@ class Config:
     max_upload_mb: int = 200
     max_prompt_chars: int = 100_000
     max_request_mb: int = 64  # JSON request bodies (the API's inline media included); refused beyond, unread
+    # what decoding one request's media may allocate above the resting RSS (engine/memory_budget.py);
+    # a file whose decode would need more is refused before it is decoded
+    max_request_memory_mb: int = 768  # (OCR then reads a 1438 px side: the bench's 1280 px pictures whole)
     max_queue: int = 16  # requests waiting for the model beyond this are refused (HTTP 429), not kept for minutes
     auth_token: str = ""  # required when host is not loopback; "auto": a random one, printed at start
     # Host headers served besides loopback and `host` (DNS rebinding guard); origins whose pages may call us
@@ -231,6 +234,7 @@ OVERRIDES: dict[str, str] = {
     "host": "host",
     "port": "port",
     "max_upload_mb": "max_upload_mb",
+    "max_request_memory_mb": "max_request_memory_mb",
     "asr": "asr.model",
     "asr_backend": "asr.backend",
     "language": "asr.language",
@@ -256,6 +260,8 @@ _HELP = {
     "vram_gb": "MoE models: GPU memory budget in GB; experts beyond it are offloaded to CPU memory and cached",
     "api_base": "base URL of an OpenAI-compatible server (remote profile)",
     "data_dir": "where conversations, media and converted weights live",
+    "max_request_memory_mb": "memory decoding one request's media may use above the resting RSS, in MB; larger "
+                             "decodes are refused before they start (default 512)",
     "asr": "speech recognition model: a name from assets/models.json or a local model dir / .pt file",
     "asr_backend": "faster-whisper | openai-whisper | none",
     "voice": "Piper voice: a name from assets/models.json or a path to a voice .onnx",
@@ -406,6 +412,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("llm.max_parallel must be between 1 and 64, and llm.prefill_chunk at least 1")
     if cfg.max_queue < 0 or cfg.max_request_mb < 1:
         raise ConfigError("max_queue must be 0 (no limit) or more, and max_request_mb at least 1")
+    if cfg.max_request_memory_mb < 64:
+        raise ConfigError(f"max_request_memory_mb {cfg.max_request_memory_mb}: at least 64 (MB), or a photo could not be read")
 
 
 def add_arguments(parser) -> None:

@@ -40,6 +40,9 @@ class Engine:
         # media tools: generators/ backends loaded on first use, plus this engine's voice for spoken audio
         self.generators = Generators(config, [speech_tool.entry(self.roles["tts"], config.tts)])
         self.perceiver = Perceiver(self)  # attached media -> grounded facts (engine/perception/)
+        from engine import memory_budget
+
+        memory_budget.configure(config.max_request_memory_mb)  # what decoding one request's media may take
         # (what one answer used, its usage and experts, travels in that turn's events, not here)
 
     @property

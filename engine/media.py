@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.perception.base import printable, public_message, release_memory
+from engine import memory_budget
+from engine.memory_budget import MAX_PIXELS
 from engine.errors import InputError
 
 ACCEPTED = "images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG/Opus, MP3, M4A/AAC, WebM/Opus) or video (MP4, MOV, WebM, MKV, AVI) or 3D models (GLB)"
-MAX_PIXELS = 64_000_000  # larger images and video frames are refused as decompression bombs
 MAX_VIDEO_SECONDS = 3 * 60 * 60
 MAX_AUDIO_SECONDS = 4 * 60 * 60  # what the audio adapter reads (AudioPerception.max_seconds)
 MAX_GLB_JSON = 8_000_000  # a glTF JSON chunk of 8 MB is already a very large scene
@@ -189,9 +190,11 @@ def _image(path: Path, name: str, mime: str) -> dict:
                 if width * height > MAX_PIXELS:
                     raise InputError(f"{name} is {width}x{height} pixels; the limit is "
                                      f"{MAX_PIXELS // 1_000_000} megapixels")
+                memory_budget.check_image(name, width, height, im.mode, im.format or "")  # before a pixel is decoded
                 im.verify()
             with Image.open(path) as im:
-                im.load()  # verify() misses truncated pixel data; a full decode does not
+                im.draft(None, (memory_budget.WORK_SIDE,) * 2)  # a JPEG's whole stream, decoded at 1/2..1/8 scale
+                im.load()  # verify() misses truncated pixel data; a decode does not
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
@@ -242,39 +245,27 @@ def _sound_only(path: Path, mime: str) -> tuple[str, str, str] | None:
 
 
 def _video(path: Path, name: str, mime: str) -> dict:
-    """The frame size comes from the container and codec headers (OpenCV reads them on open
-    without decoding a picture) and is held to the image pixel budget before the first
-    frame is decoded; the decoded frame is checked again (a header may lie)."""
-    import cv2
+    """The frame size comes from the container and codec headers and is held to the image pixel
+    budget and the request's memory budget before the first frame is decoded; the decoded frame
+    is checked again (a header may lie). Decoded as perception reads it: one frame at a time,
+    scaled down as it is converted (engine/perception/video_frames.py)."""
+    from engine.perception.video_frames import VideoFrames
 
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)  # not OpenCV's image-sequence fallback (it reads '%d' in names)
     try:
-        if not cap.isOpened():
-            raise InputError(damaged(name, mime))
-        check_frame(name, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-        try:
-            ok, frame = cap.read()
-        except cv2.error:
-            ok, frame = False, None
-        if not ok or frame is None:
-            raise InputError(f"{damaged(name, mime)} (no frame could be decoded)")
-        check_frame(name, frame.shape[1], frame.shape[0])
-        fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-        frames = cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0
-    finally:
-        cap.release()
-    duration = frames / fps if fps > 0 else 0.0
+        with VideoFrames(path, name) as video:
+            video.first(side=64)
+            fps, frames, duration = video.fps, video.frame_count, video.duration_s
+            width, height = video.size
+    except InputError as exc:
+        if "could not read the video" not in str(exc):
+            raise
+        raise InputError(f"{damaged(name, mime)} (no frame could be decoded)"
+                         if "no frame" in str(exc) else damaged(name, mime)) from None
+    if frames > 0 and fps > 0:
+        duration = frames / fps
     if duration > MAX_VIDEO_SECONDS:
         raise InputError(f"{name} is {duration / 3600:.1f} hours long; the limit is {MAX_VIDEO_SECONDS // 3600} hours")
-    return {"width": int(frame.shape[1]), "height": int(frame.shape[0]), "fps": round(fps, 3),
-            "duration_s": round(duration, 3)}
-
-
-def check_frame(name: str, width: int, height: int) -> None:
-    """Video frames share the image pixel budget (here and in the video adapter's scan)."""
-    if width * height > MAX_PIXELS:
-        raise InputError(f"{name} has video frames of {width}x{height} pixels; the limit is "
-                         f"{MAX_PIXELS // 1_000_000} megapixels a frame")
+    return {"width": int(width), "height": int(height), "fps": round(fps, 3), "duration_s": round(duration, 3)}
 
 
 def _model3d(path: Path, name: str, mime: str) -> dict:

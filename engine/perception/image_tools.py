@@ -20,13 +20,14 @@ from math import gcd
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
-from engine.perception.base import Perception, check
+from engine.perception.base import Perception, check, release_memory
 from engine.perception.colors import kmeans_colors
+from engine.perception.image_reduce import shrink, upright
+from engine.memory_budget import MAX_PIXELS, check_image, ocr_side
 from engine.errors import InputError
 
-MAX_PIXELS = 64_000_000
 MAX_WORK_SIDE = 4096  # the longest side any model sees, whatever max_side is configured to
 OCR_MAX_SIDE = 2000  # rapidocr's own cap (Global.max_side_len)
 OCR_MAX_ASPECT = 4  # thinner strips are padded to this: rapidocr scales the SHORT side up to 736 px
@@ -94,17 +95,15 @@ def load_image(path: Path, max_side: int):
                                  f"{MAX_PIXELS // 1_000_000} megapixels); make it smaller and try again")
             orientation = im.getexif().get(0x0112, 1)
             size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+            check_image(path.name, w, h, im.mode, im.format or "", max_side)  # refused before decoding
             im.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2..1/8 scale when that is enough
             im.seek(0)
             im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
-            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
-            return im, size
+            with im:  # the full decode is freed as soon as its strips are reduced (engine/perception/image_reduce.py)
+                small = shrink(im, max_side)
+            im = None  # (closing it does not free its pixels; the last reference going does)
+            release_memory()  # and given back before OCR allocates its own (or the two peaks add up)
+            return upright(small, orientation), size
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as e:
@@ -205,7 +204,7 @@ class ImagePerception:
         median colour) to at most OCR_MAX_ASPECT:1; boxes are clipped back to the picture."""
         h, w = bgr.shape[:2]
         right, bottom = w * scale[0], h * scale[1]  # the picture's extent in original pixels
-        f = OCR_MAX_SIDE / max(h, w)
+        f = ocr_side(OCR_MAX_SIDE) / max(h, w)  # within the request's memory budget (engine/memory_budget.py)
         if f < 1.0:
             import cv2
 

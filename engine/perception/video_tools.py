@@ -1,7 +1,8 @@
 """Video perception: scenes, a keyframe per scene seen by the image adapter, and the sound track.
 
-Frames are read sequentially with cv2.VideoCapture, sampling ~4 fps with
-grab()/retrieve() (fewer for long videos), so memory stays flat. A scene
+Frames are decoded sequentially, one at a time (engine/perception/video_frames.py: PyAV,
+within the request's memory budget), sampling ~4 fps (fewer for long videos), and
+each sample is converted straight to a small picture, so memory stays flat. A scene
 starts where the HSV histogram of a sample differs from the previous sample's
 by more than CUT (Bhattacharyya distance) and three times the recent mean
 distance (camera motion raises it), plus one at 0:00. When there are
@@ -24,7 +25,6 @@ import numpy as np
 
 from engine.perception.base import Perception, check, mmss, public_message
 from engine.errors import InputError
-from engine.media import check_frame
 
 CUT = 0.2  # Bhattacharyya distance between consecutive samples that starts a scene, and 3x the recent mean
 SAMPLE_FPS = 4.0
@@ -142,39 +142,23 @@ class VideoPerception:
         return ap.facts
 
     def _scan(self, path: Path, info: dict, cancel):
-        """One sequential pass: (fps, (w, h), scene count, [(t, strength, frame)] picked, last sample time)."""
-        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-        try:
-            if not cap.isOpened():
-                raise InputError(f"could not read the video {path.name}: its codec is not supported")
-            check_frame(path.name, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-            fps = cap.get(cv2.CAP_PROP_FPS) or info["fps"] or 25.0
-            if not 0 < fps <= 1000:
-                fps = info["fps"] or 25.0
+        """One sequential pass: (fps, (w, h), scene count, [(t, strength, frame)] picked, last sample time).
+        Frames come decoded one at a time and already scaled to THUMB (engine/perception/video_frames.py)."""
+        from engine.perception.video_frames import VideoFrames
+
+        with VideoFrames(path) as video:
+            fps = video.fps or info["fps"] or 25.0
             duration = max(info["duration_s"], 1e-3)
             rate = min(SAMPLE_FPS, max(0.05, MAX_SAMPLES / duration))
             step = max(1, int(round(fps / rate)))
             n_bins = max(1, self.max_keyframes - 1)
             bins: list[list] = [[] for _ in range(n_bins)]  # strongest candidate cuts per time bin
-            first, prev, n_scenes, index, size, t, recent = None, None, 0, -1, (0, 0), 0.0, 0.03
-            while True:
-                index += 1
-                if index % 16 == 0:
-                    check(cancel)
-                if not cap.grab():
-                    break
-                if index % step:
-                    continue
-                ok, frame = cap.retrieve()
-                if not ok or frame is None:
-                    continue
-                check_frame(path.name, frame.shape[1], frame.shape[0])  # MJPEG frames may grow mid-stream
-                msec = cap.get(cv2.CAP_PROP_POS_MSEC)
-                t = msec / 1000 if msec and msec > 0 else index / fps
-                size = (frame.shape[1], frame.shape[0])
+            first, prev, n_scenes, size, t, recent = None, None, 0, (0, 0), 0.0, 0.03
+            for t, frame in video.frames(every=step, side=THUMB, cancel=cancel):
+                size = video.size
                 hist = _hist(frame)
                 if first is None:
-                    first, n_scenes = (0.0, 1.0, self._thumb(frame)), 1
+                    first, n_scenes = (0.0, 1.0, frame), 1
                 else:
                     d = float(cv2.compareHist(prev, hist, cv2.HISTCMP_BHATTACHARYYA))
                     if d <= max(CUT, 3 * recent):
@@ -183,12 +167,10 @@ class VideoPerception:
                         n_scenes += 1
                         b = bins[min(n_bins - 1, int(t / duration * n_bins))]
                         if len(b) < KEEP_PER_BIN or d > b[-1][1]:
-                            b.append((t, d, self._thumb(frame)))
+                            b.append((t, d, frame))
                             b.sort(key=lambda c: -c[1])
                             del b[KEEP_PER_BIN:]
                 prev = hist
-        finally:
-            cap.release()
         if first is None:
             raise InputError(f"could not read the video {path.name}: no frame could be decoded")
         if self.max_keyframes == 1:

@@ -153,6 +153,9 @@ class FasterWhisperASR(ASR):
 
         self.model = WhisperModel(str(path), device=device, compute_type=compute_type,
                                   cpu_threads=os.cpu_count() or 2, local_files_only=True)
+        from engine.speech.features import install
+
+        install(self.model)  # long audio's features a block at a time (20 minutes took 1.1 GB at once)
         self.options = options
         self.multilingual = bool(self.model.model.is_multilingual)
         self.name = f"faster-whisper {model if str(model) in names('asr') else path.name}"
