@@ -25,12 +25,14 @@ from app import chat_audio
 from app.api_answers import Answer, collect, finish, merged, sse, usage_of
 from app.api_params import chat_params, with_facts
 from app.bodies import ChatMessage, ChatRequest, error, invalid
-from engine.errors import InputError, Unavailable
+from engine.errors import InputError, Unavailable, refuse_lone_surrogates
 from engine.events import CancelToken, Done, Error, Event, TextDelta, ToolCallDelta
 from engine.engine import Engine
 from engine.status import status
 
 UNREADABLE_PART = {"video_url": "video", "file": "files"}
+MEDIA_PARTS = ("image_url", "input_audio")  # inline base64 media, looked at / heard
+CONTENT_PARTS = ("text", *MEDIA_PARTS, *UNREADABLE_PART)  # every chat content part type (tests/doors.py has a row each)
 
 
 async def iterate_in_thread(make: Callable[[], Iterator[Event]], cancel: CancelToken) -> AsyncIterator[Event]:
@@ -92,10 +94,11 @@ async def read_json(request: Request) -> dict:
         body = json.loads(raw)
     except RecursionError:
         raise ValueError("the JSON body is nested too deeply") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"the body is not valid JSON ({exc})") from None
+    except ValueError as exc:  # (undecodable, malformed, a number of over 4300 digits)
+        raise ValueError(f"the body is not valid JSON ({str(exc).split(';')[0][:200]})") from None
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
+    refuse_lone_surrogates(raw, body)
     return body
 
 
@@ -148,16 +151,16 @@ def _messages(raw: list[ChatMessage], max_bytes: int) -> tuple[list[dict], list[
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 kind = kind if isinstance(kind, str) else repr(type(kind).__name__)
+                if kind not in CONTENT_PARTS:
+                    raise ValueError(f"messages[{i}] has a content part of unsupported type {str(kind)[:40]!r}")
                 if kind == "text":
                     if not isinstance(part.get("text", ""), str):
                         raise ValueError(f"messages[{i}]: a text part's 'text' must be a string")
                     texts.append(part.get("text", ""))
-                elif kind in ("image_url", "input_audio"):
+                elif kind in MEDIA_PARTS:
                     media.append((i, *_data_part(kind, part, i, len(media), max_bytes)))
-                elif kind in UNREADABLE_PART:
-                    notes.append(UNREADABLE_PART[kind])
                 else:
-                    raise ValueError(f"messages[{i}] has a content part of unsupported type {str(kind)[:40]!r}")
+                    notes.append(UNREADABLE_PART[kind])
             content = "\n".join(texts)
         message = {"role": "system" if msg.role == "developer" else msg.role, "content": content}
         if msg.tool_calls:  # an assistant's calls, and the results they got (read by the chat template)

@@ -86,7 +86,10 @@ def make_image_router(engine) -> APIRouter:
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise ValueError("send the image as a multipart file field named 'image'")
-            args = validate(TOOLS["edit_image"].schema, {"instruction": fields.prompt, "image": "upload"})
+            try:
+                args = validate(TOOLS["edit_image"].schema, {"instruction": fields.prompt, "image": "upload"})
+            except RequestError as exc:  # the tool calls it the instruction; the client sent it as `prompt`
+                raise ValueError(f"prompt: {str(exc).replace('instruction', 'the edit instruction')}") from None
             with tempfile.TemporaryDirectory(prefix="omni-api-in-") as tmp:
                 src = Path(tmp) / "upload"  # the client's file name is shown, never used as a path
                 with open(src, "wb") as out:

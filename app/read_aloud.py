@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.bodies import error
-from engine.errors import Unavailable
+from engine.errors import Unavailable, refuse_lone_surrogates
 from engine.events import CancelToken, Error
 
 ROUTE = "/voice/read-aloud"
@@ -117,9 +117,10 @@ async def read_text(request: Request, max_chars: int) -> str:
         body = json.loads(b"".join(parts))
     except RecursionError:
         raise ValueError("the JSON body is nested too deeply") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"the body is not valid JSON ({exc})") from None
+    except ValueError as exc:  # (undecodable, malformed, a number of over 4300 digits)
+        raise ValueError(f"the body is not valid JSON ({str(exc).split(';')[0][:200]})") from None
     text = body.get("text") if isinstance(body, dict) else None
+    refuse_lone_surrogates(b"".join(parts), text)
     if not isinstance(text, str):
         raise ValueError('send {"text": "the answer to read"}')
     if len(text) > max_chars:

@@ -27,7 +27,7 @@ from pathlib import Path
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from app.realtime_events import Protocol
-from engine.errors import InputError, Unavailable
+from engine.errors import InputError, Unavailable, refuse_lone_surrogates
 from engine.events import CancelToken, Event
 
 RATE = 24_000
@@ -36,6 +36,8 @@ MAX_UTTERANCE_S = 120  # server VAD: speech going on longer than this is ended (
 MAX_TEXT_CHARS = 20_000
 PUMP_S = 0.02
 log = logging.getLogger(__name__)
+ITEM_TYPES = ("message", "function_call_output")  # conversation.item.create items (tests/doors.py: a row each)
+TEXT_PARTS = ("input_text", "text")  # a message item's content parts (audio: append and commit)
 
 
 class _Given:
@@ -141,6 +143,10 @@ class Connection:
             return await self.send(self.proto.error(f"the message is not valid JSON ({str(exc)[:80]})", "invalid_json"))
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             return await self.send(self.proto.error("each message must be a JSON object with a 'type'", "invalid_event"))
+        try:
+            refuse_lone_surrogates(text, event, "the event")
+        except InputError as exc:
+            return await self.send(self.proto.error(str(exc), "invalid_value"))
         kind, event_id = event["type"], event.get("event_id")
         handler = HANDLERS.get(kind)
         if handler is None:
@@ -260,12 +266,14 @@ class Connection:
 
     async def item_create(self, event: dict) -> None:
         item = event.get("item")
-        if isinstance(item, dict) and item.get("type") == "function_call_output":
+        if not isinstance(item, dict) or item.get("type", "message") not in ITEM_TYPES:
+            raise ValueError(f"conversation.item.create takes an item of type {' or '.join(ITEM_TYPES)}")
+        if item.get("type") == "function_call_output":
             return await self.function_output(item)
-        if not isinstance(item, dict) or item.get("type", "message") != "message" or item.get("role", "user") != "user":
+        if item.get("role", "user") != "user":
             raise ValueError("conversation.item.create takes a user message item or a function_call_output")
         parts = item.get("content")
-        texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("type") in ("input_text", "text")] \
+        texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("type") in TEXT_PARTS] \
             if isinstance(parts, list) else []
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("the item needs content [{'type': 'input_text', 'text': '...'}] (audio: append and commit)")

@@ -68,6 +68,11 @@ class ResponsesRequest(Body):
             "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p})
 
 
+ITEM_TYPES = ("message", "function_call", "function_call_output")  # input items read (tests/doors.py has a row each)
+TEXT_PARTS = ("input_text", "output_text", "text")
+PART_TYPES = (*TEXT_PARTS, "input_image")  # a message item's content parts
+
+
 def items(value) -> list[dict]:
     """Responses input items as chat messages."""
     if isinstance(value, str):
@@ -77,6 +82,8 @@ def items(value) -> list[dict]:
         if not isinstance(item, dict):
             raise ValueError(f"input[{i}]: an item must be an object")
         kind = item.get("type", "message")
+        if kind not in ITEM_TYPES:
+            raise ValueError(f"input[{i}]: items of type {str(kind)[:40]!r} are not supported")
         if kind == "message":
             content = item.get("content")
             if isinstance(content, list):
@@ -93,18 +100,16 @@ def items(value) -> list[dict]:
             output = item.get("output", "")
             out.append({"role": "tool", "tool_call_id": item.get("call_id", ""),
                         "content": output if isinstance(output, str) else json.dumps(output)})
-        else:
-            raise ValueError(f"input[{i}]: items of type {str(kind)[:40]!r} are not supported")
     return out
 
 
 def part(p, i: int) -> dict:
     kind = p.get("type") if isinstance(p, dict) else None
-    if kind in ("input_text", "output_text", "text"):
+    if kind not in PART_TYPES:
+        raise ValueError(f"input[{i}]: content parts of type {str(kind)[:40]!r} are not supported")
+    if kind in TEXT_PARTS:
         return {"type": "text", "text": p.get("text", "")}
-    if kind == "input_image":
-        return {"type": "image_url", "image_url": {"url": p.get("image_url", "")}}
-    raise ValueError(f"input[{i}]: content parts of type {str(kind)[:40]!r} are not supported")
+    return {"type": "image_url", "image_url": {"url": p.get("image_url", "")}}  # input_image
 
 
 def output_items(answer: Answer, ids: dict) -> list[dict]:

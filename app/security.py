@@ -222,9 +222,11 @@ class Edge:
                     self.lockout.failed(login_ip)
             await send(message)
 
+        from starlette.requests import ClientDisconnect
+
         try:
             await self.app(scope, counted, guarded_send)
-        except BodyTooLarge:
+        except (BodyTooLarge, ClientDisconnect):  # (a client gone mid-body: nobody to answer)
             pass
         if state["over"] and not state["started"]:
             await _refuse("http", send, 413, f"the request body is over the limit here of {limit / 1e6:.0f} MB")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 
-from engine.errors import InputError
+from engine.errors import InputError, refuse_lone_surrogates
 from engine.media import MediaRecord, ingest
 from engine.perception.base import printable
 from engine.transfer_schema import FORMAT, MAX_VALUES, SERVER_ONLY_META, VERSION, Plan, plan
@@ -126,7 +126,9 @@ def _load(source: Path, shown: str, max_bytes: int):
     if sum(data.count(c) for c in (b",", b":", b"[", b"{")) > MAX_VALUES:
         raise InputError(f"{shown} holds too many values (more than {MAX_VALUES:,}) to be a conversation export")
     try:
-        return json.loads(data)
+        doc = json.loads(data)
+        refuse_lone_surrogates(data, doc, f"{shown} is not a conversation export: it")
+        return doc
     except RecursionError:
         raise InputError(f"{shown} is not a conversation export: its JSON is nested too deeply") from None
     except UnicodeDecodeError:
@@ -135,6 +137,10 @@ def _load(source: Path, shown: str, max_bytes: int):
     except json.JSONDecodeError as exc:
         raise InputError(f"{shown} is not a conversation export: it is not valid JSON ({exc.msg} at line "
                          f"{exc.lineno}, column {exc.colno})") from None
+    except InputError:
+        raise
+    except ValueError as exc:  # a number of over 4300 digits (Python's int limit), ...
+        raise InputError(f"{shown} is not a conversation export: {str(exc)[:120]}") from None
 
 
 def _ingest_media(store, planned: Plan, sha: str, max_bytes: int, created: list[str]) -> MediaRecord:

@@ -107,6 +107,7 @@ class VoiceSession:
         self._last_answer = 0  # turn id of the latest stored answer
         self.marks: dict[str, float] = {}  # timestamps for latency measurement
         self.turn_marks: dict[str, float] = {}  # when the running turn first made each event type (held or not)
+        self._carry = b""  # the odd bytes of a frame that split a sample: the next frame's start
         self._worker = threading.Thread(target=self._run_turns, name="voice-turns", daemon=True)
         self._worker.start()
         self._state("listening", "microphone open")
@@ -116,7 +117,12 @@ class VoiceSession:
         return self.session.id
 
     def feed(self, pcm, sample_rate: int, channels: int = 1) -> None:
-        """Microphone audio (any rate, int16 bytes or an array)."""
+        """Microphone audio (any rate, int16 bytes or an array). Bytes are a stream: a frame may
+        end inside a sample, whose rest then starts the next one."""
+        if isinstance(pcm, (bytes, bytearray, memoryview)):
+            pcm = self._carry + bytes(pcm)
+            whole = len(pcm) // (2 * channels) * (2 * channels)
+            pcm, self._carry = pcm[:whole], pcm[whole:]
         if sample_rate not in self._resamplers:
             self._resamplers[sample_rate] = StreamResampler(sample_rate, WHISPER_RATE)
         x = self._resamplers[sample_rate](to_mono_float32(pcm, channels))

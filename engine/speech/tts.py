@@ -67,11 +67,29 @@ class PiperTTS(TTS):
             "noise_scale": self.voice.config.noise_scale * self.variation,
             "noise_w_scale": self.voice.config.noise_w_scale * self.variation}
         config = SynthesisConfig(length_scale=1.0 / max(0.5, min(2.0, rate)), **noise)
-        with self._lock:
-            for chunk in self.voice.synthesize(text, syn_config=config):
-                if cancel is not None and cancel.cancelled:
-                    return
-                yield chunk.audio_float_array.astype(np.float32)
+        for piece in bounded(text):
+            with self._lock:
+                for chunk in self.voice.synthesize(piece, syn_config=config):
+                    if cancel is not None and cancel.cancelled:
+                        return
+                    yield chunk.audio_float_array.astype(np.float32)
+
+
+MAX_PIECE = 250  # characters Piper is given at once: one chunk, synthesized whole before it is heard or cancelled
+
+
+def bounded(text: str, limit: int = MAX_PIECE) -> Iterator[str]:
+    """The text in pieces of at most `limit` characters: cut after the last sentence end in reach,
+    else a run with none (a list, a pasted log, 4000 characters of one word) at its last space, else
+    at the limit; so the first audio of any text comes within one piece's synthesis."""
+    while len(text) > limit:
+        window = text[:limit]
+        ends = [m.end() for m in _END.finditer(window)]
+        cut = ends[-1] if ends else (window.rfind(" ") + 1 or limit)
+        yield text[:cut]
+        text = text[cut:]
+    if text.strip():
+        yield text
 
 
 def load_tts(cfg: TTSConfig) -> TTS:
