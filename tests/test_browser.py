@@ -170,6 +170,29 @@ def test_side_panels_show_the_open_conversation(page, server, tmp_path):
     assert page.locator("#gallery img").count() == 0
 
 
+def _delete(page, accept: bool) -> None:
+    """Click Delete and answer the browser's question. While the last Delete is still being
+    handled, Gradio ignores another click on it (its trigger_mode "once"; slow on a loaded
+    machine), so it is clicked again until the question shows."""
+    asked = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept() if accept else dialog.dismiss()
+
+    page.on("dialog", answer)
+    try:
+        for _ in range(30):
+            page.locator("#delete").click()
+            for _ in range(20):
+                if asked:
+                    return
+                page.wait_for_timeout(100)
+        raise AssertionError("Delete never asked")
+    finally:
+        page.remove_listener("dialog", answer)
+
+
 def test_sidebar_and_settings_errors_are_readable(page, server, chats):
     _pick(page, "just words")
     page.locator("#title textarea, #title input").first.fill("   ")
@@ -195,12 +218,10 @@ def test_sidebar_and_settings_errors_are_readable(page, server, chats):
     _toast(page, "Voice set to joe-us")
 
     _pick(page, "just words")
-    page.once("dialog", lambda d: d.dismiss())
-    page.locator("#delete").click()
+    _delete(page, accept=False)
     page.locator("#conversations label").filter(has_text="just words").wait_for(timeout=30_000)
     assert server.engine.store.get_conversation(chats["plain"]) is not None  # cancelled: nothing deleted
-    page.once("dialog", lambda d: d.accept())
-    page.locator("#delete").click()
+    _delete(page, accept=True)
     page.wait_for_function("() => ![...document.querySelectorAll('#conversations label')]"
                            ".some(l => l.innerText.includes('just words'))", timeout=30_000)
     assert server.engine.store.get_conversation(chats["plain"]) is None
