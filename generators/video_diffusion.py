@@ -1,8 +1,10 @@
 """Text-to-video with TextToVideoSD (ModelScope), or AnimateDiff when a motion adapter is configured.
 
 Frames are seconds * fps, at most MAX_FRAMES (these models lose coherence,
-and memory grows, past a few dozen frames); the MP4 (H.264) is written with
-imageio-ffmpeg's bundled ffmpeg.
+and memory grows, past a few dozen frames); the MP4 (H.264) is encoded in
+this process with PyAV. No ffmpeg child: imageio-ffmpeg starts one with a
+preexec_fn, and a fork with one from a process with many threads can hang
+before exec (it did, in CI, for 300 s).
 """
 from __future__ import annotations
 
@@ -19,22 +21,21 @@ MAX_FRAMES = 48
 
 def write_mp4(path: Path, frames, fps: int, cancel=None) -> None:
     """frames: [N, H, W, 3] floats in [0, 1] or uint8 -> H.264 yuv420p MP4."""
-    import imageio_ffmpeg
+    import av
     import numpy as np
 
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
     height, width = frames.shape[1:3]
-    writer = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, codec="libx264",
-                                         pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error")
-    writer.send(None)
-    try:
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=int(fps))
+        stream.width, stream.height = width, height  # multiples of 8 (round8), as yuv420p needs
+        stream.pix_fmt = "yuv420p"
         for frame in frames:
             check(cancel)
-            writer.send(np.ascontiguousarray(frame))
-    finally:
-        writer.close()
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
 
 
 @register("video", "diffusion", available=lambda **config: VideoDiffusion.available(**config))
