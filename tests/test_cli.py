@@ -6,15 +6,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def chat(*args, data):
-    cmd = [sys.executable, "run_app.py", "chat", "--profile", "tiny", "--data-dir", str(data), *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.fixture
+def chat(tiny_cli):
+    """chat(*args, data=DIR): `run_app.py chat` in a child process on the tiny model
+    (tests/conftest.py tiny_cli: its checkpoint folder, the kernel already built)."""
+    def run(*args, data):
+        cmd = [sys.executable, "run_app.py", "chat", "--profile", "tiny", *tiny_cli(data), *args]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    return run
 
 
-def test_json_events_one_per_line(tmp_path):
+def test_json_events_one_per_line(chat, tmp_path):
     out = chat("--json", "hello there", data=tmp_path)
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in out.stdout.splitlines()]
@@ -27,13 +35,13 @@ def test_json_events_one_per_line(tmp_path):
     assert json.loads(again.stdout.splitlines()[-1])["conversation_id"] == done["conversation_id"]
 
 
-def test_plain_mode_streams_text_and_attachments_work(tmp_path, png):
+def test_plain_mode_streams_text_and_attachments_work(chat, tmp_path, png):
     out = chat("--attach", str(png), "what is this?", data=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "[seen in photo.png] Image photo.png, 64x48" in out.stderr and "conversation:" in out.stderr
 
 
-def test_bad_attachment_is_an_error_event_and_exit_1(tmp_path):
+def test_bad_attachment_is_an_error_event_and_exit_1(chat, tmp_path):
     bad = tmp_path / "x.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
     out = chat("--json", "--attach", str(bad), "look", data=tmp_path)
@@ -43,18 +51,18 @@ def test_bad_attachment_is_an_error_event_and_exit_1(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_unknown_conversation_and_bad_flag(tmp_path):
+def test_unknown_conversation_and_bad_flag(chat, tmp_path):
     out = chat("--json", "--conversation", "nope", "hi", data=tmp_path)
     assert out.returncode == 1 and "no conversation" in out.stdout
     out = chat("--port", "abc", "hi", data=tmp_path)
     assert out.returncode == 2 and "expected int" in out.stderr
 
 
-def test_attach_and_edit_prints_a_media_result(tmp_path, png):
+def test_attach_and_edit_prints_a_media_result(tiny_cli, tmp_path, png):
     from PIL import Image
 
-    out = subprocess.run([sys.executable, str(ROOT / "run_app.py"), "chat", "--profile", "tiny", "--data-dir",
-                          str(tmp_path), "--json", "--attach", str(png), "crop it to a square"],
+    out = subprocess.run([sys.executable, str(ROOT / "run_app.py"), "chat", "--profile", "tiny", *tiny_cli(tmp_path),
+                          "--json", "--attach", str(png), "crop it to a square"],
                          capture_output=True, text=True, timeout=120)
     events = [json.loads(line) for line in out.stdout.splitlines()]
     result = next(e for e in events if e["type"] == "media_result")

@@ -157,14 +157,14 @@ def _drain(gen):
         return
 
 
-def test_a_sample_through_the_cli(files, tmp_path):
+def test_a_sample_through_the_cli(files, tmp_path, tiny_cli):
     """Real subprocesses, stopped if they grow past 3 GB: exit 0 or 1, one plain line per
     error, never a traceback."""
     chosen = [(c, p) for c, p in files if c.name in CLI_SAMPLE]
     assert len(chosen) == len(CLI_SAMPLE)
     for case, path in chosen:
-        out = memprobe.run_guarded([sys.executable, "run_app.py", "chat", "--profile", "tiny", "--data-dir",
-                                    str(tmp_path / "data"), "--attach", str(path), "what is it?"], 3000, cwd=ROOT)
+        out = memprobe.run_guarded([sys.executable, "run_app.py", "chat", "--profile", "tiny",
+                                    *tiny_cli(tmp_path / "data"), "--attach", str(path), "what is it?"], 3000, cwd=ROOT)
         assert not out.killed and out.returncode in (0, 1), (case.name, out.returncode, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and not leaks(out.stderr, tmp_path / "data"), (case.name, out.stderr)
         errors = [line for line in out.stderr.splitlines() if line.startswith(("error:", "note: I couldn't"))]

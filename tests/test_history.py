@@ -126,17 +126,39 @@ def test_history_before_a_turn_leaves_it_and_later_turns_out(engine):
     assert len(session.history()) == 4
 
 
+@pytest.fixture
+def still_clip(tmp_path):
+    """clip.mp4 as the `mp4` fixture makes it (2 s, 64x48, 10 fps) but one steady scene: its facts
+    in the history are ~40 tokens instead of the ~300 of seven scenes (the tiny model's test keeps
+    those: there they make the history outgrow its 256-token context), which the real model would
+    otherwise prefill twice (the kept engine's answer after the trim, the fresh one's) at ~60 tokens/s,
+    besides OCR on six more keyframes."""
+    import cv2
+    import numpy as np
+
+    (tmp_path / "still").mkdir()
+    path = tmp_path / "still" / "clip.mp4"
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for _ in range(20):
+        out.write(np.full((48, 64, 3), 90, np.uint8))
+    out.release()
+    return path
+
+
 @pytest.mark.slow
-def test_real_model_answers_the_same_with_and_without_the_kept_cache(tmp_path, mp4):
+def test_real_model_answers_the_same_with_and_without_the_kept_cache(tmp_path, still_clip, cpu_model_cache):
     """The same on the cpu profile's model (greedy): the answers after a stopped story and after a
     tool turn are what a fresh engine answers, and "What is 2 + 2?" is answered, not
-    the story continued."""
-    config = load_config("cpu", overrides={"data_dir": str(tmp_path), "temperature": "0",
-                                           "max_new_tokens": "40"}, env={})
+    the story continued. (The model's cache, made by the session's first start, is copied in:
+    the KV cache kept between turns is what is under test, not the model's first load.)"""
+    from tests.conftest import seed_models
+
+    data = seed_models(cpu_model_cache, tmp_path)
+    config = load_config("cpu", overrides={"data_dir": str(data), "temperature": "0", "max_new_tokens": "40"}, env={})
     eng = Engine(config)
     try:
         session = Session(eng)
-        _script(session, mp4)
+        _script(session, still_clip)
         turns = eng.store.turns(session.id)
         four = next(t.content for t in turns if t.role == "assistant" and t.status == "complete")
         assert "4" in four

