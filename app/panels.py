@@ -55,7 +55,7 @@ def rendered(engine, cid: str | None, upto=HEAD) -> tuple[list[dict], list[int]]
     store = engine.store
     out: list[dict] = []
     ids: list[int] = []
-    siblings = store.alternatives(cid)
+    siblings = store.alternatives(cid, upto)
     for turn in store.turns(cid, upto):
         for rec in turn.media:
             out.append({"role": turn.role, "content": media_content(rec.path, rec.kind, rec.mime, rec.name)})

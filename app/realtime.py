@@ -21,12 +21,12 @@ import json
 import logging
 import tempfile
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from app.realtime_events import Protocol
+from app.realtime_session import Instructed, modalities_of, vad_settings
 from engine.errors import InputError, Unavailable, refuse_lone_surrogates
 from engine.events import CancelToken, Event
 
@@ -38,52 +38,6 @@ PUMP_S = 0.02
 log = logging.getLogger(__name__)
 ITEM_TYPES = ("message", "function_call_output")  # conversation.item.create items (tests/doors.py: a row each)
 TEXT_PARTS = ("input_text", "text")  # a message item's content parts (audio: append and commit)
-
-
-class _Given:
-    """A role whose model is already loaded (this connection's own voice)."""
-
-    def __init__(self, value) -> None:
-        self.value = value
-
-    def get(self):
-        return self.value
-
-    def state(self) -> tuple[str, str]:
-        return "ready", self.value.name
-
-
-class Instructed:
-    """The engine as this connection's Session sees it: its own instructions as the system prompt,
-    its own turn-detection settings and voice; everything else is the shared engine."""
-
-    def __init__(self, engine) -> None:
-        self._engine = engine
-        self.instructions = ""
-        self.vad: dict = {}
-        self.tts = None  # a packaged voice other than the configured one, when the client picked one
-        self.tools: tuple = ()  # the client's functions (session.update tools), in the chat API's shape
-        self.tool_choice = "auto"
-
-    def params(self, *args, **kwargs):
-        """The engine's params, with this connection's functions."""
-        params = self._engine.params(*args, **kwargs)
-        return replace(params, tools=self.tools, tool_choice=self.tool_choice) if self.tools else params
-
-    @property
-    def roles(self) -> dict:
-        roles = self._engine.roles
-        return roles if self.tts is None else {**roles, "tts": _Given(self.tts)}
-
-    @property
-    def config(self):
-        config = self._engine.config
-        if self.instructions:
-            config = replace(config, system_prompt=self.instructions)
-        return replace(config, vad=replace(config.vad, **self.vad)) if self.vad else config
-
-    def __getattr__(self, name: str):
-        return getattr(self._engine, name)
 
 
 class Connection:
@@ -178,14 +132,14 @@ class Connection:
                 raise ValueError(f"instructions must be a string of at most {MAX_TEXT_CHARS:,} characters")
             self.view.instructions = s["instructions"]
         if "modalities" in s:
-            self.proto.modalities = _modalities(s["modalities"])
+            self.proto.modalities = modalities_of(s["modalities"])
         if "turn_detection" in s:
             td = s["turn_detection"]
             if td is not None and (not isinstance(td, dict) or td.get("type", "server_vad") != "server_vad"):
                 raise ValueError("turn_detection: use {'type': 'server_vad', ...} or null (commit yourself)")
             if self.voice is not None and (td is None) != (self.proto.session["turn_detection"] is None):
                 raise ValueError("turn detection can be switched only before the first audio is appended")
-            self.view.vad = _vad_settings(td or {})
+            self.view.vad = vad_settings(td or {})
             self.proto.session["turn_detection"] = None if td is None else {"type": "server_vad", **(td or {})}
         if "tools" in s or "tool_choice" in s:
             await asyncio.to_thread(self._tools, s)
@@ -303,7 +257,7 @@ class Connection:
             raise ValueError("conversation_already_has_active_response: cancel it or wait for response.done")
         if not self.pending:
             raise ValueError("nothing to answer: create a conversation item or commit audio first")
-        modalities = _modalities(options["modalities"]) if "modalities" in options else self.proto.modalities
+        modalities = modalities_of(options["modalities"]) if "modalities" in options else self.proto.modalities
         pending, self.pending = self.pending, []
         self.turn = CancelToken()
         for out in self.proto.begin(modalities, direct=True):
@@ -362,26 +316,6 @@ HANDLERS = {"session.update": Connection.session_update, "input_audio_buffer.app
             "input_audio_buffer.commit": Connection.commit, "input_audio_buffer.clear": Connection.clear,
             "conversation.item.create": Connection.item_create, "response.create": Connection.response_create,
             "response.cancel": Connection.response_cancel, "conversation.item.truncate": Connection.truncate}
-
-
-def _modalities(value) -> list[str]:
-    if not isinstance(value, list) or not value or not set(value) <= {"text", "audio"}:
-        raise ValueError("modalities must be ['text'] or ['text', 'audio']")
-    return ["text", "audio"] if "audio" in value else ["text"]
-
-
-def _vad_settings(td: dict) -> dict:
-    """OpenAI's server_vad fields -> this engine's VAD config (engine.config.VADConfig)."""
-    out = {}
-    if td.get("threshold") is not None:
-        out["threshold"] = float(td["threshold"])
-        if not 0.0 < out["threshold"] < 1.0:
-            raise ValueError("turn_detection.threshold must be between 0 and 1")
-    if td.get("silence_duration_ms") is not None:
-        out["end_silence_ms"] = int(td["silence_duration_ms"])
-        if not 100 <= out["end_silence_ms"] <= 5000:
-            raise ValueError("turn_detection.silence_duration_ms must be 100-5000")
-    return out
 
 
 def make_realtime_router(engine) -> APIRouter:

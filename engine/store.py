@@ -256,11 +256,11 @@ class Store:
         found = self._read("SELECT * FROM turns WHERE conversation_id = ? AND id = ?", (cid, turn_id))
         return found[0] if found else None
 
-    def alternatives(self, cid: str) -> dict[int, list[int]]:
-        """For each turn of the shown branch, its siblings (the turns that follow the same parent,
-        itself included, oldest first): more than one where an answer was regenerated or a
-        message edited."""
-        head = self.head(cid)
+    def alternatives(self, cid: str, upto=HEAD) -> dict[int, list[int]]:
+        """For each turn of the shown branch (root to `upto`, as `turns`), its siblings (the turns
+        that follow the same parent, itself included, oldest first): more than one where an
+        answer was regenerated or a message edited."""
+        head = self.head(cid) if upto is HEAD else upto
         if head is None:
             return {}
         rows = self._query(BRANCH + "SELECT b.id AS shown, s.id AS sibling FROM branch b JOIN turns t ON t.id = b.id "
