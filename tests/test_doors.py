@@ -1,12 +1,14 @@
 """Every door holds (issue 25): the table of tests/doors.py covers every input the server has, and
-the hostile set of tests/hostile.payloads() goes through every door that takes its kind.
+the hostile set of tests/payloads.payloads() goes through every door that takes its kind.
 
 A route, a chat or Responses content-part type, a Responses input item, a realtime client
 event or item type, a multipart field or a page event taking a file that has no row in
 doors.DOORS fails here, and so does a row whose route is gone. The fuzz: every answer a 2xx or a
 4xx whose message names the part and shows no server path; no 5xx, no traceback in the log;
 the server answers a plain chat at the end. `make test` runs a seeded slice (every door, a few
-inputs each); OMNI_FUZZ_ALL=1 runs the whole set (OMNI_FUZZ_REPORT=path.json writes the figures).
+inputs each); OMNI_FUZZ=each sends every input once, each through a door that takes its kind in
+turn (bench/reliability.py runs it), OMNI_FUZZ=all every input through every door that takes its
+kind (hours). OMNI_FUZZ_REPORT=path.json writes the figures.
 """
 from __future__ import annotations
 
@@ -22,11 +24,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-import hostile
+import payloads as hostile_set
 from doors import DOORS, Door
 from tests.test_audio_api import audio_server  # noqa: F401 - the shared app with real speech roles
 
-ALL = os.environ.get("OMNI_FUZZ_ALL") == "1"
+MODE = os.environ.get("OMNI_FUZZ", "slice")
 PER_DOOR = 3  # the slice: inputs per door (at least one of each kind it takes), chosen by a fixed seed
 
 
@@ -86,14 +88,21 @@ def test_every_input_of_the_server_has_a_row(audio_server):
     assert takes_files <= page, f"page events taking files with no row: {takes_files - page}"
 
 
-def the_runs(doors: list[Door], payloads: list, everything: bool) -> list[tuple[Door, object]]:
+def the_runs(doors: list[Door], payloads: list, mode: str = "slice") -> list[tuple[Door, object]]:
+    """slice: every door, at least PER_DOOR inputs each (every kind it takes); each: every door,
+    and every input once through the doors that take its kind, in turn; all: every pair."""
     rng = random.Random(25)
-    runs = []
-    for door in doors:
-        if not door.kinds:
-            runs.append((door, None))
-            continue
-        if everything:
+    runs = [(door, None) for door in doors if not door.kinds]
+    if mode == "each":
+        turn = Counter()
+        for p in payloads:
+            takers = [d for d in doors if p.kind in d.kinds]
+            runs.append((takers[turn[p.kind] % len(takers)], p))
+            turn[p.kind] += 1
+        return runs + [(d, rng.choice([p for p in payloads if p.kind in d.kinds])) for d in doors
+                       if d.kinds and d not in {door for door, _ in runs}]
+    for door in (d for d in doors if d.kinds):
+        if mode == "all":
             runs += [(door, p) for p in payloads if p.kind in door.kinds]
             continue
         for i in range(max(PER_DOOR, len(door.kinds))):  # every kind it takes, then more of them in turn
@@ -128,10 +137,10 @@ class Records(logging.Handler):
 
 
 def test_hostile_inputs_through_every_door(audio_server, capfd):
-    from doors import Client
+    from door_client import Client
 
-    payloads = hostile.payloads(seed=0)
-    runs = the_runs(DOORS, payloads, ALL)
+    payloads = hostile_set.payloads(seed=0)
+    runs = the_runs(DOORS, payloads, MODE)
     assert len(payloads) >= 500 and {d for d, _ in runs} == set(DOORS)
     handler = Records()
     watched = [logging.getLogger(), logging.getLogger("uvicorn"), logging.getLogger("uvicorn.error")]
