@@ -71,6 +71,7 @@ class ResponsesRequest(Body):
 ITEM_TYPES = ("message", "function_call", "function_call_output")  # input items read (tests/doors.py has a row each)
 TEXT_PARTS = ("input_text", "output_text", "text")
 PART_TYPES = (*TEXT_PARTS, "input_image")  # a message item's content parts
+ROLES = ("user", "assistant", "system", "developer")
 
 
 def items(value) -> list[dict]:
@@ -85,10 +86,14 @@ def items(value) -> list[dict]:
         if kind not in ITEM_TYPES:
             raise ValueError(f"input[{i}]: items of type {str(kind)[:40]!r} are not supported")
         if kind == "message":
-            content = item.get("content")
+            role, content = item.get("role", "user"), item.get("content")
+            if role not in ROLES:  # (said here in the request's own terms, not the chat request's)
+                raise ValueError(f"input[{i}].role must be one of {', '.join(ROLES)}")
             if isinstance(content, list):
                 content = [part(p, i) for p in content]
-            out.append({"role": item.get("role", "user"), "content": content})
+            elif not isinstance(content, str):
+                raise ValueError(f"input[{i}].content must be a string or a list of content parts")
+            out.append({"role": role, "content": content})
         elif kind == "function_call":
             call = {"id": item.get("call_id", ""), "type": "function",
                     "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "{}")}}

@@ -57,6 +57,8 @@ def make_voice_router(engine: Engine) -> APIRouter:
             if not 8000 <= rate <= 192000:
                 raise ValueError(f"sample_rate {rate} is out of range")
             session = await asyncio.to_thread(VoiceSession, engine, send, start.get("conversation_id") or None)
+        except WebSocketDisconnect:
+            return  # gone before it said how to start: nothing to answer
         except (Unavailable, InputError, ValueError, KeyError, TypeError, RecursionError) as exc:
             why = f"{exc.why}" + (f"; {exc.what_to_set}" if exc.what_to_set else "") \
                 if isinstance(exc, Unavailable) else str(exc)

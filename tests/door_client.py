@@ -141,7 +141,10 @@ class Client:
 
         with connect(self.url.replace("http", "ws", 1) + "/voice/ws", max_size=None, open_timeout=60) as ws:
             try:
-                ws.send(start.decode("utf-8", "surrogatepass") if start else "")
+                try:
+                    ws.send(start.decode("utf-8") if start else "")
+                except UnicodeDecodeError:  # not text: as a client can, in a binary frame
+                    ws.send(start)
                 for i in range(0, len(pcm), 32_768):
                     ws.send(pcm[i:i + 32_768])
                 ws.send(json.dumps({"type": "stop"}))

@@ -256,6 +256,11 @@ def test_responses_stateful_tool_loop_and_stream(client):
     client.responses.delete(follow.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(follow.id)
+    # a bad input item is named in the Responses request's own terms, not the chat request it becomes
+    with pytest.raises(openai.BadRequestError, match=r"input\[1\]\.role must be one of user"):
+        client.responses.create(model="tiny", input=[{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.content must be a string or a list"):
+        client.responses.create(model="tiny", input=[{"role": "user", "content": 5}])
 
 
 def test_langchain_drives_tools_and_structured_output(server):

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 import payloads as hostile_set
-from doors import DOORS, Door
+from doors import DOORS, Door, leaves
 from tests.test_audio_api import audio_server  # noqa: F401 - the shared app with real speech roles
 
 MODE = os.environ.get("OMNI_FUZZ", "slice")
@@ -120,7 +120,8 @@ def leaks(text: str) -> list[str]:
 def names_the_part(door: Door, payload, message: str) -> bool:
     from app.images_api import shown_name
 
-    words = {*door.names, "body", "JSON", "json", "request", *(k for k in (door.template or {}))}
+    fields = {k for path in leaves(door.template or {}) for k in path if isinstance(k, str)}  # nested ones too
+    words = {*door.names, "body", "JSON", "json", "request", *(door.template or {}), *fields}
     if payload is not None and payload.kind in ("image", "audio", "video", "glb"):
         words |= {shown_name(payload.name), "file", "image", "audio"}
     return any(w and w in message for w in words)
