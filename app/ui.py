@@ -23,7 +23,7 @@ import gradio as gr
 from app.panels import NO_PERCEPTION, media_content, message_turns, model_title, named_files, panels, render
 from app.ui_library import Library
 from app.ui_page import SHORTCUTS, math_chat
-from app.ui_chat import ActiveTurns, Drawn, model_choices, stream, turn_footer
+from app.ui_chat import ActiveTurns, Drawn, model_choices, plain_file_refusals, stream, turn_footer
 from engine.engine import Engine
 from engine.session import Session, Turn
 from engine.status import status, status_markdown
@@ -255,9 +255,9 @@ def build_ui(engine: Engine) -> gr.Blocks:
         branch_to = gr.Textbox(elem_id="branch-to", visible="hidden")  # the turn a "‹ ›" link shows (chat.js)
         branch_go = gr.Button("show", elem_id="branch-go", visible="hidden")
         with gr.Row(equal_height=True, elem_id="input-row"):
-            box = gr.MultimodalTextbox(placeholder="Message the assistant...", file_count="multiple",
-                                       file_types=["image", "audio", "video", ".glb"], show_label=False,
-                                       label="Message", elem_id="input", scale=8, autofocus=True)
+            box = plain_file_refusals(gr.MultimodalTextbox(
+                placeholder="Message the assistant...", file_count="multiple", file_types=["image", "audio", "video", ".glb"],
+                show_label=False, label="Message", elem_id="input", scale=8, autofocus=True))
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", scale=1, min_width=80)
         with gr.Row(equal_height=True, elem_id="voice-row"):
             voice_btn = gr.Button("🎤 Voice mode", elem_id="voice-btn", scale=1, min_width=160)

@@ -190,3 +190,23 @@ def turn_footer(done: Done, notices=()) -> str:
 def model_choices(engine) -> list[tuple[str, str]]:
     return [(model_title(m) + (" (default)" if m == engine.config.llm.model else ""), m)
             for m in engine.llm_choices()]
+
+
+def plain_file_refusals(box: gr.MultimodalTextbox) -> gr.MultimodalTextbox:
+    """The page's browser offers only the accepted kinds, but a client can upload anything: Gradio
+    then refuses the file as "Invalid file type: None" and prints a traceback as if it had crashed.
+    Here the refusal names the file and what is accepted, and is not logged as a crash."""
+    from gradio_client import utils as client_utils
+
+    accepted = box.file_types
+    original = box.preprocess
+
+    def preprocess(payload):
+        for f in getattr(payload, "files", None) or ():
+            if accepted and not client_utils.is_valid_file(f.path, accepted):
+                raise gr.Error(f"{str(f.orig_name or 'the file')[:120]} is not an image, audio, video or .glb file",
+                               print_exception=False)
+        return original(payload)
+
+    box.preprocess = preprocess
+    return box

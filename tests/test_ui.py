@@ -51,6 +51,18 @@ def test_attachment_shown_and_bad_file_gives_input_back(server, png, tmp_path):
     client.close()
 
 
+def test_a_file_of_a_kind_the_page_does_not_take_is_named_and_not_logged_as_a_crash(server, tmp_path, capfd):
+    """The browser offers only images, audio, video and .glb; a client can upload anything else."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("just text")
+    client = Client(server.url + "/", verbose=False)
+    capfd.readouterr()
+    with pytest.raises(Exception, match=r"notes\.txt is not an image, audio, video or \.glb file"):
+        client.predict({"text": "read this", "files": [handle_file(str(notes))]}, api_name="/respond")
+    client.close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def long_answer(server, outputs: int):
     """(client, job, deadline): a long answer under way, `outputs` updates of it seen."""
     client = Client(server.url + "/", verbose=False)
