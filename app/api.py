@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app import chat_audio
-from app.api_answers import Answer, collect, finish, merged, sse, usage_of
+from app.api_answers import Answer, collect, finish, held, merged, sse, usage_of
 from app.api_params import chat_params, with_facts
 from app.bodies import ChatMessage, ChatRequest, error, invalid
 from engine.errors import InputError, Unavailable, refuse_lone_surrogates
@@ -266,13 +266,17 @@ def make_router(engine: Engine) -> APIRouter:
                         "choices": [choice]})
 
         if body.stream:
+            source = await held(merged(streams), lambda item: item[1])
+            if source is None:  # (the queue filled after the look above)
+                return busy(engine)
+
             async def events() -> AsyncIterator[str]:
                 answers = [Answer() for _ in streams]
                 for i in range(len(streams)):
                     yield chunk(i, {"role": "assistant", "content": prefix})
                 for delta in spoken.push(prefix) if spoken else ():
                     yield chunk(0, delta)
-                async for i, ev in merged(streams):
+                async for i, ev in source:
                     answers[i].add(ev)
                     if isinstance(ev, TextDelta):
                         yield chunk(i, {"content": ev.text}, logprobs=ev.logprobs if body.logprobs else None)

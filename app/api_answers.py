@@ -104,6 +104,31 @@ async def merged(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int
             task.cancel()
 
 
+async def held(events: AsyncIterator, event_of=lambda item: item) -> AsyncIterator | None:
+    """A stream to send once its answer has started (a first token or call) or ended; None when the
+    model's queue refused it. A streamed request is checked for a full queue before it starts, but
+    the queue can fill between that look and the engine's (many clients at once): held back until
+    the engine has answered, the refusal is still the documented 429 and not a 200 whose stream says
+    "busy". The answer's first token comes no later for it. `event_of`: the Event in an item."""
+    first: list = []
+    async for item in events:
+        first.append(item)
+        event = event_of(item)
+        if isinstance(event, Done) and event.usage.get("finish_reason") == "busy":
+            await events.aclose()  # (the other choices of an n > 1 request stop too)
+            return None
+        if isinstance(event, (TextDelta, ToolCallDelta, Done)):
+            break
+
+    async def replay() -> AsyncIterator:
+        for item in first:
+            yield item
+        async for item in events:
+            yield item
+
+    return replay()
+
+
 def finish(usage: dict) -> str:
     reason = usage.get("finish_reason", "stop")
     return reason if reason in ("length", "tool_calls") else "stop"

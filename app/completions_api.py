@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.api import NOT_STARTED, busy, choice_stream, not_started, read_json
-from app.api_answers import Answer, collect, finish, merged, sse, usage_of
+from app.api_answers import Answer, collect, finish, held, merged, sse, usage_of
 from app.api_params import check, sampling
 from app.bodies import CompletionRequest, error
 from engine.engine import Engine
@@ -61,13 +61,17 @@ def make_router(engine: Engine) -> APIRouter:
             return {"text": text, "index": i, "logprobs": logprobs, "finish_reason": finish_reason}
 
         if body.stream:
+            source = await held(merged(streams), lambda item: item[1])
+            if source is None:  # (the queue filled after the look above)
+                return busy(engine)
+
             async def events() -> AsyncIterator[str]:
                 offsets = [len(echo)] * len(streams)
                 if echo:
                     for i in range(len(streams)):
                         yield sse(obj([choice(i, echo, (), None)]))
                 answers = [Answer() for _ in streams]
-                async for i, ev in merged(streams):
+                async for i, ev in source:
                     answers[i].add(ev)
                     if isinstance(ev, TextDelta):
                         yield sse(obj([choice(i, ev.text, ev.logprobs, None, offsets[i])]))

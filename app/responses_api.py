@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field, model_validator
 
 from app.api import NOT_STARTED, _look, _messages, busy, choice_stream, not_started, read_json
-from app.api_answers import Answer
+from app.api_answers import Answer, held
 from app.api_params import chat_params
 from app.bodies import Body, ChatRequest, error, refused
 from engine.engine import Engine
@@ -186,6 +186,9 @@ def make_router(engine: Engine) -> APIRouter:
             return done
 
         if body.stream:
+            stream = await held(stream)
+            if stream is None:  # (the queue filled after the look above)
+                return busy(engine)
             return StreamingResponse(_events(stream, shell, ids, finished), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         answer = Answer()
