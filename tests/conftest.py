@@ -130,12 +130,20 @@ def _start_background(tmp_path_factory, name: str):
 
 
 def _renice(pid: int, value: int) -> None:
-    """Every thread of `pid` (Linux priorities are per thread), where allowed."""
+    """Every thread of `pid` and of its children (a first start converts the model in a child
+    process: engine/llm/loading.py), where allowed (Linux priorities are per thread)."""
+    import psutil
+
     try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            os.setpriority(os.PRIO_PROCESS, int(tid), value)
-    except OSError:  # not permitted, or it just ended: it goes on as it was
-        pass
+        pids = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:  # it just ended
+        return
+    for each in pids:
+        try:
+            for tid in os.listdir(f"/proc/{each}/task"):
+                os.setpriority(os.PRIO_PROCESS, int(tid), value)
+        except OSError:  # not permitted, or it just ended: it goes on as it was
+            pass
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,6 +6,8 @@ A plain dense Llama/Qwen2 GGUF is read by the fast path straight from its blocks
 (engine/llm/gguf_blocks.py); only its tokenizer is converted, once (`gguf_tokenizer_dir`).
 Other GGUF files are dequantized once by transformers and cached as safetensors under the
 data directory, so the second start loads in well under a second.
+
+A first start's conversions run in a child process (engine/llm/conversion.py).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from engine.config import LLMConfig
 from engine.errors import Unavailable
+from engine.llm.conversion import converting
 from engine.llm.sources import ModelSource
 
 
@@ -155,6 +158,7 @@ def converted_dir(source: ModelSource, cache_dir: Path) -> Path:
     target = cache_dir / f"{source.path.stem}-{source.cache_key[:16]}"
     if (target / "READY").exists():
         return target
+    converting("the model converted by transformers")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -184,6 +188,7 @@ def gguf_tokenizer_dir(source: ModelSource, cache_dir: Path, config: dict) -> Pa
     target = cache_dir / f"{source.path.stem}-{source.cache_key[:16]}.tokenizer"
     if (target / "READY").exists():
         return target
+    converting("the tokenizer converted from the GGUF")
     from transformers import AutoTokenizer
 
     _quiet()

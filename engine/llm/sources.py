@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import Unavailable
+from engine.llm.conversion import converting
 from engine.packaged import manifest, package_file, sha256_file, stat_key
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -42,6 +43,7 @@ def join_parts(parts: list[Path], dest: Path, sha256: str) -> Path:
     marker = dest.with_suffix(dest.suffix + ".sha256")
     if dest.exists() and marker.exists() and marker.read_text().strip() == sha256:
         return dest
+    converting("the GGUF joined from its parts")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".part")
     h = hashlib.sha256()

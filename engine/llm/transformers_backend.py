@@ -20,6 +20,7 @@ from engine.config import LLMConfig
 from engine.errors import Unavailable
 from engine.events import CancelToken, RouterStats
 from engine.llm.base import GenParams, LLMBackend, Message
+from engine.llm.conversion import Unconverted, cached_only, convert_in_child, converting
 from engine.llm.decoding import Sampler, TokenText, stop_ids
 from engine.llm.loading import device_of, load_model, load_tiny, max_positions, text_config
 from engine.llm.sources import resolve
@@ -34,7 +35,19 @@ FIM = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")  # fill in the midd
 class TransformersBackend(LLMBackend):
     constrained = True  # local logits: choices scored, JSON decoded under a grammar
 
-    def __init__(self, cfg: LLMConfig, cache_dir: Path) -> None:
+    def __init__(self, cfg: LLMConfig, cache_dir: Path, convert_here: bool = False) -> None:
+        """A first start's one-time conversions (the GGUF joined, its tokenizer converted, the
+        int8 codes found) run in a child process (engine/llm/conversion.py), unless
+        `convert_here` (that child's own load); this process then loads what the child wrote,
+        as a warm start does."""
+        try:
+            with cached_only(not convert_here):
+                self._load(cfg, cache_dir)
+        except Unconverted:
+            convert_in_child(cfg, cache_dir)
+            self._load(cfg, cache_dir)
+
+    def _load(self, cfg: LLMConfig, cache_dir: Path) -> None:
         from engine.llm.omni import OmniInputs
         from engine.llm.tiny_omni import NAMES as TINY_OMNI
 
@@ -91,9 +104,12 @@ class TransformersBackend(LLMBackend):
             return None
         lib = q8.load(self.cache_dir / "kernels") if mode == "int8" else None
         how = {"slots": self.cfg.max_parallel, "x8": q8.ACTIVATIONS[self.cfg.activations], "compact": self.cfg.compact_codes}
+        codes = self._codes_path()
+        if lib is not None and codes is not None and not codes.exists():
+            converting("the int8 codes")
         if self.lean is not None:
-            return FastLM(self.lean.weights(), self.kv_capacity, int8=lib, codes_path=self._codes_path(), **how)
-        return FastLM.attach(self._model, self.kv_capacity, int8=lib, codes_path=self._codes_path(), **how)
+            return FastLM(self.lean.weights(), self.kv_capacity, int8=lib, codes_path=codes, **how)
+        return FastLM.attach(self._model, self.kv_capacity, int8=lib, codes_path=codes, **how)
 
     def _serve(self):
         """The scheduler that owns the fast path (engine/llm/scheduler.py): every use of the model
