@@ -71,7 +71,7 @@ def settled(url: str, limit_s: float = 300) -> bool:
 
 def serve_once(data: Path, log_name: str) -> dict:
     """Start the cpu profile's server on `data`, ask one question, measure, stop it."""
-    from serving import free_port, wait_ready
+    from serving import free_port, stop, wait_ready
     from tests.memprobe import Peak
 
     port = free_port()
@@ -96,12 +96,7 @@ def serve_once(data: Path, log_name: str) -> dict:
     finally:
         if peak is not None:
             peak.stop()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
 
 
 STEPS = r"""

@@ -161,6 +161,16 @@ def llama_bench(bins: dict, gguf: Path) -> dict:
 
 
 # ---- (c): servers --------------------------------------------------------------------------
+def stop(proc) -> None:
+    """End a server this bench started: asked first, killed if it has not gone in 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -275,8 +285,7 @@ def serve_ours(parallel: int, clients: int, seconds: float) -> dict:
         out["status_serving"] = httpx.get(url + "/v1/status").json()["model"].get("serving")
         return out
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
 
 
 def serve_llama(bins: dict, gguf: Path, parallel: int, clients: int, seconds: float) -> dict:
@@ -290,8 +299,7 @@ def serve_llama(bins: dict, gguf: Path, parallel: int, clients: int, seconds: fl
         wait_ready(url, proc, ours=False)
         return load(url, clients, seconds, rss_of(proc.pid))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
 
 
 def main() -> int:

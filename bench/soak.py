@@ -35,7 +35,7 @@ for _folder in ("bench", "tests"):  # (appended: imported by a test, nothing of 
         sys.path.append(str(ROOT / _folder))
 
 _path = list(sys.path)
-from serving import DATA, QUESTIONS, free_port, pct, wait_ready  # noqa: E402 - bench/serving.py's helpers
+from serving import DATA, QUESTIONS, free_port, pct, stop, wait_ready  # noqa: E402 - bench/serving.py's helpers
 
 sys.path[:] = _path  # (serving.py puts bench/ first on import: bench/api.py, tools.py... would shadow)
 
@@ -331,12 +331,7 @@ def child_server(profile: str, data_dir: Path, server_args, say):
         say("the model is ready")
         yield proc, url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
 
 
 def warm_up(url: str, state: dict) -> dict:
